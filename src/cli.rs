@@ -1,0 +1,125 @@
+//! The `warden` command line.
+
+use clap::{Parser, Subcommand};
+
+use crate::configuration::Settings;
+use crate::domain::BaseUrl;
+use crate::jwt::CanonicalRequest;
+use crate::startup::Application;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warden",
+    version,
+    about = "Backend of an Atlassian Connect app: install lifecycle, per-installation secrets, request authentication",
+    long_about = "Backend of an Atlassian Connect app. It receives the install lifecycle of every Jira/Confluence \
+site that installs the app, verifies each callback (Atlassian's RS256 signed installs, HS256 tenant tokens), keeps one \
+shared secret per installation with its history, and authenticates the requests the sites send.\n\n\
+Settings come from an optional TOML file named by WARDEN_CONFIG, overridden by WARDEN_* environment variables \
+(WARDEN_BIND, WARDEN_BASE_URL, WARDEN_REDIS_URL, WARDEN_DATA_DIR, ...; see README.md). Without WARDEN_REDIS_URL the \
+embedded store under WARDEN_DATA_DIR is used. Log level: RUST_LOG (default info); WARDEN_LOG_FORMAT=json for JSON lines."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the HTTP service (the default when no subcommand is given).
+    Serve,
+    /// Debugging aids for Connect JWTs ("query hash does not match" and friends).
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCommand {
+    /// Print the canonical request and its qsh for METHOD and URL.
+    Canonical {
+        /// HTTP method, e.g. GET.
+        method: String,
+        /// Full URL or path with query, e.g. "https://app.example.com/api/x?b=2&a=1".
+        url: String,
+        /// Base URL the path is relative to (the app's for requests to it, the site's for
+        /// calls to the site, e.g. https://acme.atlassian.net/wiki).
+        #[arg(long)]
+        base_url: Option<String>,
+    },
+    /// Print a token's header and claims. Nothing is verified.
+    Decode {
+        /// The token (with or without a leading "JWT ").
+        token: String,
+    },
+}
+
+/// Runs the command line; the `warden` binary's whole `main`.
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve().await,
+        Command::Jwt(JwtCommand::Canonical { method, url, base_url }) => {
+            let base_path = match base_url {
+                Some(b) => BaseUrl::parse(&b).map_err(|e| anyhow::anyhow!("--base-url: {e}"))?.path().to_owned(),
+                None => String::new(),
+            };
+            let canonical = CanonicalRequest::from_url(&method, &url, &base_path);
+            println!("canonical request: {}", canonical.as_str());
+            println!("qsh:               {}", canonical.qsh());
+            Ok(())
+        }
+        Command::Jwt(JwtCommand::Decode { token }) => {
+            println!("{}", decode_report(&token)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    crate::telemetry::init("info");
+    let settings = Settings::load()?;
+    let store = if settings.redis_url.is_some() { "redis".to_owned() } else { format!("embedded ({})", settings.data_dir.display()) };
+    let app = Application::build(settings.clone()).await?;
+    tracing::info!(
+        port = app.port(),
+        base_url = %settings.base_url,
+        app_key = %settings.app_key,
+        store = %store,
+        install_auth = ?settings.install_auth,
+        "warden listening"
+    );
+    app.run_until_stopped().await?;
+    Ok(())
+}
+
+/// Header and claims of a token, pretty-printed and marked unverified.
+pub fn decode_report(token: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let token = token.trim().trim_start_matches("JWT ").trim();
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        anyhow::bail!("a JWT has three dot-separated parts; this has {}", parts.len());
+    }
+    let decode = |part: &str, what: &str| -> anyhow::Result<serde_json::Value> {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .map_err(|e| anyhow::anyhow!("the {what} is not base64url: {e}"))?;
+        serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("the {what} is not JSON: {e}"))
+    };
+    let header = decode(parts[0], "header")?;
+    let claims = decode(parts[1], "claims")?;
+    let now = crate::jwt::now();
+    let mut notes = Vec::new();
+    if let Some(exp) = claims.get("exp").and_then(|v| v.as_i64()) {
+        notes.push(if exp < now { format!("exp is {}s in the past", now - exp) } else { format!("exp is in {}s", exp - now) });
+    }
+    if let Some(iat) = claims.get("iat").and_then(|v| v.as_i64()) {
+        notes.push(format!("iat was {}s ago", now - iat));
+    }
+    Ok(format!(
+        "UNVERIFIED: the signature was not checked\nheader: {}\nclaims: {}\n{}",
+        serde_json::to_string_pretty(&header)?,
+        serde_json::to_string_pretty(&claims)?,
+        notes.join("\n")
+    ))
+}

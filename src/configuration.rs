@@ -1,0 +1,312 @@
+//! Layered settings: built-in defaults, then an optional TOML file (`WARDEN_CONFIG`), then
+//! `WARDEN_*` environment variables. Everything is parsed here, once, into typed values; a bad
+//! setting stops start-up with a message naming the variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::domain::{BaseUrl, HostPattern};
+
+/// Production install-key CDN.
+pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
+/// Staging install-key CDN, used for `*.jira-dev.com` hosts.
+pub const STAGING_KEYS_URL: &str = "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
+/// Atlassian's OAuth2 authorization server (user impersonation).
+pub const OAUTH_TOKEN_URL: &str = "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";
+
+/// The descriptor shipped with the binary, used when no template file is found on disk.
+pub const BUNDLED_DESCRIPTOR: &str = include_str!("../atlassian-connect.json");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallAuth {
+    /// `installed`/`uninstalled` must carry Atlassian's RS256 signature.
+    Signed,
+    /// Also accepts the unsigned first install and HS256 reinstalls signed with a known secret.
+    Legacy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: String,
+    pub base_url: BaseUrl,
+    pub allowed_base_urls: Vec<BaseUrl>,
+    pub app_key: String,
+    pub redis_url: Option<SecretString>,
+    /// Prefix of every Redis key and the invalidation channel; lets several apps share a Redis.
+    pub redis_prefix: String,
+    pub data_dir: PathBuf,
+    pub keys_url: Option<BaseUrl>,
+    pub product_hosts: Vec<HostPattern>,
+    pub install_auth: InstallAuth,
+    pub secret_grace: Duration,
+    pub oauth_token_url: String,
+    pub descriptor_template: String,
+    /// Backstop lifetime of cached secrets, should an invalidation message be lost.
+    pub secret_cache_ttl: Duration,
+    /// Timeout of one install-key fetch.
+    pub key_fetch_timeout: Duration,
+}
+
+impl Settings {
+    /// Every base URL an install token's `aud` may name.
+    pub fn accepted_audiences(&self) -> Vec<BaseUrl> {
+        let mut all = vec![self.base_url.clone()];
+        all.extend(self.allowed_base_urls.iter().cloned());
+        all
+    }
+
+    pub fn host_allowed(&self, host: &str) -> bool {
+        self.product_hosts.iter().any(|p| p.matches(host))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {message}")]
+pub struct SettingsError {
+    pub name: &'static str,
+    pub message: String,
+}
+
+fn bad(name: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError { name, message: message.into() }
+}
+
+/// A list given as an array (TOML) or a comma-separated string (environment).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum List {
+    Many(Vec<String>),
+    Joined(String),
+}
+
+impl List {
+    fn items(&self) -> Vec<String> {
+        let raw: Vec<String> = match self {
+            List::Many(v) => v.clone(),
+            List::Joined(s) => s.split(',').map(str::to_owned).collect(),
+        };
+        raw.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+    }
+}
+
+/// What the file and the environment say, before parsing.
+#[derive(Debug, Default, Deserialize)]
+struct Raw {
+    bind: Option<String>,
+    base_url: Option<String>,
+    allowed_base_urls: Option<List>,
+    app_key: Option<String>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    data_dir: Option<String>,
+    keys_url: Option<String>,
+    product_hosts: Option<List>,
+    install_auth: Option<String>,
+    secret_grace_seconds: Option<String>,
+    oauth_token_url: Option<String>,
+    descriptor: Option<String>,
+    secret_cache_ttl_seconds: Option<String>,
+    key_fetch_timeout_seconds: Option<String>,
+}
+
+impl Settings {
+    /// Reads `WARDEN_CONFIG` (if set) and the `WARDEN_*` environment.
+    pub fn load() -> Result<Self, SettingsError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::from_sources(std::env::var("WARDEN_CONFIG").ok().as_deref(), vars)
+    }
+
+    /// `config_file` first, then `env` (pairs of `WARDEN_NAME`, value) on top.
+    pub fn from_sources(
+        config_file: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = config_file {
+            builder = builder.add_source(config::File::new(path, config::FileFormat::Toml).required(true));
+        }
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("WARDEN_") && k != "WARDEN_CONFIG")
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("WARDEN")
+                .prefix_separator("_")
+                .source(Some(env_map)),
+        );
+        let raw: Raw = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| bad("WARDEN_CONFIG", e.to_string()))?;
+        Self::parse(raw)
+    }
+
+    fn parse(raw: Raw) -> Result<Self, SettingsError> {
+        let base_url = BaseUrl::parse(raw.base_url.as_deref().unwrap_or("http://localhost:8080"))
+            .map_err(|e| bad("WARDEN_BASE_URL", e.0))?;
+        let allowed_base_urls = raw
+            .allowed_base_urls
+            .map(|l| l.items())
+            .unwrap_or_default()
+            .iter()
+            .map(|u| BaseUrl::parse(u).map_err(|e| bad("WARDEN_ALLOWED_BASE_URLS", e.0)))
+            .collect::<Result<_, _>>()?;
+        let descriptor_path = raw.descriptor.unwrap_or_else(|| "atlassian-connect.json".into());
+        let descriptor_template = match std::fs::read_to_string(&descriptor_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BUNDLED_DESCRIPTOR.to_owned(),
+            Err(e) => return Err(bad("WARDEN_DESCRIPTOR", format!("cannot read {descriptor_path}: {e}"))),
+        };
+        let descriptor: serde_json::Value = serde_json::from_str(&descriptor_template)
+            .map_err(|e| bad("WARDEN_DESCRIPTOR", format!("{descriptor_path} is not JSON: {e}")))?;
+        let app_key = match raw.app_key.filter(|k| !k.trim().is_empty()) {
+            Some(k) => k.trim().to_owned(),
+            None => descriptor
+                .get("key")
+                .and_then(|k| k.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| bad("WARDEN_APP_KEY", "not set and the descriptor has no \"key\""))?,
+        };
+        let product_hosts = raw
+            .product_hosts
+            .map(|l| l.items())
+            .unwrap_or_else(|| vec!["*.atlassian.net".into(), "*.jira.com".into(), "*.jira-dev.com".into()])
+            .iter()
+            .map(|p| HostPattern::parse(p).map_err(|e| bad("WARDEN_PRODUCT_HOSTS", e.0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if product_hosts.is_empty() {
+            return Err(bad("WARDEN_PRODUCT_HOSTS", "no host pattern given; no install could ever be accepted"));
+        }
+        let install_auth = match raw.install_auth.as_deref().map(str::trim) {
+            None | Some("signed") => InstallAuth::Signed,
+            Some("legacy") => InstallAuth::Legacy,
+            Some(other) => return Err(bad("WARDEN_INSTALL_AUTH", format!("{other:?} is neither \"signed\" nor \"legacy\""))),
+        };
+        let seconds = |name: &'static str, value: Option<String>, default: u64, max: u64| -> Result<Duration, SettingsError> {
+            let n = match value {
+                None => default,
+                Some(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad(name, format!("{v:?} is not a whole number of seconds")))?,
+            };
+            if n > max {
+                return Err(bad(name, format!("{n} is more than the maximum of {max} seconds")));
+            }
+            Ok(Duration::from_secs(n))
+        };
+        let keys_url = raw
+            .keys_url
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| BaseUrl::parse(&u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
+            .transpose()?;
+        let oauth_token_url = raw.oauth_token_url.unwrap_or_else(|| OAUTH_TOKEN_URL.into());
+        url::Url::parse(&oauth_token_url).map_err(|e| bad("WARDEN_OAUTH_TOKEN_URL", e.to_string()))?;
+        let redis_prefix = raw.redis_prefix.unwrap_or_else(|| "warden".into());
+        if redis_prefix.is_empty() || redis_prefix.contains(['{', '}', ' ']) {
+            return Err(bad("WARDEN_REDIS_PREFIX", "must be non-empty, without braces or spaces"));
+        }
+        Ok(Self {
+            bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
+            base_url,
+            allowed_base_urls,
+            app_key,
+            redis_url: raw.redis_url.filter(|u| !u.trim().is_empty()).map(SecretString::from),
+            redis_prefix,
+            data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
+            keys_url,
+            product_hosts,
+            install_auth,
+            secret_grace: seconds("WARDEN_SECRET_GRACE_SECONDS", raw.secret_grace_seconds, 180, 86_400)?,
+            oauth_token_url,
+            descriptor_template,
+            secret_cache_ttl: seconds("WARDEN_SECRET_CACHE_TTL_SECONDS", raw.secret_cache_ttl_seconds, 30, 3_600)?,
+            key_fetch_timeout: seconds("WARDEN_KEY_FETCH_TIMEOUT_SECONDS", raw.key_fetch_timeout_seconds, 5, 60)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_table() {
+        let s = Settings::from_sources(None, env(&[])).unwrap();
+        assert_eq!(s.bind, "127.0.0.1:8080");
+        assert_eq!(s.base_url.as_str(), "http://localhost:8080");
+        assert!(s.allowed_base_urls.is_empty());
+        assert!(s.redis_url.is_none());
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+        assert!(s.keys_url.is_none());
+        assert_eq!(s.install_auth, InstallAuth::Signed);
+        assert_eq!(s.secret_grace, Duration::from_secs(180));
+        assert!(s.host_allowed("acme.atlassian.net"));
+        assert!(s.host_allowed("x.jira-dev.com"));
+        assert!(!s.host_allowed("evil.example.com"));
+        assert!(!s.app_key.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_and_lists_split_on_commas() {
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_BASE_URL", "https://app.example.com/"),
+                ("WARDEN_ALLOWED_BASE_URLS", "https://a.example.com, https://b.example.com"),
+                ("WARDEN_PRODUCT_HOSTS", "127.0.0.1,*.example.net"),
+                ("WARDEN_INSTALL_AUTH", "legacy"),
+                ("WARDEN_SECRET_GRACE_SECONDS", "5"),
+                ("WARDEN_APP_KEY", "my-app"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.base_url.as_str(), "https://app.example.com");
+        assert_eq!(s.accepted_audiences().len(), 3);
+        assert!(s.host_allowed("127.0.0.1"));
+        assert!(!s.host_allowed("acme.atlassian.net"));
+        assert_eq!(s.install_auth, InstallAuth::Legacy);
+        assert_eq!(s.secret_grace, Duration::from_secs(5));
+        assert_eq!(s.app_key, "my-app");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (name, value) in [
+            ("WARDEN_BASE_URL", "ftp://x"),
+            ("WARDEN_INSTALL_AUTH", "maybe"),
+            ("WARDEN_SECRET_GRACE_SECONDS", "soon"),
+            ("WARDEN_PRODUCT_HOSTS", "a/b"),
+            ("WARDEN_KEYS_URL", "not a url"),
+        ] {
+            let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
+            assert_eq!(err.name, name, "{err}");
+        }
+    }
+
+    #[test]
+    fn toml_file_is_read_and_environment_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warden.toml");
+        std::fs::write(
+            &path,
+            "bind = \"0.0.0.0:9000\"\nbase_url = \"https://file.example.com\"\nproduct_hosts = [\"*.example.org\"]\n",
+        )
+        .unwrap();
+        let s = Settings::from_sources(
+            Some(path.to_str().unwrap()),
+            env(&[("WARDEN_BASE_URL", "https://env.example.com")]),
+        )
+        .unwrap();
+        assert_eq!(s.bind, "0.0.0.0:9000");
+        assert_eq!(s.base_url.as_str(), "https://env.example.com");
+        assert!(s.host_allowed("x.example.org"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The one place where failures become HTTP answers: every handler returns [`ApiError`], whose
+//! `ResponseError` impl picks the status, writes `{"error": "..."}` and logs the cause chain once.
+
+use std::fmt::Write as _;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+
+use crate::install_keys::KeyFetchError;
+use crate::jwt::JwtError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request itself is malformed (bad JSON, missing field, both token locations).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: the caller did not prove who it is.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 401 from a token rule.
+    #[error(transparent)]
+    Token(#[from] JwtError),
+    /// 403: authenticated, but not allowed (host not permitted, clientKey mismatch, uninstalled).
+    #[error("{0}")]
+    Forbidden(String),
+    /// 409: a stale or replayed lifecycle callback.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 503
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// 401 or 503 depending on whether the key server answered.
+    #[error(transparent)]
+    InstallKey(#[from] KeyFetchError),
+    /// 502: a call to the host or its authorization server failed.
+    #[error("{0}")]
+    Upstream(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated(_) | ApiError::Token(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(StoreError::Corrupt(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::InstallKey(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InstallKey(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// `message: cause: cause` for the log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let _ = write!(out, ": {cause}");
+        source = cause.source();
+    }
+    out
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %error_chain(self), "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), error = %error_chain(self), "request refused");
+        }
+        HttpResponse::build(status).json(serde_json::json!({ "error": self.to_string() }))
+    }
+}

@@ -1,0 +1,174 @@
+//! The product-request guard: an actix extractor that authenticates a request sent by a host
+//! site (webhook, iframe load, REST call) with its HS256 JWT. A handler that takes a
+//! [`ProductRequest`] (or [`ContextRequest`], which also accepts context tokens) runs only for
+//! a verified, active installation.
+//!
+//! ```ignore
+//! async fn my_route(tenant: ProductRequest) -> HttpResponse {
+//!     HttpResponse::Ok().body(format!("hello {}", tenant.client_key))
+//! }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+
+use crate::domain::{BaseUrl, ClientKey};
+use crate::error::ApiError;
+use crate::jwt::{self, CanonicalRequest, JwtError, Token};
+use crate::startup::AppState;
+use crate::store::{InstallState, Installation};
+
+/// A request from a host site, authenticated. Context tokens are refused.
+#[derive(Debug, Clone)]
+pub struct ProductRequest {
+    pub client_key: ClientKey,
+    pub base_url: BaseUrl,
+    pub product_type: String,
+    /// `sub`, or `context.user.accountId`.
+    pub account_id: Option<String>,
+    /// The raw `context` claim.
+    pub context: Option<serde_json::Value>,
+    /// The installation as stored (secrets stay redacted in `Debug`).
+    pub installation: Arc<Installation>,
+}
+
+/// Like [`ProductRequest`], on a route that opts in to context tokens (`qsh` = `context-qsh`).
+#[derive(Debug, Clone)]
+pub struct ContextRequest(pub ProductRequest);
+
+impl FromRequest for ProductRequest {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move { authenticate(&req, false).await })
+    }
+}
+
+impl FromRequest for ContextRequest {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move { authenticate(&req, true).await.map(ContextRequest) })
+    }
+}
+
+/// The token from `Authorization: JWT <token>` or `?jwt=<token>`; both at once is refused.
+pub fn extract_token(req: &HttpRequest) -> Result<&str, ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.strip_prefix("JWT "))
+                .map(str::trim)
+                .ok_or_else(|| ApiError::Unauthenticated("the Authorization header must be \"JWT <token>\"".into()))
+        })
+        .transpose()?;
+    let query = req
+        .query_string()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("jwt="));
+    match (header, query) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "the token is given both in the Authorization header and as ?jwt=; send it once".into(),
+        )),
+        (Some(t), None) | (None, Some(t)) if !t.is_empty() => Ok(t),
+        _ => Err(ApiError::Unauthenticated(
+            "no token: send Authorization: JWT <token> or ?jwt=<token>".into(),
+        )),
+    }
+}
+
+async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductRequest, ApiError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .expect("AppState is registered by startup::build_app");
+    let raw = extract_token(req)?;
+    let token = Token::parse(raw)?;
+    token.require_alg("HS256")?;
+    let iss = token.claims().iss.as_deref().ok_or(JwtError::MissingClaim("iss"))?;
+    let client_key = ClientKey::parse(iss).map_err(|_| ApiError::Unauthenticated("the token's iss is not a valid clientKey".into()))?;
+
+    let now = jwt::now();
+    let grace = state.settings.secret_grace.as_secs() as i64;
+    let unknown = || ApiError::Unauthenticated(format!("no installation is known for clientKey {client_key}"));
+    let mut installation = state.tenants.get(&client_key).await?.ok_or_else(unknown)?;
+    if verify_signature(&token, &installation, grace, now).is_err() {
+        // The cached secret may be stale (a roll on another instance): read the store once.
+        installation = state.tenants.reload(&client_key).await?.ok_or_else(unknown)?;
+        verify_signature(&token, &installation, grace, now)?;
+    }
+
+    let claims = token.into_claims();
+    claims.check_times(now)?;
+    let canonical = CanonicalRequest::new(
+        req.method().as_str(),
+        req.path(),
+        req.query_string(),
+        state.settings.base_url.path(),
+    );
+    claims.check_qsh(&canonical, allow_context)?;
+    check_active(&installation)?;
+
+    let account_id = claims.sub.clone().or_else(|| {
+        claims
+            .context
+            .as_ref()
+            .and_then(|c| c.pointer("/user/accountId"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    });
+    Ok(ProductRequest {
+        client_key,
+        base_url: installation.base_url.clone(),
+        product_type: installation.product_type.clone(),
+        account_id,
+        context: claims.context,
+        installation,
+    })
+}
+
+/// The current secret verifies; the previous one only for a token issued before the roll and
+/// only within the grace window after it. Older secrets never verify a product request.
+pub fn verify_signature(token: &Token<'_>, installation: &Installation, grace_seconds: i64, now: i64) -> Result<(), JwtError> {
+    let current = installation.current_secret();
+    let result = token.verify_hs256(&current.secret);
+    if result.is_ok() {
+        return result;
+    }
+    let Some(previous) = installation.previous_secret() else {
+        return result;
+    };
+    let within_grace = now - current.since <= grace_seconds;
+    let issued_before_roll = token.claims().iat.is_some_and(|iat| iat < current.since);
+    if within_grace && issued_before_roll {
+        token.verify_hs256(&previous.secret)
+    } else {
+        result
+    }
+}
+
+fn check_active(installation: &Installation) -> Result<(), ApiError> {
+    let key = &installation.client_key;
+    if let Some(successor) = &installation.superseded_by {
+        return Err(ApiError::Forbidden(format!(
+            "the installation {key} was superseded by {successor} (site import)"
+        )));
+    }
+    if installation.state == InstallState::Uninstalled {
+        return Err(ApiError::Forbidden(format!("the installation {key} is uninstalled")));
+    }
+    if !installation.enabled {
+        return Err(ApiError::Forbidden(format!("the installation {key} is disabled")));
+    }
+    debug_assert!(installation.is_active());
+    Ok(())
+}

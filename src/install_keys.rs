@@ -1,0 +1,329 @@
+//! Atlassian's install-signing public keys, fetched by `kid` through a moka cache.
+//!
+//! A rotated key always gets a new `kid`, so a fetched key stays valid for as long as it is
+//! cached. Misses for one `kid` are coalesced into a single request; an unknown `kid` is
+//! remembered for a minute so that a flood of made-up kids does not turn into a flood of
+//! requests for the same URL; an outage is never cached, so the next install retries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::DecodingKey;
+use moka::future::Cache;
+use reqwest::StatusCode;
+
+use crate::configuration::{PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
+use crate::domain::{BaseUrl, KeyId};
+
+/// Largest response body read from the key server; a 4096-bit key in PEM is under 1 KiB.
+pub const MAX_KEY_BODY_BYTES: usize = 16 * 1024;
+/// Most keys kept in the cache.
+const MAX_CACHED_KEYS: u64 = 1_000;
+/// Lifetime of a cached key (a key never changes under its kid; this only bounds memory).
+const KEY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Most "unknown kid" answers remembered.
+const MAX_CACHED_MISSES: u64 = 10_000;
+/// How long an "unknown kid" answer is remembered.
+const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
+/// Upper bound of the TCP/TLS connect phase (never more than the whole fetch timeout).
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFetchError {
+    #[error("the install-key server does not know kid {kid}")]
+    NotFound { kid: String },
+    #[error("the install-key server is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the install-key server returned a key that is not an RSA public key in PEM form")]
+    InvalidKey,
+}
+
+impl KeyFetchError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, KeyFetchError::Unavailable(_))
+    }
+}
+
+/// The install-key server's public keys, cached by URL.
+pub struct InstallKeys {
+    keys_url: Option<BaseUrl>,
+    client: reqwest::Client,
+    keys: Cache<String, Arc<DecodingKey>>,
+    not_found: Cache<String, ()>,
+    fetches: AtomicU64,
+}
+
+impl std::fmt::Debug for InstallKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstallKeys")
+            .field("keys_url", &self.keys_url)
+            .field("cached_keys", &self.keys.entry_count())
+            .field("fetches", &self.fetches())
+            .finish()
+    }
+}
+
+impl InstallKeys {
+    /// `keys_url` overrides the key server for every host (`WARDEN_KEYS_URL`); without it the
+    /// production or staging CDN is chosen per host. `fetch_timeout` bounds one whole fetch.
+    pub fn new(keys_url: Option<BaseUrl>, fetch_timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(fetch_timeout)
+            .connect_timeout(fetch_timeout.min(MAX_CONNECT_TIMEOUT))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("connect-warden/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client with rustls and no custom certificates always builds");
+        Self {
+            keys_url,
+            client,
+            keys: Cache::builder()
+                .name("install_keys")
+                .max_capacity(MAX_CACHED_KEYS)
+                .time_to_live(KEY_TTL)
+                .build(),
+            not_found: Cache::builder()
+                .name("install_keys_not_found")
+                .max_capacity(MAX_CACHED_MISSES)
+                .time_to_live(NOT_FOUND_TTL)
+                .build(),
+            fetches: AtomicU64::new(0),
+        }
+    }
+
+    /// The public key named `kid`, for an install from `host`.
+    pub async fn key(
+        &self,
+        kid: &KeyId,
+        host: &BaseUrl,
+    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        let url = self.key_url(kid, host);
+        if self.not_found.contains_key(&url) {
+            tracing::debug!(%kid, %url, "install key unknown (remembered)");
+            return Err(KeyFetchError::NotFound {
+                kid: kid.to_string(),
+            });
+        }
+        self.keys
+            .try_get_with(url.clone(), self.fetch(kid, &url))
+            .await
+            .map_err(|shared| unshare(kid, shared))
+    }
+
+    /// Number of HTTP requests made to key servers so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    fn key_url(&self, kid: &KeyId, host: &BaseUrl) -> String {
+        let base = match &self.keys_url {
+            Some(url) => url.as_str(),
+            None if host.host().ends_with(".jira-dev.com") => STAGING_KEYS_URL,
+            None => PRODUCTION_KEYS_URL,
+        };
+        // `kid` is a parsed UUID: hex digits and hyphens only, nothing that can steer the URL.
+        format!("{}/{kid}", base.trim_end_matches('/'))
+    }
+
+    /// One request; only the caller that won the cache's init race runs this.
+    async fn fetch(&self, kid: &KeyId, url: &str) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%kid, %url, "fetching install key");
+        let result = self.fetch_uncounted(kid, url).await;
+        match &result {
+            Ok(_) => tracing::debug!(%kid, %url, "install key fetched"),
+            Err(KeyFetchError::NotFound { .. }) => {
+                tracing::info!(%kid, %url, "install key server does not know this kid");
+                self.not_found.insert(url.to_owned(), ()).await;
+            }
+            Err(error) => {
+                tracing::warn!(%kid, %url, error = %ErrorChain(error), "install key fetch failed")
+            }
+        }
+        result
+    }
+
+    async fn fetch_uncounted(
+        &self,
+        kid: &KeyId,
+        url: &str,
+    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        let mut response = self.client.get(url).send().await.map_err(unavailable)?;
+        let status = response.status();
+        if status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(unavailable(format!("{url} answered {status}")));
+        }
+        if status.is_client_error() {
+            return Err(KeyFetchError::NotFound {
+                kid: kid.to_string(),
+            });
+        }
+        if !status.is_success() {
+            // Redirects are not followed: a key server has no reason to send one.
+            return Err(unavailable(format!("{url} answered {status}")));
+        }
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_KEY_BODY_BYTES as u64)
+        {
+            return Err(KeyFetchError::InvalidKey);
+        }
+        let mut body = Vec::with_capacity(1024);
+        while let Some(chunk) = response.chunk().await.map_err(unavailable)? {
+            if body.len() + chunk.len() > MAX_KEY_BODY_BYTES {
+                return Err(KeyFetchError::InvalidKey);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_public_key(&body).map(Arc::new)
+    }
+}
+
+/// An RSA public key in PEM form, SPKI (`PUBLIC KEY`) or PKCS#1 (`RSA PUBLIC KEY`).
+/// `DecodingKey::from_rsa_pem` alone would also take a private key, so the key is parsed first.
+fn parse_public_key(body: &[u8]) -> Result<DecodingKey, KeyFetchError> {
+    use rsa::pkcs1::DecodeRsaPublicKey as _;
+    use rsa::pkcs8::DecodePublicKey as _;
+
+    let pem = std::str::from_utf8(body)
+        .map_err(|_| KeyFetchError::InvalidKey)?
+        .trim();
+    let is_rsa_public = rsa::RsaPublicKey::from_public_key_pem(pem).is_ok()
+        || rsa::RsaPublicKey::from_pkcs1_pem(pem).is_ok();
+    if !is_rsa_public {
+        return Err(KeyFetchError::InvalidKey);
+    }
+    DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| KeyFetchError::InvalidKey)
+}
+
+fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> KeyFetchError {
+    KeyFetchError::Unavailable(cause.into())
+}
+
+/// moka hands every waiter of one failed fetch the same `Arc`; turn it back into an owned error.
+fn unshare(kid: &KeyId, shared: Arc<KeyFetchError>) -> KeyFetchError {
+    match &*shared {
+        KeyFetchError::NotFound { .. } => KeyFetchError::NotFound {
+            kid: kid.to_string(),
+        },
+        KeyFetchError::InvalidKey => KeyFetchError::InvalidKey,
+        KeyFetchError::Unavailable(_) => KeyFetchError::Unavailable(Box::new(SharedCause(shared))),
+    }
+}
+
+/// The cause of an `Unavailable` shared between waiters, shown as the cause itself.
+#[derive(Debug)]
+struct SharedCause(Arc<KeyFetchError>);
+
+impl SharedCause {
+    fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        match &*self.0 {
+            KeyFetchError::Unavailable(cause) => Some(cause.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.cause() {
+            Some(cause) => std::fmt::Display::fmt(cause, f),
+            None => std::fmt::Display::fmt(&self.0, f),
+        }
+    }
+}
+
+impl std::error::Error for SharedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause().and_then(|c| c.source())
+    }
+}
+
+/// An error and its causes on one line, for logs.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kid() -> KeyId {
+        KeyId::parse("0b6c1d3e-2f4a-4b5c-8d9e-0f1a2b3c4d5e").unwrap()
+    }
+
+    #[test]
+    fn key_server_is_chosen_by_host_unless_configured() {
+        let keys = InstallKeys::new(None, Duration::from_secs(1));
+        let prod = BaseUrl::parse("https://acme.atlassian.net/wiki").unwrap();
+        let staging = BaseUrl::parse("https://acme.jira-dev.com").unwrap();
+        assert_eq!(
+            keys.key_url(&kid(), &prod),
+            format!("{PRODUCTION_KEYS_URL}/{}", kid())
+        );
+        assert_eq!(
+            keys.key_url(&kid(), &staging),
+            format!("{STAGING_KEYS_URL}/{}", kid())
+        );
+        let fake_staging = BaseUrl::parse("https://jira-dev.com.evil.example").unwrap();
+        assert_eq!(
+            keys.key_url(&kid(), &fake_staging),
+            format!("{PRODUCTION_KEYS_URL}/{}", kid())
+        );
+
+        let configured = InstallKeys::new(
+            Some(BaseUrl::parse("http://127.0.0.1:9/keys/").unwrap()),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            configured.key_url(&kid(), &staging),
+            format!("http://127.0.0.1:9/keys/{}", kid())
+        );
+    }
+
+    #[test]
+    fn only_rsa_public_keys_in_pem_are_accepted() {
+        use rsa::pkcs1::EncodeRsaPublicKey as _;
+        use rsa::pkcs8::DecodePublicKey as _;
+
+        let key = &crate::devtenant::keys::tests::test_keys()[0];
+        assert!(parse_public_key(key.public_pem().as_bytes()).is_ok());
+        let pkcs1 = rsa::RsaPublicKey::from_public_key_pem(key.public_pem())
+            .unwrap()
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap();
+        assert!(pkcs1.starts_with("-----BEGIN RSA PUBLIC KEY-----"));
+        assert!(parse_public_key(pkcs1.as_bytes()).is_ok());
+        for bad in [key.private_pem().as_bytes(), b"", b"<html>", &[0xff, 0xfe]] {
+            assert!(matches!(
+                parse_public_key(bad),
+                Err(KeyFetchError::InvalidKey)
+            ));
+        }
+    }
+
+    #[test]
+    fn shared_unavailable_keeps_its_cause() {
+        let shared = Arc::new(unavailable("boom"));
+        let owned = unshare(&kid(), shared);
+        assert!(owned.is_unavailable());
+        assert_eq!(
+            ErrorChain(&owned).to_string(),
+            "the install-key server is unavailable: boom"
+        );
+    }
+}

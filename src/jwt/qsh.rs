@@ -1,0 +1,278 @@
+//! The query string hash: the one canonicalizer of the crate. Every `qsh` that `warden` checks
+//! or produces (install tokens, product requests, calls to the host, `warden jwt canonical`)
+//! comes from [`CanonicalRequest`].
+
+use std::fmt::Write as _;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use sha2::{Digest, Sha256};
+
+/// The literal `qsh` carried by context tokens (`AP.context.getToken`).
+pub const CONTEXT_QSH: &str = "context-qsh";
+
+/// RFC 3986 unreserved characters stay; everything else is `%XX` (so space is `%20`, `*` is `%2A`).
+const RFC3986: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// `METHOD&PATH&QUERY` as Atlassian defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalRequest(String);
+
+impl CanonicalRequest {
+    /// `path` is the request path as received (still percent-encoded), `query` the raw query
+    /// string without `?`, and `base_path` the path of the receiver's base URL (`""` or `/app`),
+    /// which is stripped first.
+    pub fn new(method: &str, path: &str, query: &str, base_path: &str) -> Self {
+        let mut out = String::with_capacity(method.len() + path.len() + query.len() + 2);
+        out.push_str(&method.to_ascii_uppercase());
+        out.push('&');
+        push_canonical_path(&mut out, path, base_path);
+        out.push('&');
+        push_canonical_query(&mut out, query);
+        Self(out)
+    }
+
+    /// Splits a URL (absolute, or a path with optional query) and canonicalizes it relative to
+    /// `base_path`.
+    pub fn from_url(method: &str, url: &str, base_path: &str) -> Self {
+        let without_fragment = url.split('#').next().unwrap_or("");
+        let after_authority = match without_fragment.find("://") {
+            Some(i) => {
+                let rest = &without_fragment[i + 3..];
+                match rest.find(['/', '?']) {
+                    Some(j) => &rest[j..],
+                    None => "",
+                }
+            }
+            None => without_fragment,
+        };
+        let (path, query) = after_authority
+            .split_once('?')
+            .unwrap_or((after_authority, ""));
+        Self::new(method, path, query, base_path)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Lower-case hex SHA-256 of the canonical request.
+    pub fn qsh(&self) -> String {
+        let digest = Sha256::digest(self.0.as_bytes());
+        let mut hex = String::with_capacity(64);
+        for byte in digest {
+            let _ = write!(hex, "{byte:02x}");
+        }
+        hex
+    }
+
+    /// Compares with a claimed `qsh` without building the hex string.
+    pub fn matches(&self, claimed: &str) -> bool {
+        let digest = Sha256::digest(self.0.as_bytes());
+        claimed.len() == 64
+            && digest
+                .iter()
+                .zip(claimed.as_bytes().chunks(2))
+                .all(|(byte, pair)| {
+                    let hex = [nibble(byte >> 4), nibble(byte & 0xf)];
+                    hex == pair
+                })
+    }
+}
+
+fn nibble(n: u8) -> u8 {
+    if n < 10 {
+        b'0' + n
+    } else {
+        b'a' + n - 10
+    }
+}
+
+fn push_canonical_path(out: &mut String, path: &str, base_path: &str) {
+    let base_path = base_path.trim_end_matches('/');
+    let relative = match path.strip_prefix(base_path) {
+        // Strip only at a segment boundary: base `/app` must not eat the front of `/apple`.
+        Some(rest) if !base_path.is_empty() && (rest.is_empty() || rest.starts_with('/')) => rest,
+        _ => path,
+    };
+    let trimmed = relative.trim_end_matches('/');
+    if trimmed.is_empty() {
+        out.push('/');
+        return;
+    }
+    if !trimmed.starts_with('/') {
+        out.push('/');
+    }
+    for (i, part) in trimmed.split('&').enumerate() {
+        if i > 0 {
+            out.push_str("%26");
+        }
+        out.push_str(part);
+    }
+}
+
+fn push_canonical_query(out: &mut String, query: &str) {
+    if query.is_empty() {
+        return;
+    }
+    // (encoded name, encoded value) pairs; `jwt` is the token itself and never hashed.
+    let mut pairs: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = decode_component(name);
+            if name == "jwt" {
+                return None;
+            }
+            Some((encode(&name), encode(&decode_component(value))))
+        })
+        .collect();
+    pairs.sort();
+    let mut first = true;
+    let mut i = 0;
+    while i < pairs.len() {
+        let name = &pairs[i].0;
+        if !first {
+            out.push('&');
+        }
+        first = false;
+        out.push_str(name);
+        out.push('=');
+        // Repeated names: values already sorted by the tuple sort, joined with `,`.
+        let mut j = i;
+        while j < pairs.len() && pairs[j].0 == *name {
+            if j > i {
+                out.push(',');
+            }
+            out.push_str(&pairs[j].1);
+            j += 1;
+        }
+        i = j;
+    }
+}
+
+/// Query components arrive form-encoded: `+` is a space, `%XX` a byte.
+fn decode_component(raw: &str) -> String {
+    let spaced = raw.replace('+', " ");
+    percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+}
+
+fn encode(raw: &str) -> String {
+    utf8_percent_encode(raw, RFC3986).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qsh(method: &str, path: &str, query: &str) -> String {
+        CanonicalRequest::new(method, path, query, "").qsh()
+    }
+
+    #[test]
+    fn protocol_vectors() {
+        assert_eq!(
+            qsh("POST", "/installed", ""),
+            "4a2e1de8ca74e6cafe8862d332fa3ac7a8e51e692bc6d798ea4dfedc14948bf4"
+        );
+        assert_eq!(
+            qsh("GET", "/path", ""),
+            "799be84a7fa35570087163c0cd9af3abff7ac05c2c12ba0bb1d7eebc984b3ac2"
+        );
+        assert_eq!(
+            qsh("GET", "/", ""),
+            "c88caad15a1c1a900b8ac08aa9686f4e8184539bea1deda36e2f649430df3239"
+        );
+        assert_eq!(
+            qsh("GET", "/test", "param=some%20spaces%20in%20this%20parameter"),
+            "ef4097d05395eaf1a133956f140116a9c411afad768d4f06daac9e305764265d"
+        );
+        assert_eq!(
+            qsh("GET", "/test", "query=connect*"),
+            "0d28bc10d1972d9cab59e123ce17976eb32aad6957a13cfb8b97ced6d3fc8a29"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "/test", "ids=20&ids=2&ids=-1&ids=1&ids=10", "").as_str(),
+            "GET&/test&ids=-1,1,10,2,20"
+        );
+    }
+
+    #[test]
+    fn method_is_upper_cased_and_empty_path_is_slash() {
+        assert_eq!(CanonicalRequest::new("get", "", "", "").as_str(), "GET&/&");
+    }
+
+    #[test]
+    fn trailing_slash_is_dropped_unless_whole_path() {
+        assert_eq!(CanonicalRequest::new("GET", "/a/b/", "", "").as_str(), "GET&/a/b&");
+        assert_eq!(CanonicalRequest::new("GET", "/", "", "").as_str(), "GET&/&");
+    }
+
+    #[test]
+    fn ampersand_in_path_is_escaped() {
+        assert_eq!(CanonicalRequest::new("GET", "/a&b", "", "").as_str(), "GET&/a%26b&");
+    }
+
+    #[test]
+    fn base_path_is_stripped_at_segment_boundary_only() {
+        assert_eq!(CanonicalRequest::new("GET", "/app/x", "", "/app").as_str(), "GET&/x&");
+        assert_eq!(CanonicalRequest::new("GET", "/app", "", "/app/").as_str(), "GET&/&");
+        assert_eq!(CanonicalRequest::new("GET", "/apple", "", "/app").as_str(), "GET&/apple&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "/wiki/rest/api/space", "", "/wiki").as_str(),
+            "GET&/rest/api/space&"
+        );
+    }
+
+    #[test]
+    fn jwt_parameter_is_dropped_and_names_sorted() {
+        assert_eq!(
+            CanonicalRequest::new("GET", "/p", "b=2&jwt=abc.def.ghi&a=1", "").as_str(),
+            "GET&/p&a=1&b=2"
+        );
+    }
+
+    #[test]
+    fn query_encoding_follows_rfc3986() {
+        // `+` from form encoding is a space; `~` stays; reserved characters are escaped.
+        assert_eq!(
+            CanonicalRequest::new("GET", "/p", "q=a+b&t=x~y&r=%2F%3F&e", "").as_str(),
+            "GET&/p&e=&q=a%20b&r=%2F%3F&t=x~y"
+        );
+        // Non-ASCII is percent-encoded as UTF-8, upper-case hex.
+        assert_eq!(
+            CanonicalRequest::new("GET", "/p", "n=%C3%A9", "").as_str(),
+            "GET&/p&n=%C3%A9"
+        );
+    }
+
+    #[test]
+    fn from_url_handles_absolute_and_relative_urls() {
+        assert_eq!(
+            CanonicalRequest::from_url("get", "https://acme.atlassian.net/wiki/rest/api?b=1&a=2#frag", "/wiki")
+                .as_str(),
+            "GET&/rest/api&a=2&b=1"
+        );
+        assert_eq!(
+            CanonicalRequest::from_url("POST", "https://host:8443", "").as_str(),
+            "POST&/&"
+        );
+        assert_eq!(
+            CanonicalRequest::from_url("GET", "/installed?x=1", "").as_str(),
+            "GET&/installed&x=1"
+        );
+    }
+
+    #[test]
+    fn matches_agrees_with_qsh() {
+        let c = CanonicalRequest::new("GET", "/p", "a=1", "");
+        assert!(c.matches(&c.qsh()));
+        assert!(!c.matches(&CanonicalRequest::new("GET", "/p", "a=2", "").qsh()));
+        assert!(!c.matches("context-qsh"));
+        assert!(!c.matches(&c.qsh().to_uppercase()));
+    }
+}

@@ -1,0 +1,539 @@
+//! The lifecycle policy: who may send `installed`, `uninstalled`, `enabled` and `disabled`, and
+//! what each one does to the stored installation. Every rule of the install lifecycle in
+//! `PROTOCOL.md` lives here; the JWT mechanics it relies on live in [`crate::jwt`].
+//!
+//! A callback goes through three steps, and a failure at any step stores nothing:
+//! 1. [`LifecyclePayload::parse`]: the body, into typed values (400 on bad input);
+//! 2. [`authenticate`]: the `Authorization` token, per [`InstallAuth`] mode (401/403/503);
+//! 3. [`apply`]: replay and ordering checks, then one atomic compare-and-set write (409 on a
+//!    stale or replayed callback), retried when another writer got there first.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::configuration::{InstallAuth, Settings};
+use crate::domain::{BaseUrl, ClientKey, KeyId, SharedSecret};
+use crate::error::ApiError;
+use crate::install_keys::InstallKeys;
+use crate::jwt::{self, CanonicalRequest, JwtError, Token};
+use crate::store::{
+    Commit, CommitOutcome, InstallState, Installation, InstallationStore, SeenToken,
+};
+
+/// Lifecycle bodies larger than this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How often a write is retried when another writer changed the record in between.
+const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleEvent {
+    Installed,
+    Uninstalled,
+    Enabled,
+    Disabled,
+}
+
+impl LifecycleEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleEvent::Installed => "installed",
+            LifecycleEvent::Uninstalled => "uninstalled",
+            LifecycleEvent::Enabled => "enabled",
+            LifecycleEvent::Disabled => "disabled",
+        }
+    }
+
+    /// `installed` and `uninstalled` are signed by Atlassian (RS256); the others by the tenant.
+    fn is_install_signed(self) -> bool {
+        matches!(self, LifecycleEvent::Installed | LifecycleEvent::Uninstalled)
+    }
+}
+
+/// A string field that some hosts send as a number.
+fn loose_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
+        _ => None,
+    })
+}
+
+/// The body as sent; unknown fields are ignored.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPayload {
+    #[serde(default, deserialize_with = "loose_string")]
+    key: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    client_key: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    shared_secret: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    base_url: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    display_url: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    product_type: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    service_entitlement_number: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    entitlement_id: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    entitlement_number: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    oauth_client_id: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    installation_id: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    cloud_id: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    server_version: Option<String>,
+    #[serde(default, deserialize_with = "loose_string")]
+    plugins_version: Option<String>,
+}
+
+/// A lifecycle body, parsed. `shared_secret` is present for `installed`.
+#[derive(Debug)]
+pub struct LifecyclePayload {
+    pub client_key: ClientKey,
+    pub base_url: BaseUrl,
+    pub shared_secret: Option<SharedSecret>,
+    pub product_type: String,
+    raw: RawPayload,
+    /// SHA-256 of the exact body bytes: tells a retry from a replay.
+    pub body_digest: [u8; 32],
+}
+
+impl LifecyclePayload {
+    pub fn parse(event: LifecycleEvent, body: &[u8], app_key: &str) -> Result<Self, ApiError> {
+        let raw: RawPayload = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("the body is not a JSON lifecycle payload: {e}")))?;
+        let bad = |e: crate::domain::ParseError| ApiError::BadRequest(e.0);
+        let client_key = ClientKey::parse(
+            raw.client_key
+                .as_deref()
+                .ok_or_else(|| ApiError::BadRequest("the body has no clientKey".into()))?,
+        )
+        .map_err(bad)?;
+        let base_url = BaseUrl::parse(
+            raw.base_url
+                .as_deref()
+                .ok_or_else(|| ApiError::BadRequest("the body has no baseUrl".into()))?,
+        )
+        .map_err(bad)?;
+        let shared_secret = raw.shared_secret.as_deref().map(SharedSecret::parse).transpose().map_err(bad)?;
+        if event == LifecycleEvent::Installed && shared_secret.is_none() {
+            return Err(ApiError::BadRequest("an installed body must carry a sharedSecret".into()));
+        }
+        if let Some(key) = raw.key.as_deref() {
+            if key != app_key {
+                return Err(ApiError::BadRequest(format!(
+                    "the body is for app key {key:?}, but this service is app {app_key:?}"
+                )));
+            }
+        }
+        Ok(Self {
+            client_key,
+            base_url,
+            shared_secret,
+            product_type: raw.product_type.clone().unwrap_or_else(|| "jira".into()),
+            raw,
+            body_digest: Sha256::digest(body).into(),
+        })
+    }
+}
+
+/// What the request line says, for the `qsh`.
+#[derive(Debug, Clone)]
+pub struct RequestLine<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+}
+
+/// How a callback proved where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// RS256 by Atlassian's install key.
+    AtlassianSignature,
+    /// HS256 by a secret the installation holds (or held).
+    SharedSecret,
+    /// Legacy mode's first install: nothing proved.
+    Unsigned,
+}
+
+/// A callback that passed authentication.
+#[derive(Debug)]
+pub struct Authenticated {
+    pub proof: Proof,
+    /// `iat` of the token; `None` for an unsigned install.
+    pub iat: Option<i64>,
+    pub seen: Option<SeenToken>,
+}
+
+pub struct LifecycleContext<'a> {
+    pub settings: &'a Settings,
+    pub store: &'a dyn InstallationStore,
+    pub keys: &'a InstallKeys,
+}
+
+/// Step 2: checks the token of a callback against the rules of its event and the mode.
+pub async fn authenticate(
+    ctx: &LifecycleContext<'_>,
+    event: LifecycleEvent,
+    request: &RequestLine<'_>,
+    authorization: Option<&str>,
+    payload: &LifecyclePayload,
+    existing: Option<&Installation>,
+) -> Result<Authenticated, ApiError> {
+    let legacy = ctx.settings.install_auth == InstallAuth::Legacy;
+    let Some(header) = authorization else {
+        if legacy && event == LifecycleEvent::Installed && existing.is_none() {
+            check_host(ctx.settings, payload)?;
+            return Ok(Authenticated { proof: Proof::Unsigned, iat: None, seen: None });
+        }
+        return Err(ApiError::Unauthenticated(missing_token_message(event, legacy, existing.is_some())));
+    };
+    let raw = header
+        .strip_prefix("JWT ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::Unauthenticated("the Authorization header must be \"JWT <token>\"".into()))?;
+    let token = Token::parse(raw)?;
+
+    let proof = if event.is_install_signed() && (token.alg() == "RS256" || !legacy) {
+        token.require_alg("RS256")?;
+        let kid = token.kid().ok_or(JwtError::MissingKid)?;
+        let kid = KeyId::parse(kid).map_err(|_| JwtError::InvalidKid)?;
+        let key = ctx.keys.key(&kid, &payload.base_url).await?;
+        token.verify_rs256(&key)?;
+        Proof::AtlassianSignature
+    } else {
+        token.require_alg("HS256")?;
+        match existing {
+            Some(installation) => {
+                verify_with_known_secret(&token, event, installation)?;
+                Proof::SharedSecret
+            }
+            // Seed 001 #13: an app that lost (or never had) the record treats a signed
+            // reinstall as a first install. In legacy mode that is no weaker than the unsigned
+            // first install it already accepts.
+            None if legacy && event == LifecycleEvent::Installed => {
+                check_host(ctx.settings, payload)?;
+                tracing::warn!(client_key = %payload.client_key, "HS256 install for an unknown clientKey accepted as a first install (legacy mode)");
+                return Ok(Authenticated { proof: Proof::Unsigned, iat: None, seen: None });
+            }
+            None => {
+                return Err(ApiError::Unauthenticated(format!(
+                    "no installation is known for clientKey {}, so its token cannot be verified",
+                    payload.client_key
+                )))
+            }
+        }
+    };
+
+    let claims = token.claims();
+    let (iat, exp) = claims.check_times(jwt::now())?;
+    if proof == Proof::AtlassianSignature {
+        claims.check_audience(&ctx.settings.accepted_audiences())?;
+    }
+    let canonical = CanonicalRequest::new(request.method, request.path, request.query, ctx.settings.base_url.path());
+    claims.check_qsh(&canonical, false)?;
+    if claims.iss.as_deref() != Some(payload.client_key.as_str()) {
+        return Err(ApiError::Forbidden(format!(
+            "the token's iss does not equal the body's clientKey {}",
+            payload.client_key
+        )));
+    }
+    check_host(ctx.settings, payload)?;
+    Ok(Authenticated {
+        proof,
+        iat: Some(iat),
+        seen: Some(SeenToken {
+            token_digest: token.digest(),
+            body_digest: payload.body_digest,
+            expires_at: exp + jwt::LEEWAY_SECONDS,
+        }),
+    })
+}
+
+fn missing_token_message(event: LifecycleEvent, legacy: bool, known: bool) -> String {
+    match (event.is_install_signed(), legacy, known) {
+        (true, false, _) => format!("{} must carry Atlassian's signature: Authorization: JWT <RS256 token>", event.name()),
+        (_, true, true) if event == LifecycleEvent::Installed => {
+            "an installed callback for a known clientKey must be signed (RS256, or HS256 with its shared secret)".into()
+        }
+        _ => format!("{} must carry Authorization: JWT <token>", event.name()),
+    }
+}
+
+/// HS256 callbacks: `enabled`/`disabled` (and legacy `uninstalled`) with the current secret;
+/// a legacy reinstall with the current secret or any kept in the history, also after an
+/// `uninstalled` (seed 001).
+fn verify_with_known_secret(token: &Token<'_>, event: LifecycleEvent, installation: &Installation) -> Result<(), ApiError> {
+    let current = &installation.current_secret().secret;
+    if token.verify_hs256(current).is_ok() {
+        return Ok(());
+    }
+    if event == LifecycleEvent::Installed
+        && installation.secrets.iter().rev().skip(1).any(|s| token.verify_hs256(&s.secret).is_ok())
+    {
+        return Ok(());
+    }
+    Err(JwtError::BadSignature.into())
+}
+
+fn check_host(settings: &Settings, payload: &LifecyclePayload) -> Result<(), ApiError> {
+    let host = payload.base_url.host();
+    if settings.host_allowed(&host) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "the host {host} is not an allowed product host (WARDEN_PRODUCT_HOSTS)"
+        )))
+    }
+}
+
+/// What a callback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The record was written.
+    Applied,
+    /// A retry of a callback already applied, or nothing to change: nothing written.
+    Unchanged,
+}
+
+/// What changed in a write, for cache invalidation and the site-import step.
+#[derive(Debug)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub installation: Option<Arc<Installation>>,
+    pub new_installation: bool,
+}
+
+/// Step 3: replay and ordering checks, then the write. Re-reads and re-decides when another
+/// writer changed the record in between, so concurrent callbacks never lose an update.
+pub async fn apply(
+    store: &dyn InstallationStore,
+    event: LifecycleEvent,
+    payload: &LifecyclePayload,
+    auth: &Authenticated,
+    mut existing: Option<Installation>,
+) -> Result<Applied, ApiError> {
+    for attempt in 0..MAX_COMMIT_ATTEMPTS {
+        if attempt > 0 {
+            existing = store.load(&payload.client_key).await?;
+        }
+        if let Some(seen) = &auth.seen {
+            match store.seen_token(&payload.client_key, &seen.token_digest).await? {
+                Some(body) if body == seen.body_digest => {
+                    return Ok(Applied { outcome: Outcome::Unchanged, installation: existing.map(Arc::new), new_installation: false })
+                }
+                Some(_) => {
+                    return Err(ApiError::Conflict(
+                        "this token was already used with a different body: refused as a replay".into(),
+                    ))
+                }
+                None => {}
+            }
+        }
+        if let (Some(iat), Some(current)) = (auth.iat, existing.as_ref()) {
+            if iat < current.last_event_iat {
+                return Err(ApiError::Conflict(format!(
+                    "this {} was issued (iat {iat}) before the last accepted lifecycle event (iat {}): refused as stale",
+                    event.name(),
+                    current.last_event_iat
+                )));
+            }
+        }
+        let now = jwt::now();
+        let new_installation = existing.is_none();
+        let expected_version = existing.as_ref().map_or(0, |i| i.version);
+        let Some(record) = next_record(event, payload, auth, existing.clone(), now)? else {
+            return Ok(Applied { outcome: Outcome::Unchanged, installation: None, new_installation: false });
+        };
+        let commit = Commit { record: &record, expected_version, token: auth.seen };
+        match store.commit(commit).await? {
+            CommitOutcome::Committed => {
+                let mut record = record;
+                record.version = expected_version + 1;
+                return Ok(Applied {
+                    outcome: Outcome::Applied,
+                    installation: Some(Arc::new(record)),
+                    new_installation,
+                });
+            }
+            CommitOutcome::Conflict => continue,
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "the installation {} is being changed concurrently; retry",
+        payload.client_key
+    )))
+}
+
+/// The record after `event`, or `None` when there is nothing to store.
+fn next_record(
+    event: LifecycleEvent,
+    payload: &LifecyclePayload,
+    auth: &Authenticated,
+    existing: Option<Installation>,
+    now: i64,
+) -> Result<Option<Installation>, ApiError> {
+    let iat = auth.iat.unwrap_or(0);
+    let Some(mut record) = existing else {
+        return match event {
+            LifecycleEvent::Installed => Ok(Some(new_record(payload, auth, now))),
+            // An uninstall for a tenant never stored: nothing to mark.
+            LifecycleEvent::Uninstalled => Ok(None),
+            LifecycleEvent::Enabled | LifecycleEvent::Disabled => Err(ApiError::Unauthenticated(format!(
+                "no installation is known for clientKey {}",
+                payload.client_key
+            ))),
+        };
+    };
+    record.last_event_iat = record.last_event_iat.max(iat);
+    record.updated_at = now;
+    match event {
+        LifecycleEvent::Installed => {
+            let secret = payload.shared_secret.clone().expect("checked by LifecyclePayload::parse");
+            record.roll_secret(secret, now);
+            fill_from_payload(&mut record, payload);
+            record.state = InstallState::Installed;
+            record.enabled = true;
+            record.signed_install = auth.proof == Proof::AtlassianSignature;
+            if record.signed_install {
+                // Atlassian itself installed this clientKey again: the site exists.
+                record.superseded_by = None;
+            }
+        }
+        LifecycleEvent::Uninstalled => record.state = InstallState::Uninstalled,
+        LifecycleEvent::Enabled => record.enabled = true,
+        LifecycleEvent::Disabled => record.enabled = false,
+    }
+    Ok(Some(record))
+}
+
+fn new_record(payload: &LifecyclePayload, auth: &Authenticated, now: i64) -> Installation {
+    let secret = payload.shared_secret.clone().expect("checked by LifecyclePayload::parse");
+    let mut record = Installation {
+        client_key: payload.client_key.clone(),
+        base_url: payload.base_url.clone(),
+        display_url: None,
+        product_type: payload.product_type.clone(),
+        description: None,
+        oauth_client_id: None,
+        installation_id: None,
+        cloud_id: None,
+        service_entitlement_number: None,
+        entitlement_id: None,
+        entitlement_number: None,
+        server_version: None,
+        plugins_version: None,
+        state: InstallState::Installed,
+        enabled: true,
+        superseded_by: None,
+        supersedes: Vec::new(),
+        signed_install: auth.proof == Proof::AtlassianSignature,
+        last_event_iat: auth.iat.unwrap_or(0),
+        installed_at: now,
+        updated_at: now,
+        secrets: vec![crate::store::SecretVersion { secret, since: now }],
+        version: 0,
+    };
+    fill_from_payload(&mut record, payload);
+    record
+}
+
+fn fill_from_payload(record: &mut Installation, payload: &LifecyclePayload) {
+    let raw = &payload.raw;
+    record.base_url = payload.base_url.clone();
+    record.product_type = payload.product_type.clone();
+    record.display_url = raw.display_url.clone();
+    record.description = raw.description.clone();
+    record.oauth_client_id = raw.oauth_client_id.clone();
+    record.installation_id = raw.installation_id.clone();
+    record.cloud_id = raw.cloud_id.clone();
+    record.service_entitlement_number = raw.service_entitlement_number.clone();
+    record.entitlement_id = raw.entitlement_id.clone();
+    record.entitlement_number = raw.entitlement_number.clone();
+    record.server_version = raw.server_version.clone();
+    record.plugins_version = raw.plugins_version.clone();
+}
+
+/// Site import (seed 003): a new clientKey installed, with Atlassian's signature, on a site
+/// whose `baseUrl` belongs to other active installations. Those are marked superseded by the
+/// new one and linked from it. An unsigned install never supersedes anything: it could be
+/// forged to knock a real tenant out. Returns the clientKeys superseded.
+pub async fn supersede_previous_tenants(
+    store: &dyn InstallationStore,
+    installed: &Installation,
+    proof: Proof,
+) -> Result<Vec<ClientKey>, ApiError> {
+    store.index_site(&installed.base_url, &installed.client_key).await?;
+    if proof != Proof::AtlassianSignature {
+        return Ok(Vec::new());
+    }
+    let mut superseded = Vec::new();
+    for other in store.client_keys_for_site(&installed.base_url).await? {
+        if other == installed.client_key {
+            continue;
+        }
+        let marked = update_with_retry(store, &other, |old| {
+            let replaceable = old.state == InstallState::Installed
+                && old.superseded_by.is_none()
+                && old.installed_at <= installed.installed_at;
+            replaceable.then(|| {
+                old.superseded_by = Some(installed.client_key.clone());
+            })
+        })
+        .await?;
+        if marked {
+            tracing::warn!(old_client_key = %other, new_client_key = %installed.client_key, base_url = %installed.base_url,
+                "site import: installation superseded by a new clientKey on the same site");
+            superseded.push(other);
+        }
+    }
+    if !superseded.is_empty() {
+        let links = superseded.clone();
+        update_with_retry(store, &installed.client_key, move |new| {
+            let before = new.supersedes.len();
+            for key in &links {
+                if !new.supersedes.contains(key) {
+                    new.supersedes.push(key.clone());
+                }
+            }
+            (new.supersedes.len() != before).then_some(())
+        })
+        .await?;
+    }
+    Ok(superseded)
+}
+
+/// Read-modify-write of one record with compare-and-set; `change` returns `None` to leave it.
+async fn update_with_retry(
+    store: &dyn InstallationStore,
+    client_key: &ClientKey,
+    mut change: impl FnMut(&mut Installation) -> Option<()>,
+) -> Result<bool, ApiError> {
+    for _ in 0..MAX_COMMIT_ATTEMPTS {
+        let Some(mut record) = store.load(client_key).await? else {
+            return Ok(false);
+        };
+        let expected_version = record.version;
+        if change(&mut record).is_none() {
+            return Ok(false);
+        }
+        record.updated_at = jwt::now();
+        if store.commit(Commit { record: &record, expected_version, token: None }).await? == CommitOutcome::Committed {
+            return Ok(true);
+        }
+    }
+    Err(ApiError::Conflict(format!("the installation {client_key} is being changed concurrently; retry")))
+}

@@ -1,0 +1,104 @@
+//! `POST /installed`, `/uninstalled`, `/enabled`, `/disabled`: read the body within its
+//! limit, then the lifecycle policy decides.
+
+use actix_web::http::header;
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt as _;
+
+use crate::error::ApiError;
+use crate::lifecycle::{
+    apply, authenticate, supersede_previous_tenants, LifecycleContext, LifecycleEvent,
+    LifecyclePayload, Outcome, RequestLine, MAX_BODY_BYTES,
+};
+use crate::startup::AppState;
+
+pub async fn installed(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    handle(LifecycleEvent::Installed, req, body, state).await
+}
+
+pub async fn uninstalled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    handle(LifecycleEvent::Uninstalled, req, body, state).await
+}
+
+pub async fn enabled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    handle(LifecycleEvent::Enabled, req, body, state).await
+}
+
+pub async fn disabled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    handle(LifecycleEvent::Disabled, req, body, state).await
+}
+
+async fn handle(
+    event: LifecycleEvent,
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, body, MAX_BODY_BYTES).await?;
+    let payload = LifecyclePayload::parse(event, &body, &state.settings.app_key)?;
+    let existing = state.store.load(&payload.client_key).await?;
+    let ctx = LifecycleContext {
+        settings: &state.settings,
+        store: state.store.as_ref(),
+        keys: &state.keys,
+    };
+    let request = RequestLine {
+        method: req.method().as_str(),
+        path: req.path(),
+        query: req.query_string(),
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().map_err(|_| ApiError::Unauthenticated("the Authorization header is not text".into())))
+        .transpose()?;
+    let auth = authenticate(&ctx, event, &request, authorization, &payload, existing.as_ref()).await?;
+    let applied = apply(state.store.as_ref(), event, &payload, &auth, existing).await?;
+
+    if applied.outcome == Outcome::Applied {
+        match &applied.installation {
+            Some(installation) => state.tenants.put(installation.clone()).await,
+            None => state.tenants.invalidate(&payload.client_key).await,
+        }
+    }
+    if event == LifecycleEvent::Installed {
+        // Also on a retry: if the first attempt stopped before linking, the retry finishes it.
+        if let Some(installation) = &applied.installation {
+            for old in supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await? {
+                state.tenants.invalidate(&old).await;
+            }
+        }
+    }
+    tracing::info!(
+        event = event.name(),
+        client_key = %payload.client_key,
+        base_url = %payload.base_url,
+        proof = ?auth.proof,
+        outcome = ?applied.outcome,
+        "lifecycle callback accepted"
+    );
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The whole body, refusing more than `limit` bytes (by `Content-Length` up front, and while
+/// reading for chunked bodies) with 413.
+async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}

@@ -1,0 +1,294 @@
+//! [`EmbeddedStore`]: installations in one `redb` file (`<data_dir>/warden.redb`), for a single
+//! `warden` process. Same behaviour as the Redis store, without the invalidation channel (there
+//! is nobody to notify).
+//!
+//! Tables:
+//! - `installations`: clientKey -> JSON of the whole [`Installation`], secrets included.
+//! - `tokens`: (clientKey, token digest) -> (body digest, expires_at); expired entries of a
+//!   clientKey are pruned by its commits, and never reported by [`InstallationStore::seen_token`].
+//! - `sites`: baseUrl -> clientKeys (multimap).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, MultimapTableDefinition, ReadableTable, TableDefinition};
+
+use super::{Commit, CommitOutcome, Installation, InstallationStore, StoreError};
+use crate::domain::{BaseUrl, ClientKey};
+
+pub const FILE_NAME: &str = "warden.redb";
+
+const INSTALLATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("installations");
+/// (clientKey, token digest)
+type TokenKey = (&'static str, &'static [u8; 32]);
+/// (body digest, expires_at)
+type TokenValue = (&'static [u8; 32], i64);
+const TOKENS: TableDefinition<TokenKey, TokenValue> = TableDefinition::new("tokens");
+const SITES: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("sites");
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the embedded installation store at {path}: {source}")]
+struct OpenError {
+    path: PathBuf,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("an embedded store task failed: {0}")]
+struct TaskError(String);
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::unavailable(e.into())
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn decode(client_key: &str, raw: &[u8]) -> Result<Installation, StoreError> {
+    // A serde message could quote a secret: only say which record is broken.
+    let installation: Installation = serde_json::from_slice(raw)
+        .map_err(|_| StoreError::Corrupt(format!("installation {client_key} is not valid")))?;
+    if installation.client_key.as_str() != client_key {
+        return Err(StoreError::Corrupt(format!(
+            "the record stored for {client_key} names the clientKey {}",
+            installation.client_key
+        )));
+    }
+    if installation.secrets.is_empty() {
+        return Err(StoreError::Corrupt(format!(
+            "installation {client_key} has no shared secret"
+        )));
+    }
+    Ok(installation)
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `<data_dir>/warden.redb`, creating `data_dir` if missing.
+    pub fn open(data_dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        let path = data_dir.join(FILE_NAME);
+        let fail = |source: Box<dyn std::error::Error + Send + Sync>| {
+            StoreError::unavailable(OpenError {
+                path: path.clone(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| fail(Box::new(e)))?;
+        let db = Database::create(&path).map_err(|e| fail(Box::new(e)))?;
+        let txn = db.begin_write().map_err(|e| fail(Box::new(e)))?;
+        {
+            txn.open_table(INSTALLATIONS)
+                .map_err(|e| fail(Box::new(e)))?;
+            txn.open_table(TOKENS).map_err(|e| fail(Box::new(e)))?;
+            txn.open_multimap_table(SITES)
+                .map_err(|e| fail(Box::new(e)))?;
+        }
+        txn.commit().map_err(|e| fail(Box::new(e)))?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs blocking redb work off the async runtime.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(|e| StoreError::unavailable(TaskError(e.to_string())))?
+    }
+}
+
+#[async_trait]
+impl InstallationStore for EmbeddedStore {
+    async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
+        let client_key = client_key.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(INSTALLATIONS).map_err(io)?;
+            match table.get(client_key.as_str()).map_err(io)? {
+                Some(raw) => decode(&client_key, raw.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn seen_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: &[u8; 32],
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let client_key = client_key.as_str().to_owned();
+        let token_digest = *token_digest;
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(TOKENS).map_err(io)?;
+            let Some(entry) = table
+                .get((client_key.as_str(), &token_digest))
+                .map_err(io)?
+            else {
+                return Ok(None);
+            };
+            let (body_digest, expires_at) = entry.value();
+            Ok((expires_at > now_unix()).then_some(*body_digest))
+        })
+        .await
+    }
+
+    async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+        let client_key = commit.record.client_key.as_str().to_owned();
+        if commit.record.secrets.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to store installation {client_key} without a shared secret"
+            )));
+        }
+        let expected = commit.expected_version;
+        let mut record = commit.record.clone();
+        record.version = expected.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the version of installation {client_key} overflows"
+            ))
+        })?;
+        let json = serde_json::to_vec(&record).map_err(|_| {
+            StoreError::Corrupt(format!("cannot serialize installation {client_key}"))
+        })?;
+        let token = commit.token;
+        self.blocking(move |db| {
+            let now = now_unix();
+            let txn = db.begin_write().map_err(io)?;
+            {
+                let mut installations = txn.open_table(INSTALLATIONS).map_err(io)?;
+                let current = match installations.get(client_key.as_str()).map_err(io)? {
+                    // A record without a readable version is never overwritten blindly: that is
+                    // a conflict (the caller's re-read reports the record as corrupt).
+                    Some(raw) => serde_json::from_slice::<serde_json::Value>(raw.value())
+                        .ok()
+                        .and_then(|v| v.get("version")?.as_u64()),
+                    None => Some(0),
+                };
+                if current != Some(expected) {
+                    // Dropping the transaction aborts it: nothing is written.
+                    return Ok(CommitOutcome::Conflict);
+                }
+                installations
+                    .insert(client_key.as_str(), json.as_slice())
+                    .map_err(io)?;
+
+                let mut tokens = txn.open_table(TOKENS).map_err(io)?;
+                let low = [0u8; 32];
+                let high = [0xffu8; 32];
+                tokens
+                    .retain_in(
+                        (client_key.as_str(), &low)..=(client_key.as_str(), &high),
+                        |_, (_, expires_at)| expires_at > now,
+                    )
+                    .map_err(io)?;
+                if let Some(t) = token.filter(|t| t.expires_at > now) {
+                    tokens
+                        .insert(
+                            (client_key.as_str(), &t.token_digest),
+                            (&t.body_digest, t.expires_at),
+                        )
+                        .map_err(io)?;
+                }
+            }
+            txn.commit().map_err(io)?;
+            Ok(CommitOutcome::Committed)
+        })
+        .await
+    }
+
+    async fn index_site(
+        &self,
+        base_url: &BaseUrl,
+        client_key: &ClientKey,
+    ) -> Result<(), StoreError> {
+        let base_url = base_url.as_str().to_owned();
+        let client_key = client_key.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            {
+                let mut sites = txn.open_multimap_table(SITES).map_err(io)?;
+                sites
+                    .insert(base_url.as_str(), client_key.as_str())
+                    .map_err(io)?;
+            }
+            txn.commit().map_err(io)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
+        let base_url = base_url.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let sites = txn.open_multimap_table(SITES).map_err(io)?;
+            let mut keys = Vec::new();
+            for entry in sites.get(base_url.as_str()).map_err(io)? {
+                let entry = entry.map_err(io)?;
+                keys.push(ClientKey::parse(entry.value()).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "the site index of {base_url} holds an invalid clientKey"
+                    ))
+                })?);
+            }
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(INSTALLATIONS).map_err(io)?;
+            let mut keys = Vec::new();
+            for entry in table.iter().map_err(io)? {
+                let (key, _) = entry.map_err(io)?;
+                keys.push(ClientKey::parse(key.value()).map_err(|_| {
+                    StoreError::Corrupt("the installations table holds an invalid clientKey".into())
+                })?);
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.blocking(|db| {
+            db.begin_read().map_err(io)?;
+            Ok(())
+        })
+        .await
+    }
+}

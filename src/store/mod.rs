@@ -1,0 +1,207 @@
+//! Where installations live. [`InstallationStore`] is the one interface; [`redis::RedisStore`]
+//! (shared by many `warden` instances) and [`embedded::EmbeddedStore`] (the default, one
+//! process, persisted on disk) implement it with the same behaviour.
+//!
+//! The store knows nothing of the protocol: the lifecycle policy decides what a record becomes
+//! and hands it over with the version it read, and the store writes it atomically only if
+//! nobody else wrote in between (compare-and-set on `version`).
+
+pub mod embedded;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{BaseUrl, ClientKey, SharedSecret};
+
+/// How many secrets an installation keeps, newest last.
+pub const SECRET_HISTORY_LEN: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the installation store is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the installation store holds a record it cannot read: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable(Box::new(e))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallState {
+    Installed,
+    Uninstalled,
+}
+
+/// One shared secret and the moment (Unix seconds) it became current.
+#[derive(Debug, Clone)]
+pub struct SecretVersion {
+    pub secret: SharedSecret,
+    pub since: i64,
+}
+
+// Storage format only: the secret is written out in clear because the store must hold it.
+// `Debug` stays redacted through `SharedSecret`.
+#[derive(Serialize, Deserialize)]
+struct SecretVersionRepr {
+    secret: String,
+    since: i64,
+}
+
+impl Serialize for SecretVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        SecretVersionRepr {
+            secret: self.secret.expose().to_owned(),
+            since: self.since,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let repr = SecretVersionRepr::deserialize(d)?;
+        Ok(Self {
+            secret: SharedSecret::parse(&repr.secret).map_err(serde::de::Error::custom)?,
+            since: repr.since,
+        })
+    }
+}
+
+/// Everything `warden` knows of one installation (one host site and this app).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Installation {
+    pub client_key: ClientKey,
+    pub base_url: BaseUrl,
+    #[serde(default)]
+    pub display_url: Option<String>,
+    pub product_type: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub oauth_client_id: Option<String>,
+    #[serde(default)]
+    pub installation_id: Option<String>,
+    #[serde(default)]
+    pub cloud_id: Option<String>,
+    #[serde(default)]
+    pub service_entitlement_number: Option<String>,
+    #[serde(default)]
+    pub entitlement_id: Option<String>,
+    #[serde(default)]
+    pub entitlement_number: Option<String>,
+    #[serde(default)]
+    pub server_version: Option<String>,
+    #[serde(default)]
+    pub plugins_version: Option<String>,
+    pub state: InstallState,
+    pub enabled: bool,
+    /// Set when a site import replaced this installation with a new clientKey.
+    #[serde(default)]
+    pub superseded_by: Option<ClientKey>,
+    /// The clientKeys this installation replaced through site imports.
+    #[serde(default)]
+    pub supersedes: Vec<ClientKey>,
+    /// Whether the latest install was proven by Atlassian's RS256 signature.
+    #[serde(default)]
+    pub signed_install: bool,
+    /// `iat` of the newest lifecycle event accepted; older ones are refused.
+    pub last_event_iat: i64,
+    pub installed_at: i64,
+    pub updated_at: i64,
+    /// Secrets, oldest first; the last one is current. Never empty.
+    pub secrets: Vec<SecretVersion>,
+    /// Bumped by every write; the compare-and-set token.
+    pub version: u64,
+}
+
+impl Installation {
+    pub fn current_secret(&self) -> &SecretVersion {
+        self.secrets
+            .last()
+            .expect("an installation always has at least one secret")
+    }
+
+    /// The secret current before the last roll, if any.
+    pub fn previous_secret(&self) -> Option<&SecretVersion> {
+        self.secrets.len().checked_sub(2).map(|i| &self.secrets[i])
+    }
+
+    /// Makes `secret` current unless it already is; the history stays bounded.
+    pub fn roll_secret(&mut self, secret: SharedSecret, now: i64) -> bool {
+        if self.current_secret().secret.same_as(&secret) {
+            return false;
+        }
+        self.secrets.push(SecretVersion { secret, since: now });
+        if self.secrets.len() > SECRET_HISTORY_LEN {
+            let excess = self.secrets.len() - SECRET_HISTORY_LEN;
+            self.secrets.drain(..excess);
+        }
+        true
+    }
+
+    /// Whether product requests for this installation may be served.
+    pub fn is_active(&self) -> bool {
+        self.state == InstallState::Installed && self.enabled && self.superseded_by.is_none()
+    }
+}
+
+/// A lifecycle token already accepted: its digest, the digest of the body it came with, and
+/// when it expires (after that it is refused anyway, so it need not be remembered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenToken {
+    pub token_digest: [u8; 32],
+    pub body_digest: [u8; 32],
+    pub expires_at: i64,
+}
+
+/// One atomic write: store `record` (with `version = expected_version + 1`) and remember
+/// `token`, only if the stored version is still `expected_version` (0: no record yet).
+#[derive(Debug)]
+pub struct Commit<'a> {
+    pub record: &'a Installation,
+    pub expected_version: u64,
+    pub token: Option<SeenToken>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Someone wrote first; re-read and decide again.
+    Conflict,
+}
+
+#[async_trait]
+pub trait InstallationStore: Send + Sync + 'static {
+    async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError>;
+
+    /// The body digest a still-valid lifecycle token was accepted with, if it was.
+    async fn seen_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: &[u8; 32],
+    ) -> Result<Option<[u8; 32]>, StoreError>;
+
+    async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError>;
+
+    /// Records that `client_key` was installed on the site at `base_url` (idempotent).
+    async fn index_site(&self, base_url: &BaseUrl, client_key: &ClientKey) -> Result<(), StoreError>;
+
+    /// Every clientKey ever installed on the site at `base_url`.
+    async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError>;
+
+    /// Every installation's clientKey (Redis: `SCAN`, never `KEYS`).
+    async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError>;
+
+    /// Answers when the store is reachable; `/readyz` uses it.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+pub type SharedStore = Arc<dyn InstallationStore>;

@@ -1,0 +1,418 @@
+//! [`RedisStore`]: installations in Redis, shared by every `warden` instance.
+//!
+//! Key layout (`P` = the configured prefix, `CK` = the clientKey). Every key of one tenant
+//! carries the hash tag `{CK}`, so one tenant lives in one Redis Cluster slot and the commit
+//! script may touch all of them:
+//!
+//! - `P:{CK}:installation`: a HASH with one field per top-level field of [`Installation`]
+//!   except `secrets`, each value the field serialized as JSON (absent options are `null`);
+//!   the field `version` is the compare-and-set version.
+//! - `P:{CK}:secrets`: a LIST of JSON [`SecretVersion`](super::SecretVersion) entries, oldest first.
+//! - `P:{CK}:token:<hex token digest>`: a STRING holding the hex body digest, expiring at the
+//!   token's `exp` (`EXAT`).
+//! - `P:site:{<baseUrl>}`: a SET of the clientKeys installed on that site.
+//! - `P:invalidate`: the channel on which every commit publishes the clientKey it wrote, so that
+//!   other instances drop what they cached.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, RedisError, Script};
+
+use super::{Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, StoreError};
+use crate::domain::{BaseUrl, ClientKey};
+
+/// How long to wait for a connection from the pool, for a new connection, or for an answer.
+/// An outage must turn into a quick `503`, not a hanging request.
+const TIMEOUT: Duration = Duration::from_secs(2);
+const POOL_SIZE: usize = 16;
+const SCAN_COUNT: usize = 500;
+
+/// The compare-and-set write: one script, so the check, the writes and the notification are
+/// atomic.
+///
+/// KEYS[1] installation hash, KEYS[2] secrets list, KEYS[3] token key (only when a token is
+/// remembered).
+/// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] number of hash fields
+/// `n`, ARGV[5] token body digest, ARGV[6] token expiry (Unix seconds), then `n` field/value
+/// pairs, then the secrets, oldest first.
+/// Returns 1 when written, 0 on a version conflict (nothing written).
+const COMMIT_SCRIPT: &str = r#"
+local current = '0'
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  current = redis.call('HGET', KEYS[1], 'version')
+  if not current then
+    return 0
+  end
+end
+if current ~= ARGV[1] then
+  return 0
+end
+local n = tonumber(ARGV[4])
+local first_secret = 7 + 2 * n
+local fields = {}
+for i = 7, first_secret - 1 do
+  fields[#fields + 1] = ARGV[i]
+end
+local secrets = {}
+for i = first_secret, #ARGV do
+  secrets[#secrets + 1] = ARGV[i]
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('RPUSH', KEYS[2], unpack(secrets))
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
+pub struct RedisStore {
+    pool: Pool,
+    prefix: String,
+    commit_script: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Builds the connection pool. Nothing is sent to Redis yet: the service starts while Redis
+    /// is down and answers `503` until it is back. Fails only on a malformed URL or prefix.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        if prefix.is_empty() || prefix.contains(['{', '}']) {
+            return Err(StoreError::unavailable(ConfigError(format!(
+                "the Redis key prefix {prefix:?} must be non-empty and must not contain braces (they are hash tags)"
+            ))));
+        }
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT));
+        // The URL may carry a password: never echo it.
+        let manager = Manager::new_with_config(url, connection_config).map_err(|e| {
+            StoreError::unavailable(ConfigError(format!(
+                "the Redis URL is not valid ({:?})",
+                e.kind()
+            )))
+        })?;
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(TIMEOUT))
+            .create_timeout(Some(TIMEOUT))
+            .recycle_timeout(Some(TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(StoreError::unavailable)?;
+        Ok(RedisStore {
+            pool,
+            prefix: prefix.to_owned(),
+            commit_script: Script::new(COMMIT_SCRIPT),
+        })
+    }
+
+    /// The channel every commit publishes the written clientKey on.
+    pub fn channel(&self) -> String {
+        format!("{}:invalidate", self.prefix)
+    }
+
+    fn installation_key(&self, client_key: &ClientKey) -> String {
+        format!("{}:{{{}}}:installation", self.prefix, client_key.as_str())
+    }
+
+    fn secrets_key(&self, client_key: &ClientKey) -> String {
+        format!("{}:{{{}}}:secrets", self.prefix, client_key.as_str())
+    }
+
+    fn token_key(&self, client_key: &ClientKey, token_digest: &[u8; 32]) -> String {
+        format!(
+            "{}:{{{}}}:token:{}",
+            self.prefix,
+            client_key.as_str(),
+            hex::encode(token_digest)
+        )
+    }
+
+    fn site_key(&self, base_url: &BaseUrl) -> String {
+        format!("{}:site:{{{}}}", self.prefix, base_url.as_str())
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        self.pool.get().await.map_err(StoreError::unavailable)
+    }
+}
+
+fn redis_error(e: RedisError) -> StoreError {
+    if e.code() == Some("WRONGTYPE") {
+        StoreError::Corrupt("a Redis key of the installation store holds the wrong type".into())
+    } else {
+        StoreError::unavailable(e)
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Escapes the glob characters of `SCAN MATCH` so the prefix matches literally.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Rebuilds an installation from its hash fields and secret list.
+fn decode(
+    client_key: &ClientKey,
+    fields: HashMap<String, Vec<u8>>,
+    secrets: Vec<Vec<u8>>,
+) -> Result<Installation, StoreError> {
+    let mut object = serde_json::Map::with_capacity(fields.len() + 1);
+    for (name, raw) in fields {
+        let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "field {name:?} of installation {client_key} is not JSON"
+            ))
+        })?;
+        object.insert(name, value);
+    }
+    if secrets.is_empty() {
+        return Err(StoreError::Corrupt(format!(
+            "installation {client_key} has no shared secret"
+        )));
+    }
+    let mut history = Vec::with_capacity(secrets.len());
+    for (i, raw) in secrets.iter().enumerate() {
+        // The parse error could quote the secret: only say which entry is broken.
+        let entry: SecretVersion = serde_json::from_slice(raw).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "secret entry {i} of installation {client_key} is not valid"
+            ))
+        })?;
+        history.push(entry);
+    }
+    object.insert("secrets".into(), serde_json::Value::Array(Vec::new()));
+    let mut installation: Installation = serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| StoreError::Corrupt(format!("installation {client_key} is not valid: {e}")))?;
+    if &installation.client_key != client_key {
+        return Err(StoreError::Corrupt(format!(
+            "the record stored for {client_key} names the clientKey {}",
+            installation.client_key
+        )));
+    }
+    installation.secrets = history;
+    Ok(installation)
+}
+
+#[async_trait]
+impl InstallationStore for RedisStore {
+    async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
+        let mut conn = self.conn().await?;
+        let (fields, secrets): (HashMap<String, Vec<u8>>, Vec<Vec<u8>>) = redis::pipe()
+            .atomic()
+            .hgetall(self.installation_key(client_key))
+            .lrange(self.secrets_key(client_key), 0, -1)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode(client_key, fields, secrets).map(Some)
+    }
+
+    async fn seen_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: &[u8; 32],
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let mut conn = self.conn().await?;
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(self.token_key(client_key, token_digest))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let mut body_digest = [0u8; 32];
+        hex::decode_to_slice(stored.as_bytes(), &mut body_digest).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "a remembered token of installation {client_key} holds no valid digest"
+            ))
+        })?;
+        Ok(Some(body_digest))
+    }
+
+    async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+        let record = commit.record;
+        let client_key = &record.client_key;
+        if record.secrets.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "refusing to store installation {client_key} without a shared secret"
+            )));
+        }
+        let new_version = commit.expected_version.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the version of installation {client_key} overflows"
+            ))
+        })?;
+
+        let serialize_error = |what: &str| {
+            StoreError::Corrupt(format!(
+                "cannot serialize the {what} of installation {client_key}"
+            ))
+        };
+        let serde_json::Value::Object(mut object) =
+            serde_json::to_value(record).map_err(|_| serialize_error("record"))?
+        else {
+            return Err(serialize_error("record"));
+        };
+        object.remove("secrets");
+        object.insert("version".into(), serde_json::Value::from(new_version));
+        let secrets = record
+            .secrets
+            .iter()
+            .map(|s| serde_json::to_string(s).map_err(|_| serialize_error("secrets")))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let token = commit.token.filter(|t| t.expires_at > now_unix());
+
+        let mut invocation = self.commit_script.prepare_invoke();
+        invocation
+            .key(self.installation_key(client_key))
+            .key(self.secrets_key(client_key));
+        if let Some(t) = &token {
+            invocation.key(self.token_key(client_key, &t.token_digest));
+        }
+        invocation
+            .arg(commit.expected_version.to_string())
+            .arg(self.channel())
+            .arg(client_key.as_str())
+            .arg(object.len())
+            .arg(
+                token
+                    .map(|t| hex::encode(t.body_digest))
+                    .unwrap_or_default(),
+            )
+            .arg(token.map(|t| t.expires_at).unwrap_or(0));
+        for (name, value) in &object {
+            invocation.arg(name.as_str()).arg(value.to_string());
+        }
+        for secret in &secrets {
+            invocation.arg(secret.as_str());
+        }
+
+        let mut conn = self.conn().await?;
+        let written: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(if written == 1 {
+            CommitOutcome::Committed
+        } else {
+            CommitOutcome::Conflict
+        })
+    }
+
+    async fn index_site(
+        &self,
+        base_url: &BaseUrl,
+        client_key: &ClientKey,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.site_key(base_url))
+            .arg(client_key.as_str())
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
+        let mut conn = self.conn().await?;
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.site_key(base_url))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut keys = members
+            .iter()
+            .map(|m| {
+                ClientKey::parse(m).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "the site index of {base_url} holds an invalid clientKey"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
+        let head = format!("{}:{{", self.prefix);
+        const TAIL: &str = "}:installation";
+        let pattern = format!("{}*{TAIL}", glob_escape(&head));
+        let mut conn = self.conn().await?;
+        let mut found = BTreeSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            for key in keys {
+                // Keys of other applications sharing the server are skipped, not reported.
+                let Ok(key) = std::str::from_utf8(&key) else {
+                    continue;
+                };
+                let Some(inner) = key.strip_prefix(&head).and_then(|k| k.strip_suffix(TAIL)) else {
+                    continue;
+                };
+                if let Ok(client_key) = ClientKey::parse(inner) {
+                    found.insert(client_key);
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! `InstallKeys` against devtenant's key server over real HTTP on 127.0.0.1.
+
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use connect_warden::devtenant::{install_claims, sign_rs256, KeyRing, KeyServer, SigningKey};
+use connect_warden::domain::{BaseUrl, KeyId};
+use connect_warden::install_keys::{InstallKeys, KeyFetchError};
+use connect_warden::jwt::{now, CanonicalRequest, Token};
+
+/// Keys made once for this test binary: RSA key generation is slow in debug builds.
+fn test_keys() -> &'static [SigningKey; 2] {
+    static KEYS: OnceLock<[SigningKey; 2]> = OnceLock::new();
+    KEYS.get_or_init(|| [SigningKey::generate(), SigningKey::generate()])
+}
+
+fn host() -> BaseUrl {
+    BaseUrl::parse("https://acme.atlassian.net").unwrap()
+}
+
+fn kid(key: &SigningKey) -> KeyId {
+    KeyId::parse(&key.kid).unwrap()
+}
+
+fn unknown_kid() -> KeyId {
+    KeyId::parse(&uuid::Uuid::new_v4().to_string()).unwrap()
+}
+
+/// A key server serving the first test key, and an `InstallKeys` pointed at it.
+async fn setup(timeout: Duration) -> (KeyServer, InstallKeys) {
+    let ring = Arc::new(RwLock::new(KeyRing::with_key(test_keys()[0].clone())));
+    let server = KeyServer::start("127.0.0.1:0", ring).await.unwrap();
+    let keys = InstallKeys::new(Some(server.base_url()), timeout);
+    (server, keys)
+}
+
+#[tokio::test]
+async fn fetched_key_verifies_tokens_and_is_cached() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let signer = &test_keys()[0];
+    let claims = install_claims(
+        "jira:42",
+        "https://app.example.com",
+        &CanonicalRequest::new("POST", "/installed", "", ""),
+        now(),
+        180,
+    );
+    let token = sign_rs256(signer, &claims);
+
+    let key = keys.key(&kid(signer), &host()).await.unwrap();
+    let parsed = Token::parse(&token).unwrap();
+    assert_eq!(parsed.verify_rs256(&key), Ok(()));
+    assert_eq!(server.fetches(&signer.kid), 1);
+    assert_eq!(keys.fetches(), 1);
+
+    let again = keys.key(&kid(signer), &host()).await.unwrap();
+    assert!(
+        Arc::ptr_eq(&key, &again),
+        "second call not served from the cache"
+    );
+    assert_eq!(server.fetches(&signer.kid), 1);
+    assert_eq!(keys.fetches(), 1);
+
+    // A token signed by another key does not verify with this one.
+    let forged = sign_rs256(&test_keys()[1], &claims);
+    assert!(Token::parse(&forged).unwrap().verify_rs256(&key).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_a_new_kid_make_one_fetch() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let keys = Arc::new(keys);
+    let rotated = &test_keys()[1];
+    server
+        .keyring()
+        .write()
+        .unwrap()
+        .rotate_to(rotated.clone())
+        .unwrap();
+    server.set_delay(Duration::from_millis(200));
+
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let keys = keys.clone();
+            tokio::spawn(async move { keys.key(&kid(rotated), &host()).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for call in calls {
+        call.await.unwrap().unwrap();
+        ok += 1;
+    }
+    assert_eq!(ok, 100);
+    assert_eq!(server.fetches(&rotated.kid), 1);
+    assert_eq!(server.total_fetches(), 1);
+    assert_eq!(keys.fetches(), 1);
+}
+
+#[tokio::test]
+async fn unknown_kid_is_not_found_and_remembered() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let missing = unknown_kid();
+
+    let first = keys.key(&missing, &host()).await.unwrap_err();
+    assert!(
+        matches!(&first, KeyFetchError::NotFound { kid } if *kid == missing.to_string()),
+        "{first:?}"
+    );
+    assert!(!first.is_unavailable());
+    assert_eq!(server.fetches(&missing.to_string()), 1);
+
+    let second = keys.key(&missing, &host()).await.unwrap_err();
+    assert!(
+        matches!(second, KeyFetchError::NotFound { .. }),
+        "{second:?}"
+    );
+    assert_eq!(
+        server.fetches(&missing.to_string()),
+        1,
+        "negative answer not remembered"
+    );
+    assert_eq!(keys.fetches(), 1);
+}
+
+#[tokio::test]
+async fn outage_is_unavailable_and_not_cached() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let signer = &test_keys()[0];
+    server.set_failing(true);
+
+    for attempt in 1..=2 {
+        let err = keys.key(&kid(signer), &host()).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        assert_eq!(server.fetches(&signer.kid), attempt, "outage was cached");
+    }
+
+    server.set_failing(false);
+    keys.key(&kid(signer), &host()).await.unwrap();
+    assert_eq!(server.fetches(&signer.kid), 3);
+    assert_eq!(keys.fetches(), 3);
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable_quickly() {
+    // A port that was just free and is now closed: connections are refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let keys = InstallKeys::new(
+        Some(BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap()),
+        Duration::from_secs(5),
+    );
+
+    let started = Instant::now();
+    let err = keys.key(&kid(&test_keys()[0]), &host()).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(keys.fetches(), 1);
+}
+
+#[tokio::test]
+async fn body_that_is_not_a_public_key_is_invalid() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let garbage = unknown_kid();
+    server.serve_raw(&garbage.to_string(), Some("<html>not a key</html>".into()));
+    let err = keys.key(&garbage, &host()).await.unwrap_err();
+    assert!(matches!(err, KeyFetchError::InvalidKey), "{err:?}");
+
+    let private = unknown_kid();
+    server.serve_raw(
+        &private.to_string(),
+        Some(test_keys()[0].private_pem().to_owned()),
+    );
+    let err = keys.key(&private, &host()).await.unwrap_err();
+    assert!(
+        matches!(err, KeyFetchError::InvalidKey),
+        "a private key PEM was accepted: {err:?}"
+    );
+
+    // 20 KiB of PEM-looking text: refused by size, not buffered in full.
+    let huge = unknown_kid();
+    let body = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        "QUFB".repeat(5 * 1024)
+    );
+    server.serve_raw(&huge.to_string(), Some(body));
+    let err = keys.key(&huge, &host()).await.unwrap_err();
+    assert!(matches!(err, KeyFetchError::InvalidKey), "{err:?}");
+}
+
+#[tokio::test]
+async fn slow_server_times_out_as_unavailable() {
+    let (server, keys) = setup(Duration::from_secs(1)).await;
+    server.set_delay(Duration::from_secs(3));
+
+    let started = Instant::now();
+    let err = keys.key(&kid(&test_keys()[0]), &host()).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
+}

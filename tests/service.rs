@@ -1,0 +1,77 @@
+//! The service around the protocol: descriptor, health and readiness, JSON errors, and what a
+//! store outage looks like to callers.
+
+mod common;
+
+use common::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
+
+#[tokio::test]
+async fn descriptor_declares_lifecycle_and_migrations() {
+    let app = spawn_app(Backend::Embedded).await;
+    let response = app.client.get(app.url("/atlassian-connect.json")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let d: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(d["baseUrl"], common::app::APP_BASE_URL);
+    assert_eq!(d["key"], "connect-warden");
+    assert_eq!(d["apiMigrations"]["signed-install"], true);
+    assert_eq!(d["apiMigrations"]["context-qsh"], true);
+    for event in ["installed", "uninstalled", "enabled", "disabled"] {
+        assert_eq!(d["lifecycle"][event], format!("/{event}"));
+    }
+}
+
+#[tokio::test]
+async fn app_key_setting_overrides_the_descriptor_and_checks_bodies() {
+    let app = spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_APP_KEY", "vendor-app")).await;
+    let d: serde_json::Value = app.client.get(app.url("/atlassian-connect.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(d["key"], "vendor-app");
+    // A body for another app key is refused.
+    let site = Site::new();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    assert_eq!(response.status(), 400);
+    assert!(error_of(response).await.contains("app key"));
+    assert_eq!(app.stored_count().await, 0);
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    for backend in [Backend::Embedded, Backend::Redis] {
+        let app = spawn_app(backend).await;
+        assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+        assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let app = spawn_app(Backend::Embedded).await;
+    let response = app.client.get(app.url("/nope")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_of(response).await, "no such route");
+}
+
+/// A Redis that is down: the service starts, says it is not ready, and answers 503 (never a
+/// silent success) until Redis is back.
+#[tokio::test]
+async fn store_outage_is_503() {
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let app = spawn_app_with(
+        Options::new(Backend::Embedded)
+            .set("WARDEN_REDIS_URL", format!("redis://127.0.0.1:{dead_port}"))
+            .set("WARDEN_REDIS_PREFIX", "outage"),
+    )
+    .await;
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(error_of(response).await.contains("store is unavailable"));
+
+    let site = Site::new();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    assert_eq!(response.status(), 503);
+
+    let token = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", connect_warden::jwt::now());
+    assert_eq!(app.get_with_token("/api/tenant", &token).await.status(), 503);
+}

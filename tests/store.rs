@@ -1,0 +1,787 @@
+//! One behavioural suite for both installation stores: every test in `both!` runs once against
+//! a `RedisStore` (a private redis-server, a unique key prefix per test) and once against an
+//! `EmbeddedStore` (a fresh temporary directory per test). Store-specific tests follow.
+
+mod common;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_warden::store::embedded::EmbeddedStore;
+use connect_warden::store::redis::RedisStore;
+use connect_warden::store::{
+    Commit, CommitOutcome, InstallState, Installation, InstallationStore, SecretVersion, SeenToken,
+    SharedStore, StoreError,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A store plus whatever must outlive it (the temporary directory).
+struct Harness {
+    store: SharedStore,
+    _guard: Box<dyn Any + Send>,
+}
+
+async fn redis_harness() -> Harness {
+    let store = RedisStore::connect(
+        common::redis_server::redis_url(),
+        &common::redis_server::unique_prefix(),
+    )
+    .await
+    .expect("connect");
+    Harness {
+        store: Arc::new(store),
+        _guard: Box::new(()),
+    }
+}
+
+async fn embedded_harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).expect("open");
+    Harness {
+        store: Arc::new(store),
+        _guard: Box::new(dir),
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn ck(s: &str) -> ClientKey {
+    ClientKey::parse(s).unwrap()
+}
+
+fn url(s: &str) -> BaseUrl {
+    BaseUrl::parse(s).unwrap()
+}
+
+fn secret(s: &str, since: i64) -> SecretVersion {
+    SecretVersion {
+        secret: SharedSecret::parse(s).unwrap(),
+        since,
+    }
+}
+
+/// An installation with every field set (and a `version` the store must ignore).
+fn installation(client_key: &str) -> Installation {
+    Installation {
+        client_key: ck(client_key),
+        base_url: url("https://acme.atlassian.net/wiki"),
+        display_url: Some("https://wiki.acme.example".into()),
+        product_type: "confluence".into(),
+        description: Some("Atlassian Confluence \"quoted\" ünïcode\nline".into()),
+        oauth_client_id: Some("oauth-123".into()),
+        installation_id: Some("ari:cloud:ecosystem::installation/abc".into()),
+        cloud_id: Some("cloud-1".into()),
+        service_entitlement_number: Some("SEN-1".into()),
+        entitlement_id: Some("ent-1".into()),
+        entitlement_number: Some("E-1".into()),
+        server_version: Some("6452".into()),
+        plugins_version: Some("1000.0.0".into()),
+        state: InstallState::Installed,
+        enabled: true,
+        superseded_by: Some(ck("jira:newer")),
+        supersedes: vec![ck("jira:old-1"), ck("jira:old-2")],
+        signed_install: true,
+        last_event_iat: 1_700_000_003,
+        installed_at: 1_700_000_000,
+        updated_at: 1_700_000_004,
+        secrets: vec![
+            secret("first-secret", 1_700_000_000),
+            secret("second \"secret\" with quotes", 1_700_000_001),
+            secret("third-secret-ü", 1_700_000_002),
+        ],
+        version: 42,
+    }
+}
+
+/// An installation with every optional field absent.
+fn minimal(client_key: &str) -> Installation {
+    Installation {
+        client_key: ck(client_key),
+        base_url: url("https://minimal.atlassian.net"),
+        display_url: None,
+        product_type: "jira".into(),
+        description: None,
+        oauth_client_id: None,
+        installation_id: None,
+        cloud_id: None,
+        service_entitlement_number: None,
+        entitlement_id: None,
+        entitlement_number: None,
+        server_version: None,
+        plugins_version: None,
+        state: InstallState::Uninstalled,
+        enabled: false,
+        superseded_by: None,
+        supersedes: vec![],
+        signed_install: false,
+        last_event_iat: 0,
+        installed_at: 0,
+        updated_at: 0,
+        secrets: vec![secret("only", 5)],
+        version: 0,
+    }
+}
+
+/// Everything of an installation, secrets included, for exact comparisons.
+fn snapshot(i: &Installation) -> serde_json::Value {
+    serde_json::to_value(i).unwrap()
+}
+
+fn with_version(i: &Installation, version: u64) -> serde_json::Value {
+    let mut i = i.clone();
+    i.version = version;
+    snapshot(&i)
+}
+
+async fn commit(
+    store: &dyn InstallationStore,
+    record: &Installation,
+    expected_version: u64,
+    token: Option<SeenToken>,
+) -> CommitOutcome {
+    store
+        .commit(Commit {
+            record,
+            expected_version,
+            token,
+        })
+        .await
+        .expect("commit")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviour shared by both stores
+
+async fn load_of_unknown_is_none(store: SharedStore) {
+    assert!(store.load(&ck("jira:unknown")).await.unwrap().is_none());
+}
+
+async fn commit_then_load_round_trips(store: SharedStore) {
+    let full = installation("jira:full");
+    assert_eq!(
+        commit(&*store, &full, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let loaded = store.load(&full.client_key).await.unwrap().expect("stored");
+    assert_eq!(loaded.version, 1, "the store writes expected_version + 1");
+    assert_eq!(snapshot(&loaded), with_version(&full, 1));
+    assert_eq!(loaded.secrets.len(), 3);
+    assert_eq!(loaded.current_secret().secret.expose(), "third-secret-ü");
+    assert_eq!(
+        loaded.previous_secret().unwrap().secret.expose(),
+        "second \"secret\" with quotes"
+    );
+
+    let small = minimal("jira:minimal");
+    assert_eq!(
+        commit(&*store, &small, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let loaded = store
+        .load(&small.client_key)
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(snapshot(&loaded), with_version(&small, 1));
+    assert!(loaded.description.is_none() && loaded.superseded_by.is_none());
+
+    // A follow-up write replaces every field, including the whole secret history.
+    let mut next = loaded.clone();
+    next.description = Some("now described".into());
+    next.secrets = vec![secret("rolled", 9)];
+    next.state = InstallState::Installed;
+    assert_eq!(
+        commit(&*store, &next, 1, None).await,
+        CommitOutcome::Committed
+    );
+    let reloaded = store.load(&small.client_key).await.unwrap().unwrap();
+    assert_eq!(snapshot(&reloaded), with_version(&next, 2));
+}
+
+async fn stale_commit_conflicts_and_changes_nothing(store: SharedStore) {
+    let first = installation("jira:stale");
+    assert_eq!(
+        commit(&*store, &first, 0, None).await,
+        CommitOutcome::Committed
+    );
+
+    let mut other = first.clone();
+    other.product_type = "jira".into();
+    other.secrets = vec![secret("intruder", 1)];
+    let token = SeenToken {
+        token_digest: [7; 32],
+        body_digest: [8; 32],
+        expires_at: now_unix() + 600,
+    };
+    for stale in [0, 2, 17] {
+        assert_eq!(
+            commit(&*store, &other, stale, Some(token)).await,
+            CommitOutcome::Conflict
+        );
+    }
+    let loaded = store.load(&first.client_key).await.unwrap().unwrap();
+    assert_eq!(snapshot(&loaded), with_version(&first, 1));
+    assert_eq!(
+        store.seen_token(&first.client_key, &[7; 32]).await.unwrap(),
+        None,
+        "a conflicting commit must not remember its token"
+    );
+
+    // A commit expecting a record that does not exist writes nothing either.
+    let ghost = minimal("jira:ghost");
+    assert_eq!(
+        commit(&*store, &ghost, 3, None).await,
+        CommitOutcome::Conflict
+    );
+    assert!(store.load(&ghost.client_key).await.unwrap().is_none());
+
+    // The current version still wins.
+    assert_eq!(
+        commit(&*store, &other, 1, None).await,
+        CommitOutcome::Committed
+    );
+    let loaded = store.load(&first.client_key).await.unwrap().unwrap();
+    assert_eq!(snapshot(&loaded), with_version(&other, 2));
+}
+
+async fn concurrent_commits_exactly_one_wins(store: SharedStore) {
+    let tasks: Vec<_> = (0..20)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut record = installation("jira:race");
+                record.product_type = format!("writer-{n}");
+                let outcome = commit(&*store, &record, 0, None).await;
+                (n, outcome)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (n, outcome) = task.await.unwrap();
+        if outcome == CommitOutcome::Committed {
+            winners.push(n);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let loaded = store.load(&ck("jira:race")).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 1);
+    assert_eq!(loaded.product_type, format!("writer-{}", winners[0]));
+}
+
+async fn seen_token_until_expiry(store: SharedStore) {
+    let record = installation("jira:tokens");
+    let expires_at = now_unix() + 2;
+    let token = SeenToken {
+        token_digest: [1; 32],
+        body_digest: [0xab; 32],
+        expires_at,
+    };
+    assert_eq!(
+        commit(&*store, &record, 0, Some(token)).await,
+        CommitOutcome::Committed
+    );
+    // An already expired token is not remembered.
+    let expired = SeenToken {
+        token_digest: [2; 32],
+        body_digest: [0xcd; 32],
+        expires_at: now_unix() - 1,
+    };
+    assert_eq!(
+        commit(&*store, &record, 1, Some(expired)).await,
+        CommitOutcome::Committed
+    );
+
+    assert_eq!(
+        store
+            .seen_token(&record.client_key, &[1; 32])
+            .await
+            .unwrap(),
+        Some([0xab; 32])
+    );
+    assert_eq!(
+        store
+            .seen_token(&record.client_key, &[2; 32])
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .seen_token(&record.client_key, &[3; 32])
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.seen_token(&ck("jira:other"), &[1; 32]).await.unwrap(),
+        None
+    );
+
+    // Past `expires_at` the token is forgotten.
+    let deadline = UNIX_EPOCH + Duration::from_secs(expires_at as u64) + Duration::from_millis(150);
+    if let Ok(wait) = deadline.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    assert_eq!(
+        store
+            .seen_token(&record.client_key, &[1; 32])
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn site_index(store: SharedStore) {
+    let site = url("https://acme.atlassian.net/wiki");
+    assert!(store.client_keys_for_site(&site).await.unwrap().is_empty());
+    store.index_site(&site, &ck("jira:b")).await.unwrap();
+    store.index_site(&site, &ck("jira:a")).await.unwrap();
+    // Idempotent, and the trailing `/` is insignificant.
+    store
+        .index_site(&url("https://acme.atlassian.net/wiki/"), &ck("jira:b"))
+        .await
+        .unwrap();
+    store
+        .index_site(&url("https://other.atlassian.net"), &ck("jira:c"))
+        .await
+        .unwrap();
+
+    let mut keys = store.client_keys_for_site(&site).await.unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![ck("jira:a"), ck("jira:b")]);
+    assert_eq!(
+        store
+            .client_keys_for_site(&url("https://other.atlassian.net"))
+            .await
+            .unwrap(),
+        vec![ck("jira:c")]
+    );
+    assert!(store
+        .client_keys_for_site(&url("https://acme.atlassian.net"))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn list_client_keys_lists_committed_ones(store: SharedStore) {
+    assert!(store.list_client_keys().await.unwrap().is_empty());
+    for key in ["jira:one", "confluence:two", "x"] {
+        assert_eq!(
+            commit(&*store, &minimal(key), 0, None).await,
+            CommitOutcome::Committed
+        );
+    }
+    // Neither a conflicting commit nor a site entry nor a token makes an installation.
+    assert_eq!(
+        commit(&*store, &minimal("jira:never"), 1, None).await,
+        CommitOutcome::Conflict
+    );
+    store
+        .index_site(&url("https://acme.atlassian.net"), &ck("jira:indexed-only"))
+        .await
+        .unwrap();
+    let token = SeenToken {
+        token_digest: [9; 32],
+        body_digest: [9; 32],
+        expires_at: now_unix() + 600,
+    };
+    assert_eq!(
+        commit(&*store, &minimal("x"), 1, Some(token)).await,
+        CommitOutcome::Committed
+    );
+
+    let mut keys = store.list_client_keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![ck("confluence:two"), ck("jira:one"), ck("x")]);
+}
+
+async fn ping_answers(store: SharedStore) {
+    store.ping().await.unwrap();
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::redis_harness().await;
+                    super::$name(h.store.clone()).await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::embedded_harness().await;
+                    super::$name(h.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    load_of_unknown_is_none,
+    commit_then_load_round_trips,
+    stale_commit_conflicts_and_changes_nothing,
+    concurrent_commits_exactly_one_wins,
+    seen_token_until_expiry,
+    site_index,
+    list_client_keys_lists_committed_ones,
+    ping_answers,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Redis only
+
+async fn plain_redis() -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(common::redis_server::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_list_client_keys_is_isolated_by_prefix() {
+    let url_ = common::redis_server::redis_url();
+    let a = RedisStore::connect(url_, &common::redis_server::unique_prefix())
+        .await
+        .unwrap();
+    let b = RedisStore::connect(url_, &common::redis_server::unique_prefix())
+        .await
+        .unwrap();
+    assert_eq!(
+        commit(&a, &minimal("jira:in-a"), 0, None).await,
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        commit(&b, &minimal("jira:in-b"), 0, None).await,
+        CommitOutcome::Committed
+    );
+    assert_eq!(a.list_client_keys().await.unwrap(), vec![ck("jira:in-a")]);
+    assert_eq!(b.list_client_keys().await.unwrap(), vec![ck("jira:in-b")]);
+    assert!(a.load(&ck("jira:in-b")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn redis_commit_publishes_the_client_key() {
+    use futures_util::StreamExt;
+
+    let prefix = common::redis_server::unique_prefix();
+    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+        .await
+        .unwrap();
+    assert_eq!(store.channel(), format!("{prefix}:invalidate"));
+
+    let client = ::redis::Client::open(common::redis_server::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(store.channel()).await.unwrap();
+    let mut messages = pubsub.on_message();
+
+    let first = minimal("jira:published");
+    assert_eq!(
+        commit(&store, &first, 0, None).await,
+        CommitOutcome::Committed
+    );
+    // A conflict publishes nothing: the next message is the following successful commit.
+    assert_eq!(
+        commit(&store, &first, 0, None).await,
+        CommitOutcome::Conflict
+    );
+    assert_eq!(
+        commit(&store, &minimal("jira:second"), 0, None).await,
+        CommitOutcome::Committed
+    );
+
+    for expected in ["jira:published", "jira:second"] {
+        let msg = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("the subscription is open");
+        assert_eq!(msg.get_channel_name(), store.channel());
+        assert_eq!(msg.get_payload::<String>().unwrap(), expected);
+    }
+}
+
+#[tokio::test]
+async fn redis_key_layout_is_hash_tagged_per_tenant() {
+    use ::redis::AsyncCommands;
+
+    let prefix = common::redis_server::unique_prefix();
+    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+        .await
+        .unwrap();
+    let record = installation("jira:layout");
+    let token = SeenToken {
+        token_digest: [0x11; 32],
+        body_digest: [0x22; 32],
+        expires_at: now_unix() + 600,
+    };
+    assert_eq!(
+        commit(&store, &record, 0, Some(token)).await,
+        CommitOutcome::Committed
+    );
+    store
+        .index_site(&record.base_url, &record.client_key)
+        .await
+        .unwrap();
+
+    let mut conn = plain_redis().await;
+    let hash = format!("{prefix}:{{jira:layout}}:installation");
+    let list = format!("{prefix}:{{jira:layout}}:secrets");
+    let version: Option<String> = conn.hget(&hash, "version").await.unwrap();
+    assert_eq!(version.as_deref(), Some("1"));
+    let product: Option<String> = conn.hget(&hash, "product_type").await.unwrap();
+    assert_eq!(product.as_deref(), Some("\"confluence\""));
+    let client_key: Option<String> = conn.hget(&hash, "client_key").await.unwrap();
+    assert_eq!(client_key.as_deref(), Some("\"jira:layout\""));
+    let secrets_field: bool = conn.hexists(&hash, "secrets").await.unwrap();
+    assert!(!secrets_field, "secrets live in their own list");
+    let len: usize = conn.llen(&list).await.unwrap();
+    assert_eq!(len, 3);
+    let oldest: String = conn.lindex(&list, 0).await.unwrap();
+    let oldest: serde_json::Value = serde_json::from_str(&oldest).unwrap();
+    assert_eq!(oldest["since"], 1_700_000_000);
+
+    let token_key = format!("{prefix}:{{jira:layout}}:token:{}", hex::encode([0x11; 32]));
+    let body: Option<String> = conn.get(&token_key).await.unwrap();
+    assert_eq!(body, Some(hex::encode([0x22; 32])));
+    let ttl: i64 = conn.ttl(&token_key).await.unwrap();
+    assert!(ttl > 500 && ttl <= 600, "ttl {ttl}");
+
+    let site_key = format!("{prefix}:site:{{https://acme.atlassian.net/wiki}}");
+    let member: bool = conn.sismember(&site_key, "jira:layout").await.unwrap();
+    assert!(member);
+}
+
+#[tokio::test]
+async fn redis_damaged_record_is_corrupt() {
+    use ::redis::AsyncCommands;
+
+    let prefix = common::redis_server::unique_prefix();
+    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+        .await
+        .unwrap();
+    let mut conn = plain_redis().await;
+
+    let missing = minimal("jira:missing-field");
+    assert_eq!(
+        commit(&store, &missing, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let _: i64 = conn
+        .hdel(
+            format!("{prefix}:{{jira:missing-field}}:installation"),
+            "product_type",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load(&missing.client_key).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let garbled = minimal("jira:garbled");
+    assert_eq!(
+        commit(&store, &garbled, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let _: i64 = conn
+        .hset(
+            format!("{prefix}:{{jira:garbled}}:installation"),
+            "enabled",
+            "not json",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load(&garbled.client_key).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let no_version = minimal("jira:no-version");
+    assert_eq!(
+        commit(&store, &no_version, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let _: i64 = conn
+        .hdel(
+            format!("{prefix}:{{jira:no-version}}:installation"),
+            "version",
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.load(&no_version.client_key).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    // A record without a version is never overwritten blindly.
+    assert_eq!(
+        commit(&store, &no_version, 0, None).await,
+        CommitOutcome::Conflict
+    );
+
+    let bad_secret = minimal("jira:bad-secret");
+    assert_eq!(
+        commit(&store, &bad_secret, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let _: i64 = conn
+        .rpush(
+            format!("{prefix}:{{jira:bad-secret}}:secrets"),
+            "{\"secret\":\"leak-me\"}",
+        )
+        .await
+        .unwrap();
+    match store.load(&bad_secret.client_key).await {
+        Err(StoreError::Corrupt(msg)) => assert!(!msg.contains("leak-me"), "{msg}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// A port on which nothing listens.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn assert_unavailable_quickly(store: &RedisStore) {
+    let record = minimal("jira:outage");
+    let limit = Duration::from_secs(10);
+    let load = tokio::time::timeout(limit, store.load(&record.client_key))
+        .await
+        .expect("load must not hang");
+    assert!(matches!(load, Err(StoreError::Unavailable(_))), "{load:?}");
+    let committed = tokio::time::timeout(
+        limit,
+        store.commit(Commit {
+            record: &record,
+            expected_version: 0,
+            token: None,
+        }),
+    )
+    .await
+    .expect("commit must not hang");
+    assert!(
+        matches!(committed, Err(StoreError::Unavailable(_))),
+        "{committed:?}"
+    );
+    let ping = tokio::time::timeout(limit, store.ping())
+        .await
+        .expect("ping must not hang");
+    assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_not_a_failed_start() {
+    let port = closed_port();
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "warden")
+        .await
+        .expect("construction must not need Redis");
+    assert_unavailable_quickly(&store).await;
+}
+
+#[tokio::test]
+async fn redis_that_never_answers_is_unavailable_within_the_timeout() {
+    // Accepts connections (the kernel completes the handshake) but never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "warden")
+        .await
+        .unwrap();
+    assert_unavailable_quickly(&store).await;
+    drop(listener);
+}
+
+#[tokio::test]
+async fn redis_connect_rejects_a_bad_prefix_or_url() {
+    assert!(RedisStore::connect("redis://127.0.0.1:1", "a{b}")
+        .await
+        .is_err());
+    assert!(RedisStore::connect("redis://127.0.0.1:1", "")
+        .await
+        .is_err());
+    assert!(RedisStore::connect("not a url", "warden").await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded only
+
+#[tokio::test]
+async fn embedded_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = installation("jira:durable");
+    let token = SeenToken {
+        token_digest: [4; 32],
+        body_digest: [5; 32],
+        expires_at: now_unix() + 600,
+    };
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            commit(&store, &record, 0, Some(token)).await,
+            CommitOutcome::Committed
+        );
+        store
+            .index_site(&record.base_url, &record.client_key)
+            .await
+            .unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let loaded = store.load(&record.client_key).await.unwrap().unwrap();
+    assert_eq!(snapshot(&loaded), with_version(&record, 1));
+    assert_eq!(
+        store
+            .seen_token(&record.client_key, &[4; 32])
+            .await
+            .unwrap(),
+        Some([5; 32])
+    );
+    assert_eq!(
+        store.client_keys_for_site(&record.base_url).await.unwrap(),
+        vec![record.client_key.clone()]
+    );
+    assert_eq!(
+        store.list_client_keys().await.unwrap(),
+        vec![record.client_key.clone()]
+    );
+    // The version carried over: the compare-and-set continues from it.
+    assert_eq!(
+        commit(&store, &record, 0, None).await,
+        CommitOutcome::Conflict
+    );
+    assert_eq!(
+        commit(&store, &record, 1, None).await,
+        CommitOutcome::Committed
+    );
+}
+
+#[tokio::test]
+async fn embedded_creates_its_directory_and_names_the_path_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("a").join("b");
+    let store = EmbeddedStore::open(&nested).expect("creates missing directories");
+    assert!(nested.join("warden.redb").is_file());
+    drop(store);
+
+    // A data directory that is a file cannot be used; the error says where.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let err = EmbeddedStore::open(&file).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)));
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("not-a-dir"), "{cause}");
+}
