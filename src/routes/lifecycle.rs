@@ -65,7 +65,12 @@ async fn handle(
     if event == LifecycleEvent::Installed {
         // Also on a retry: if the first attempt stopped before linking, the retry finishes it.
         if let Some(installation) = &applied.installation {
-            for old in supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await? {
+            let superseded = supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await?;
+            if !superseded.is_empty() {
+                // The new record gained its `supersedes` links after it was cached above.
+                state.tenants.invalidate(&installation.client_key).await;
+            }
+            for old in superseded {
                 state.tenants.invalidate(&old).await;
             }
         }

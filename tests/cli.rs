@@ -1,0 +1,78 @@
+//! The `warden` command line: the JWT debugging aids and start-up errors.
+
+use std::process::Command;
+
+fn warden(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(args)
+        .env_remove("WARDEN_CONFIG")
+        .output()
+        .expect("warden runs")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn canonical_prints_the_canonical_request_and_qsh() {
+    let out = warden(&["jwt", "canonical", "get", "https://app.example.com/test?param=some%20spaces%20in%20this%20parameter"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("GET&/test&param=some%20spaces%20in%20this%20parameter"), "{text}");
+    assert!(text.contains("ef4097d05395eaf1a133956f140116a9c411afad768d4f06daac9e305764265d"), "{text}");
+}
+
+#[test]
+fn canonical_strips_the_base_url_path() {
+    let out = warden(&[
+        "jwt",
+        "canonical",
+        "GET",
+        "https://acme.atlassian.net/wiki/rest/api/space?limit=10&jwt=ignored",
+        "--base-url",
+        "https://acme.atlassian.net/wiki",
+    ]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("canonical request: GET&/rest/api/space&limit=10"), "{}", stdout(&out));
+}
+
+#[test]
+fn decode_shows_claims_marked_unverified() {
+    let secret = connect_warden::domain::SharedSecret::parse("s").unwrap();
+    let token = connect_warden::jwt::sign_hs256(
+        &connect_warden::jwt::Claims { iss: Some("ck-1".into()), qsh: Some("abc".into()), ..Default::default() },
+        &secret,
+    );
+    let out = warden(&["jwt", "decode", &format!("JWT {token}")]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("UNVERIFIED"));
+    assert!(text.contains("\"iss\": \"ck-1\""));
+    assert!(text.contains("\"alg\": \"HS256\""));
+
+    let out = warden(&["jwt", "decode", "not-a-token"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("three dot-separated parts"));
+}
+
+#[test]
+fn help_explains_the_commands_and_settings() {
+    let text = stdout(&warden(&["--help"]));
+    for word in ["serve", "jwt", "WARDEN_CONFIG", "WARDEN_REDIS_URL"] {
+        assert!(text.contains(word), "--help lacks {word}");
+    }
+}
+
+#[test]
+fn a_bad_setting_stops_start_up_naming_the_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .arg("serve")
+        .env("WARDEN_INSTALL_AUTH", "maybe")
+        .env("WARDEN_BIND", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARDEN_INSTALL_AUTH"), "{stderr}");
+}
