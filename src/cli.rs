@@ -58,9 +58,16 @@ pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve().await,
-        Command::Jwt(JwtCommand::Canonical { method, url, base_url }) => {
+        Command::Jwt(JwtCommand::Canonical {
+            method,
+            url,
+            base_url,
+        }) => {
             let base_path = match base_url {
-                Some(b) => BaseUrl::parse(&b).map_err(|e| anyhow::anyhow!("--base-url: {e}"))?.path().to_owned(),
+                Some(b) => BaseUrl::parse(&b)
+                    .map_err(|e| anyhow::anyhow!("--base-url: {e}"))?
+                    .path()
+                    .to_owned(),
                 None => String::new(),
             };
             let canonical = CanonicalRequest::from_url(&method, &url, &base_path);
@@ -78,7 +85,11 @@ pub async fn main() -> anyhow::Result<()> {
 async fn serve() -> anyhow::Result<()> {
     crate::telemetry::init("info");
     let settings = Settings::load()?;
-    let store = if settings.redis_url.is_some() { "redis".to_owned() } else { format!("embedded ({})", settings.data_dir.display()) };
+    let store = if settings.redis_url.is_some() {
+        "redis".to_owned()
+    } else {
+        format!("embedded ({})", settings.data_dir.display())
+    };
     let app = Application::build(settings.clone()).await?;
     tracing::info!(
         port = app.port(),
@@ -98,7 +109,10 @@ pub fn decode_report(token: &str) -> anyhow::Result<String> {
     let token = token.trim().trim_start_matches("JWT ").trim();
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
-        anyhow::bail!("a JWT has three dot-separated parts; this has {}", parts.len());
+        anyhow::bail!(
+            "a JWT has three dot-separated parts; this has {}",
+            parts.len()
+        );
     }
     let decode = |part: &str, what: &str| -> anyhow::Result<serde_json::Value> {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -111,7 +125,11 @@ pub fn decode_report(token: &str) -> anyhow::Result<String> {
     let now = crate::jwt::now();
     let mut notes = Vec::new();
     if let Some(exp) = claims.get("exp").and_then(|v| v.as_i64()) {
-        notes.push(if exp < now { format!("exp is {}s in the past", now - exp) } else { format!("exp is in {}s", exp - now) });
+        notes.push(if exp < now {
+            format!("exp is {}s in the past", now - exp)
+        } else {
+            format!("exp is in {}s", exp - now)
+        });
     }
     if let Some(iat) = claims.get("iat").and_then(|v| v.as_i64()) {
         notes.push(format!("iat was {}s ago", now - iat));

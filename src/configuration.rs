@@ -13,9 +13,11 @@ use crate::domain::{BaseUrl, HostPattern};
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
-pub const STAGING_KEYS_URL: &str = "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
+pub const STAGING_KEYS_URL: &str =
+    "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
 /// Atlassian's OAuth2 authorization server (user impersonation).
-pub const OAUTH_TOKEN_URL: &str = "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";
+pub const OAUTH_TOKEN_URL: &str =
+    "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";
 
 /// The descriptor shipped with the binary, used when no template file is found on disk.
 pub const BUNDLED_DESCRIPTOR: &str = include_str!("../atlassian-connect.json");
@@ -71,7 +73,10 @@ pub struct SettingsError {
 }
 
 fn bad(name: &'static str, message: impl Into<String>) -> SettingsError {
-    SettingsError { name, message: message.into() }
+    SettingsError {
+        name,
+        message: message.into(),
+    }
 }
 
 /// A list given as an array (TOML) or a comma-separated string (environment).
@@ -88,7 +93,10 @@ impl List {
             List::Many(v) => v.clone(),
             List::Joined(s) => s.split(',').map(str::to_owned).collect(),
         };
-        raw.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+        raw.into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }
 
@@ -126,7 +134,8 @@ impl Settings {
     ) -> Result<Self, SettingsError> {
         let mut builder = config::Config::builder();
         if let Some(path) = config_file {
-            builder = builder.add_source(config::File::new(path, config::FileFormat::Toml).required(true));
+            builder = builder
+                .add_source(config::File::new(path, config::FileFormat::Toml).required(true));
         }
         let env_map: std::collections::HashMap<String, String> = env
             .into_iter()
@@ -154,38 +163,73 @@ impl Settings {
             .iter()
             .map(|u| BaseUrl::parse(u).map_err(|e| bad("WARDEN_ALLOWED_BASE_URLS", e.0)))
             .collect::<Result<_, _>>()?;
-        let descriptor_path = raw.descriptor.unwrap_or_else(|| "atlassian-connect.json".into());
+        let descriptor_path = raw
+            .descriptor
+            .unwrap_or_else(|| "atlassian-connect.json".into());
         let descriptor_template = match std::fs::read_to_string(&descriptor_path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BUNDLED_DESCRIPTOR.to_owned(),
-            Err(e) => return Err(bad("WARDEN_DESCRIPTOR", format!("cannot read {descriptor_path}: {e}"))),
+            Err(e) => {
+                return Err(bad(
+                    "WARDEN_DESCRIPTOR",
+                    format!("cannot read {descriptor_path}: {e}"),
+                ))
+            }
         };
-        let descriptor: serde_json::Value = serde_json::from_str(&descriptor_template)
-            .map_err(|e| bad("WARDEN_DESCRIPTOR", format!("{descriptor_path} is not JSON: {e}")))?;
+        let descriptor: serde_json::Value =
+            serde_json::from_str(&descriptor_template).map_err(|e| {
+                bad(
+                    "WARDEN_DESCRIPTOR",
+                    format!("{descriptor_path} is not JSON: {e}"),
+                )
+            })?;
         let app_key = match raw.app_key.filter(|k| !k.trim().is_empty()) {
             Some(k) => k.trim().to_owned(),
             None => descriptor
                 .get("key")
                 .and_then(|k| k.as_str())
                 .map(str::to_owned)
-                .ok_or_else(|| bad("WARDEN_APP_KEY", "not set and the descriptor has no \"key\""))?,
+                .ok_or_else(|| {
+                    bad(
+                        "WARDEN_APP_KEY",
+                        "not set and the descriptor has no \"key\"",
+                    )
+                })?,
         };
         let product_hosts = raw
             .product_hosts
             .map(|l| l.items())
-            .unwrap_or_else(|| vec!["*.atlassian.net".into(), "*.jira.com".into(), "*.jira-dev.com".into()])
+            .unwrap_or_else(|| {
+                vec![
+                    "*.atlassian.net".into(),
+                    "*.jira.com".into(),
+                    "*.jira-dev.com".into(),
+                ]
+            })
             .iter()
             .map(|p| HostPattern::parse(p).map_err(|e| bad("WARDEN_PRODUCT_HOSTS", e.0)))
             .collect::<Result<Vec<_>, _>>()?;
         if product_hosts.is_empty() {
-            return Err(bad("WARDEN_PRODUCT_HOSTS", "no host pattern given; no install could ever be accepted"));
+            return Err(bad(
+                "WARDEN_PRODUCT_HOSTS",
+                "no host pattern given; no install could ever be accepted",
+            ));
         }
         let install_auth = match raw.install_auth.as_deref().map(str::trim) {
             None | Some("signed") => InstallAuth::Signed,
             Some("legacy") => InstallAuth::Legacy,
-            Some(other) => return Err(bad("WARDEN_INSTALL_AUTH", format!("{other:?} is neither \"signed\" nor \"legacy\""))),
+            Some(other) => {
+                return Err(bad(
+                    "WARDEN_INSTALL_AUTH",
+                    format!("{other:?} is neither \"signed\" nor \"legacy\""),
+                ))
+            }
         };
-        let seconds = |name: &'static str, value: Option<String>, default: u64, max: u64| -> Result<Duration, SettingsError> {
+        let seconds = |name: &'static str,
+                       value: Option<String>,
+                       default: u64,
+                       max: u64|
+         -> Result<Duration, SettingsError> {
             let n = match value {
                 None => default,
                 Some(v) => v
@@ -194,7 +238,10 @@ impl Settings {
                     .map_err(|_| bad(name, format!("{v:?} is not a whole number of seconds")))?,
             };
             if n > max {
-                return Err(bad(name, format!("{n} is more than the maximum of {max} seconds")));
+                return Err(bad(
+                    name,
+                    format!("{n} is more than the maximum of {max} seconds"),
+                ));
             }
             Ok(Duration::from_secs(n))
         };
@@ -203,28 +250,52 @@ impl Settings {
             .filter(|u| !u.trim().is_empty())
             .map(|u| BaseUrl::parse(&u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
             .transpose()?;
-        let oauth_token_url = raw.oauth_token_url.unwrap_or_else(|| OAUTH_TOKEN_URL.into());
-        url::Url::parse(&oauth_token_url).map_err(|e| bad("WARDEN_OAUTH_TOKEN_URL", e.to_string()))?;
+        let oauth_token_url = raw
+            .oauth_token_url
+            .unwrap_or_else(|| OAUTH_TOKEN_URL.into());
+        url::Url::parse(&oauth_token_url)
+            .map_err(|e| bad("WARDEN_OAUTH_TOKEN_URL", e.to_string()))?;
         let redis_prefix = raw.redis_prefix.unwrap_or_else(|| "warden".into());
         if redis_prefix.is_empty() || redis_prefix.contains(['{', '}', ' ']) {
-            return Err(bad("WARDEN_REDIS_PREFIX", "must be non-empty, without braces or spaces"));
+            return Err(bad(
+                "WARDEN_REDIS_PREFIX",
+                "must be non-empty, without braces or spaces",
+            ));
         }
         Ok(Self {
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
             allowed_base_urls,
             app_key,
-            redis_url: raw.redis_url.filter(|u| !u.trim().is_empty()).map(SecretString::from),
+            redis_url: raw
+                .redis_url
+                .filter(|u| !u.trim().is_empty())
+                .map(SecretString::from),
             redis_prefix,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
             keys_url,
             product_hosts,
             install_auth,
-            secret_grace: seconds("WARDEN_SECRET_GRACE_SECONDS", raw.secret_grace_seconds, 180, 86_400)?,
+            secret_grace: seconds(
+                "WARDEN_SECRET_GRACE_SECONDS",
+                raw.secret_grace_seconds,
+                180,
+                86_400,
+            )?,
             oauth_token_url,
             descriptor_template,
-            secret_cache_ttl: seconds("WARDEN_SECRET_CACHE_TTL_SECONDS", raw.secret_cache_ttl_seconds, 30, 3_600)?,
-            key_fetch_timeout: seconds("WARDEN_KEY_FETCH_TIMEOUT_SECONDS", raw.key_fetch_timeout_seconds, 5, 60)?,
+            secret_cache_ttl: seconds(
+                "WARDEN_SECRET_CACHE_TTL_SECONDS",
+                raw.secret_cache_ttl_seconds,
+                30,
+                3_600,
+            )?,
+            key_fetch_timeout: seconds(
+                "WARDEN_KEY_FETCH_TIMEOUT_SECONDS",
+                raw.key_fetch_timeout_seconds,
+                5,
+                60,
+            )?,
         })
     }
 }
@@ -234,7 +305,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -260,7 +334,10 @@ mod tests {
             None,
             env(&[
                 ("WARDEN_BASE_URL", "https://app.example.com/"),
-                ("WARDEN_ALLOWED_BASE_URLS", "https://a.example.com, https://b.example.com"),
+                (
+                    "WARDEN_ALLOWED_BASE_URLS",
+                    "https://a.example.com, https://b.example.com",
+                ),
                 ("WARDEN_PRODUCT_HOSTS", "127.0.0.1,*.example.net"),
                 ("WARDEN_INSTALL_AUTH", "legacy"),
                 ("WARDEN_SECRET_GRACE_SECONDS", "5"),

@@ -78,7 +78,8 @@ pub struct BaseUrl(String);
 
 impl BaseUrl {
     pub fn parse(raw: &str) -> Result<Self, ParseError> {
-        let url = Url::parse(raw.trim()).map_err(|e| invalid(format!("baseUrl {raw:?} is not a URL: {e}")))?;
+        let url = Url::parse(raw.trim())
+            .map_err(|e| invalid(format!("baseUrl {raw:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid(format!("baseUrl {raw:?} must use http or https")));
         }
@@ -86,10 +87,14 @@ impl BaseUrl {
             return Err(invalid(format!("baseUrl {raw:?} has no host")));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(invalid(format!("baseUrl {raw:?} must not carry credentials")));
+            return Err(invalid(format!(
+                "baseUrl {raw:?} must not carry credentials"
+            )));
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid(format!("baseUrl {raw:?} must not have a query or fragment")));
+            return Err(invalid(format!(
+                "baseUrl {raw:?} must not have a query or fragment"
+            )));
         }
         let text = url.as_str().trim_end_matches('/').to_owned();
         Ok(Self(text))
@@ -269,7 +274,10 @@ mod tests {
         assert_eq!(u.path(), "/wiki");
         assert_eq!(u.origin(), "https://acme.atlassian.net");
         assert_eq!(u.host(), "acme.atlassian.net");
-        assert_eq!(u.join("/rest/x?a=1"), "https://acme.atlassian.net/wiki/rest/x?a=1");
+        assert_eq!(
+            u.join("/rest/x?a=1"),
+            "https://acme.atlassian.net/wiki/rest/x?a=1"
+        );
         let root = BaseUrl::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!(root.path(), "");
         assert_eq!(root.host(), "127.0.0.1");

@@ -17,7 +17,7 @@ use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
 use crate::domain::{BaseUrl, ClientKey};
 use crate::error::ApiError;
-use crate::jwt::{self, CanonicalRequest, JwtError, Token};
+use crate::jwt::{self, CanonicalRequest, Claims, JwtError, Token};
 use crate::startup::AppState;
 use crate::store::{InstallState, Installation};
 
@@ -69,7 +69,11 @@ pub fn extract_token(req: &HttpRequest) -> Result<&str, ApiError> {
                 .ok()
                 .and_then(|s| s.strip_prefix("JWT "))
                 .map(str::trim)
-                .ok_or_else(|| ApiError::Unauthenticated("the Authorization header must be \"JWT <token>\"".into()))
+                .ok_or_else(|| {
+                    ApiError::Unauthenticated(
+                        "the Authorization header must be \"JWT <token>\"".into(),
+                    )
+                })
         })
         .transpose()?;
     let query = req
@@ -92,31 +96,34 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
         .app_data::<web::Data<AppState>>()
         .expect("AppState is registered by startup::build_app");
     let raw = extract_token(req)?;
-    let token = Token::parse(raw)?;
-    token.require_alg("HS256")?;
-    let iss = token.claims().iss.as_deref().ok_or(JwtError::MissingClaim("iss"))?;
-    let client_key = ClientKey::parse(iss).map_err(|_| ApiError::Unauthenticated("the token's iss is not a valid clientKey".into()))?;
+    let (token, client_key) = parse_product_token(raw)?;
 
     let now = jwt::now();
     let grace = state.settings.secret_grace.as_secs() as i64;
-    let unknown = || ApiError::Unauthenticated(format!("no installation is known for clientKey {client_key}"));
+    let unknown = || {
+        ApiError::Unauthenticated(format!(
+            "no installation is known for clientKey {client_key}"
+        ))
+    };
     let mut installation = state.tenants.get(&client_key).await?.ok_or_else(unknown)?;
     if verify_signature(&token, &installation, grace, now).is_err() {
         // The cached secret may be stale (a roll on another instance): read the store once.
-        installation = state.tenants.reload(&client_key).await?.ok_or_else(unknown)?;
+        installation = state
+            .tenants
+            .reload(&client_key)
+            .await?
+            .ok_or_else(unknown)?;
         verify_signature(&token, &installation, grace, now)?;
     }
 
-    let claims = token.into_claims();
-    claims.check_times(now)?;
-    let canonical = CanonicalRequest::new(
-        req.method().as_str(),
-        req.path(),
-        req.query_string(),
-        state.settings.base_url.path(),
-    );
-    claims.check_qsh(&canonical, allow_context)?;
-    check_active(&installation)?;
+    let line = RequestLine {
+        method: req.method().as_str(),
+        path: req.path(),
+        query: req.query_string(),
+        base_path: state.settings.base_url.path(),
+        allow_context,
+    };
+    let claims = check_verified_token(token, &installation, &line, now)?;
 
     let account_id = claims.sub.clone().or_else(|| {
         claims
@@ -136,9 +143,79 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
     })
 }
 
+/// The request a product token is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLine<'a> {
+    pub method: &'a str,
+    /// As received, still percent-encoded, base path included.
+    pub path: &'a str,
+    /// Raw, without `?`.
+    pub query: &'a str,
+    /// Path of the app's base URL (`""` or e.g. `/app`).
+    pub base_path: &'a str,
+    /// Whether context tokens (`qsh` = `context-qsh`) are accepted.
+    pub allow_context: bool,
+}
+
+/// Step 1 of the guard: the token split and decoded, HS256, with a valid `iss`.
+pub fn parse_product_token(raw: &str) -> Result<(Token<'_>, ClientKey), ApiError> {
+    let token = Token::parse(raw)?;
+    token.require_alg("HS256")?;
+    let iss = token
+        .claims()
+        .iss
+        .as_deref()
+        .ok_or(JwtError::MissingClaim("iss"))?;
+    let client_key = ClientKey::parse(iss).map_err(|_| {
+        ApiError::Unauthenticated("the token's iss is not a valid clientKey".into())
+    })?;
+    Ok((token, client_key))
+}
+
+/// Step 3 of the guard, after [`verify_signature`] passed: times, `qsh`, and an active
+/// installation. Returns the claims.
+pub fn check_verified_token(
+    token: Token<'_>,
+    installation: &Installation,
+    line: &RequestLine<'_>,
+    now: i64,
+) -> Result<Claims, ApiError> {
+    let claims = token.into_claims();
+    claims.check_times(now)?;
+    let canonical = CanonicalRequest::new(line.method, line.path, line.query, line.base_path);
+    claims.check_qsh(&canonical, line.allow_context)?;
+    check_active(installation)?;
+    Ok(claims)
+}
+
+/// The whole guard for a token and the installation it names, without the lookup: what the
+/// extractor does once it holds the installation (and what `benches/guard.rs` measures).
+pub fn verify_product_token(
+    raw: &str,
+    installation: &Installation,
+    line: &RequestLine<'_>,
+    grace_seconds: i64,
+    now: i64,
+) -> Result<Claims, ApiError> {
+    let (token, client_key) = parse_product_token(raw)?;
+    if client_key != installation.client_key {
+        return Err(ApiError::Unauthenticated(format!(
+            "the token is for clientKey {client_key}, not {}",
+            installation.client_key
+        )));
+    }
+    verify_signature(&token, installation, grace_seconds, now)?;
+    check_verified_token(token, installation, line, now)
+}
+
 /// The current secret verifies; the previous one only for a token issued before the roll and
 /// only within the grace window after it. Older secrets never verify a product request.
-pub fn verify_signature(token: &Token<'_>, installation: &Installation, grace_seconds: i64, now: i64) -> Result<(), JwtError> {
+pub fn verify_signature(
+    token: &Token<'_>,
+    installation: &Installation,
+    grace_seconds: i64,
+    now: i64,
+) -> Result<(), JwtError> {
     let current = installation.current_secret();
     let result = token.verify_hs256(&current.secret);
     if result.is_ok() {
@@ -164,10 +241,14 @@ fn check_active(installation: &Installation) -> Result<(), ApiError> {
         )));
     }
     if installation.state == InstallState::Uninstalled {
-        return Err(ApiError::Forbidden(format!("the installation {key} is uninstalled")));
+        return Err(ApiError::Forbidden(format!(
+            "the installation {key} is uninstalled"
+        )));
     }
     if !installation.enabled {
-        return Err(ApiError::Forbidden(format!("the installation {key} is disabled")));
+        return Err(ApiError::Forbidden(format!(
+            "the installation {key} is disabled"
+        )));
     }
     debug_assert!(installation.is_active());
     Ok(())

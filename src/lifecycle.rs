@@ -48,7 +48,10 @@ impl LifecycleEvent {
 
     /// `installed` and `uninstalled` are signed by Atlassian (RS256); the others by the tenant.
     fn is_install_signed(self) -> bool {
-        matches!(self, LifecycleEvent::Installed | LifecycleEvent::Uninstalled)
+        matches!(
+            self,
+            LifecycleEvent::Installed | LifecycleEvent::Uninstalled
+        )
     }
 }
 
@@ -112,8 +115,9 @@ pub struct LifecyclePayload {
 
 impl LifecyclePayload {
     pub fn parse(event: LifecycleEvent, body: &[u8], app_key: &str) -> Result<Self, ApiError> {
-        let raw: RawPayload = serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("the body is not a JSON lifecycle payload: {e}")))?;
+        let raw: RawPayload = serde_json::from_slice(body).map_err(|e| {
+            ApiError::BadRequest(format!("the body is not a JSON lifecycle payload: {e}"))
+        })?;
         let bad = |e: crate::domain::ParseError| ApiError::BadRequest(e.0);
         let client_key = ClientKey::parse(
             raw.client_key
@@ -127,9 +131,16 @@ impl LifecyclePayload {
                 .ok_or_else(|| ApiError::BadRequest("the body has no baseUrl".into()))?,
         )
         .map_err(bad)?;
-        let shared_secret = raw.shared_secret.as_deref().map(SharedSecret::parse).transpose().map_err(bad)?;
+        let shared_secret = raw
+            .shared_secret
+            .as_deref()
+            .map(SharedSecret::parse)
+            .transpose()
+            .map_err(bad)?;
         if event == LifecycleEvent::Installed && shared_secret.is_none() {
-            return Err(ApiError::BadRequest("an installed body must carry a sharedSecret".into()));
+            return Err(ApiError::BadRequest(
+                "an installed body must carry a sharedSecret".into(),
+            ));
         }
         if let Some(key) = raw.key.as_deref() {
             if key != app_key {
@@ -196,15 +207,25 @@ pub async fn authenticate(
     let Some(header) = authorization else {
         if legacy && event == LifecycleEvent::Installed && existing.is_none() {
             check_host(ctx.settings, payload)?;
-            return Ok(Authenticated { proof: Proof::Unsigned, iat: None, seen: None });
+            return Ok(Authenticated {
+                proof: Proof::Unsigned,
+                iat: None,
+                seen: None,
+            });
         }
-        return Err(ApiError::Unauthenticated(missing_token_message(event, legacy, existing.is_some())));
+        return Err(ApiError::Unauthenticated(missing_token_message(
+            event,
+            legacy,
+            existing.is_some(),
+        )));
     };
     let raw = header
         .strip_prefix("JWT ")
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::Unauthenticated("the Authorization header must be \"JWT <token>\"".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthenticated("the Authorization header must be \"JWT <token>\"".into())
+        })?;
     let token = Token::parse(raw)?;
 
     let proof = if event.is_install_signed() && (token.alg() == "RS256" || !legacy) {
@@ -227,7 +248,11 @@ pub async fn authenticate(
             None if legacy && event == LifecycleEvent::Installed => {
                 check_host(ctx.settings, payload)?;
                 tracing::warn!(client_key = %payload.client_key, "HS256 install for an unknown clientKey accepted as a first install (legacy mode)");
-                return Ok(Authenticated { proof: Proof::Unsigned, iat: None, seen: None });
+                return Ok(Authenticated {
+                    proof: Proof::Unsigned,
+                    iat: None,
+                    seen: None,
+                });
             }
             None => {
                 return Err(ApiError::Unauthenticated(format!(
@@ -243,7 +268,12 @@ pub async fn authenticate(
     if proof == Proof::AtlassianSignature {
         claims.check_audience(&ctx.settings.accepted_audiences())?;
     }
-    let canonical = CanonicalRequest::new(request.method, request.path, request.query, ctx.settings.base_url.path());
+    let canonical = CanonicalRequest::new(
+        request.method,
+        request.path,
+        request.query,
+        ctx.settings.base_url.path(),
+    );
     claims.check_qsh(&canonical, false)?;
     if claims.iss.as_deref() != Some(payload.client_key.as_str()) {
         return Err(ApiError::Forbidden(format!(
@@ -276,13 +306,22 @@ fn missing_token_message(event: LifecycleEvent, legacy: bool, known: bool) -> St
 /// HS256 callbacks: `enabled`/`disabled` (and legacy `uninstalled`) with the current secret;
 /// a legacy reinstall with the current secret or any kept in the history, also after an
 /// `uninstalled` (seed 001).
-fn verify_with_known_secret(token: &Token<'_>, event: LifecycleEvent, installation: &Installation) -> Result<(), ApiError> {
+fn verify_with_known_secret(
+    token: &Token<'_>,
+    event: LifecycleEvent,
+    installation: &Installation,
+) -> Result<(), ApiError> {
     let current = &installation.current_secret().secret;
     if token.verify_hs256(current).is_ok() {
         return Ok(());
     }
     if event == LifecycleEvent::Installed
-        && installation.secrets.iter().rev().skip(1).any(|s| token.verify_hs256(&s.secret).is_ok())
+        && installation
+            .secrets
+            .iter()
+            .rev()
+            .skip(1)
+            .any(|s| token.verify_hs256(&s.secret).is_ok())
     {
         return Ok(());
     }
@@ -331,13 +370,21 @@ pub async fn apply(
             existing = store.load(&payload.client_key).await?;
         }
         if let Some(seen) = &auth.seen {
-            match store.seen_token(&payload.client_key, &seen.token_digest).await? {
+            match store
+                .seen_token(&payload.client_key, &seen.token_digest)
+                .await?
+            {
                 Some(body) if body == seen.body_digest => {
-                    return Ok(Applied { outcome: Outcome::Unchanged, installation: existing.map(Arc::new), new_installation: false })
+                    return Ok(Applied {
+                        outcome: Outcome::Unchanged,
+                        installation: existing.map(Arc::new),
+                        new_installation: false,
+                    })
                 }
                 Some(_) => {
                     return Err(ApiError::Conflict(
-                        "this token was already used with a different body: refused as a replay".into(),
+                        "this token was already used with a different body: refused as a replay"
+                            .into(),
                     ))
                 }
                 None => {}
@@ -356,9 +403,17 @@ pub async fn apply(
         let new_installation = existing.is_none();
         let expected_version = existing.as_ref().map_or(0, |i| i.version);
         let Some(record) = next_record(event, payload, auth, existing.clone(), now)? else {
-            return Ok(Applied { outcome: Outcome::Unchanged, installation: None, new_installation: false });
+            return Ok(Applied {
+                outcome: Outcome::Unchanged,
+                installation: None,
+                new_installation: false,
+            });
         };
-        let commit = Commit { record: &record, expected_version, token: auth.seen };
+        let commit = Commit {
+            record: &record,
+            expected_version,
+            token: auth.seen,
+        };
         match store.commit(commit).await? {
             CommitOutcome::Committed => {
                 let mut record = record;
@@ -392,17 +447,22 @@ fn next_record(
             LifecycleEvent::Installed => Ok(Some(new_record(payload, auth, now))),
             // An uninstall for a tenant never stored: nothing to mark.
             LifecycleEvent::Uninstalled => Ok(None),
-            LifecycleEvent::Enabled | LifecycleEvent::Disabled => Err(ApiError::Unauthenticated(format!(
-                "no installation is known for clientKey {}",
-                payload.client_key
-            ))),
+            LifecycleEvent::Enabled | LifecycleEvent::Disabled => {
+                Err(ApiError::Unauthenticated(format!(
+                    "no installation is known for clientKey {}",
+                    payload.client_key
+                )))
+            }
         };
     };
     record.last_event_iat = record.last_event_iat.max(iat);
     record.updated_at = now;
     match event {
         LifecycleEvent::Installed => {
-            let secret = payload.shared_secret.clone().expect("checked by LifecyclePayload::parse");
+            let secret = payload
+                .shared_secret
+                .clone()
+                .expect("checked by LifecyclePayload::parse");
             record.roll_secret(secret, now);
             fill_from_payload(&mut record, payload);
             record.state = InstallState::Installed;
@@ -421,7 +481,10 @@ fn next_record(
 }
 
 fn new_record(payload: &LifecyclePayload, auth: &Authenticated, now: i64) -> Installation {
-    let secret = payload.shared_secret.clone().expect("checked by LifecyclePayload::parse");
+    let secret = payload
+        .shared_secret
+        .clone()
+        .expect("checked by LifecyclePayload::parse");
     let mut record = Installation {
         client_key: payload.client_key.clone(),
         base_url: payload.base_url.clone(),
@@ -476,7 +539,9 @@ pub async fn supersede_previous_tenants(
     installed: &Installation,
     proof: Proof,
 ) -> Result<Vec<ClientKey>, ApiError> {
-    store.index_site(&installed.base_url, &installed.client_key).await?;
+    store
+        .index_site(&installed.base_url, &installed.client_key)
+        .await?;
     if proof != Proof::AtlassianSignature {
         return Ok(Vec::new());
     }
@@ -531,9 +596,19 @@ async fn update_with_retry(
             return Ok(false);
         }
         record.updated_at = jwt::now();
-        if store.commit(Commit { record: &record, expected_version, token: None }).await? == CommitOutcome::Committed {
+        if store
+            .commit(Commit {
+                record: &record,
+                expected_version,
+                token: None,
+            })
+            .await?
+            == CommitOutcome::Committed
+        {
             return Ok(true);
         }
     }
-    Err(ApiError::Conflict(format!("the installation {client_key} is being changed concurrently; retry")))
+    Err(ApiError::Conflict(format!(
+        "the installation {client_key} is being changed concurrently; retry"
+    )))
 }

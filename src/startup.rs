@@ -11,7 +11,9 @@ use secrecy::ExposeSecret as _;
 use tracing_actix_web::TracingLogger;
 
 use crate::configuration::Settings;
+use crate::host_client::HostClient;
 use crate::install_keys::InstallKeys;
+use crate::invalidation::{self, Invalidation, Invalidations};
 use crate::routes;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -19,14 +21,22 @@ use crate::store::SharedStore;
 use crate::telemetry::RedactingRootSpan;
 use crate::tenants::TenantCache;
 
+/// Bound on one call to a host site or the authorization server.
+const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Everything a handler needs, shared by all workers.
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: SharedStore,
     pub keys: InstallKeys,
     pub tenants: TenantCache,
+    /// Every tenant invalidation (local lifecycle writes and other instances' via Redis):
+    /// subscribe to drop other per-tenant caches.
+    pub invalidations: Invalidations,
     /// The descriptor, rendered once.
     pub descriptor: String,
+    /// Calls to host sites, as the app or as a user.
+    pub host: HostClient,
 }
 
 impl AppState {
@@ -37,21 +47,45 @@ impl AppState {
                     .await
                     .context("cannot set up the Redis store (WARDEN_REDIS_URL)")?,
             ),
-            None => Arc::new(
-                EmbeddedStore::open(&settings.data_dir)
-                    .with_context(|| format!("cannot open the embedded store in {} (WARDEN_DATA_DIR)", settings.data_dir.display()))?,
-            ),
+            None => Arc::new(EmbeddedStore::open(&settings.data_dir).with_context(|| {
+                format!(
+                    "cannot open the embedded store in {} (WARDEN_DATA_DIR)",
+                    settings.data_dir.display()
+                )
+            })?),
         };
-        Self::with_store(settings, store)
+        let state = Self::with_store(settings, store)?;
+        // Cached impersonation tokens follow the installation: a reinstall with a new
+        // oauthClientId, an uninstall or a site import drops them.
+        let host = state.host.clone();
+        state
+            .invalidations
+            .forward_to(move |invalidation| match invalidation {
+                Invalidation::Tenant(client_key) => host.forget_tenant(&client_key),
+                Invalidation::All => host.forget_all(),
+            });
+        Ok(state)
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
-        let descriptor = routes::descriptor::render(&settings).context("the descriptor template is not a JSON object")?;
+        let descriptor = routes::descriptor::render(&settings)
+            .context("the descriptor template is not a JSON object")?;
+        let invalidations = Invalidations::new();
         Ok(Self {
             keys: InstallKeys::new(settings.keys_url.clone(), settings.key_fetch_timeout),
-            tenants: TenantCache::new(store.clone(), settings.secret_cache_ttl),
+            tenants: TenantCache::with_invalidations(
+                store.clone(),
+                settings.secret_cache_ttl,
+                invalidations.clone(),
+            ),
+            invalidations,
             store,
             descriptor,
+            host: HostClient::new(
+                settings.app_key.clone(),
+                settings.oauth_token_url.clone(),
+                HOST_TIMEOUT,
+            ),
             settings: Arc::new(settings),
         })
     }
@@ -61,20 +95,45 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AppState>,
+    /// With Redis: the subscription to other instances' writes; stops when this is dropped.
+    invalidation: Option<invalidation::Listener>,
 }
 
 impl Application {
     /// Opens the store and binds `settings.bind` (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(&settings.bind).with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
-        let state = web::Data::new(AppState::build(settings).await?);
-        Self::from_parts(listener, state)
+        Self::build_with_routes(settings, |_| {}).await
     }
 
-    pub fn from_parts(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Self> {
+    /// Like [`build`](Self::build), with the vendor's own routes registered under the base
+    /// path beside warden's (see `examples/protected_route.rs`).
+    pub async fn build_with_routes(
+        settings: Settings,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.bind)
+            .with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
+        let state = web::Data::new(AppState::build(settings).await?);
         let port = listener.local_addr()?.port();
-        let server = run(listener, state.clone())?;
-        Ok(Self { port, server, state })
+        let server = run(listener, state.clone(), Arc::new(routes))?;
+        let mut app = Self {
+            port,
+            server,
+            state,
+            invalidation: None,
+        };
+        if let Some(url) = &app.state.settings.redis_url {
+            let channel = invalidation::channel(&app.state.settings.redis_prefix);
+            app.invalidation = Some(
+                invalidation::Listener::start(
+                    url.expose_secret(),
+                    channel,
+                    app.state.tenants.clone(),
+                )
+                .context("cannot subscribe to Redis invalidations (WARDEN_REDIS_URL)")?,
+            );
+        }
+        Ok(app)
     }
 
     pub fn port(&self) -> u16 {
@@ -91,13 +150,28 @@ impl Application {
     }
 }
 
-/// Registers every route under the base URL's path (`""` or e.g. `/app`).
-pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str) {
+/// Vendor routes, registered under the base path before warden's own.
+type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// Registers every route under the base URL's path (`""` or e.g. `/app`): `extra` first (the
+/// vendor's), then warden's.
+pub fn configure(
+    cfg: &mut web::ServiceConfig,
+    base_path: &str,
+    extra: &dyn Fn(&mut web::ServiceConfig),
+) {
     cfg.service(
         web::scope(base_path)
-            .route("/atlassian-connect.json", web::get().to(routes::descriptor::descriptor))
+            .configure(extra)
+            .route(
+                "/atlassian-connect.json",
+                web::get().to(routes::descriptor::descriptor),
+            )
             .route("/installed", web::post().to(routes::lifecycle::installed))
-            .route("/uninstalled", web::post().to(routes::lifecycle::uninstalled))
+            .route(
+                "/uninstalled",
+                web::post().to(routes::lifecycle::uninstalled),
+            )
             .route("/enabled", web::post().to(routes::lifecycle::enabled))
             .route("/disabled", web::post().to(routes::lifecycle::disabled))
             .route("/api/tenant", web::get().to(routes::tenant::tenant))
@@ -107,13 +181,17 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str) {
     );
 }
 
-fn run(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+fn run(
+    listener: TcpListener,
+    state: web::Data<AppState>,
+    extra: ExtraRoutes,
+) -> anyhow::Result<Server> {
     let base_path = state.settings.base_url.path().to_owned();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
-            .configure(|cfg| configure(cfg, &base_path))
+            .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
             .default_service(web::to(routes::not_found))
     })
     .listen(listener)?

@@ -30,7 +30,11 @@ where
         .with_writer(writer)
         .with_span_events(FmtSpan::CLOSE)
         .with_target(true);
-    let result = if json { builder.json().try_init() } else { builder.try_init() };
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
 }
@@ -49,7 +53,10 @@ impl RootSpanBuilder for RedactingRootSpan {
         )
     }
 
-    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+    fn on_request_end<B: MessageBody>(
+        span: Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
         let status = match outcome {
             Ok(response) => response.status().as_u16(),
             Err(error) => error.as_response_error().status_code().as_u16(),

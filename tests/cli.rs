@@ -16,11 +16,22 @@ fn stdout(output: &std::process::Output) -> String {
 
 #[test]
 fn canonical_prints_the_canonical_request_and_qsh() {
-    let out = warden(&["jwt", "canonical", "get", "https://app.example.com/test?param=some%20spaces%20in%20this%20parameter"]);
+    let out = warden(&[
+        "jwt",
+        "canonical",
+        "get",
+        "https://app.example.com/test?param=some%20spaces%20in%20this%20parameter",
+    ]);
     assert!(out.status.success());
     let text = stdout(&out);
-    assert!(text.contains("GET&/test&param=some%20spaces%20in%20this%20parameter"), "{text}");
-    assert!(text.contains("ef4097d05395eaf1a133956f140116a9c411afad768d4f06daac9e305764265d"), "{text}");
+    assert!(
+        text.contains("GET&/test&param=some%20spaces%20in%20this%20parameter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ef4097d05395eaf1a133956f140116a9c411afad768d4f06daac9e305764265d"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -34,14 +45,22 @@ fn canonical_strips_the_base_url_path() {
         "https://acme.atlassian.net/wiki",
     ]);
     assert!(out.status.success());
-    assert!(stdout(&out).contains("canonical request: GET&/rest/api/space&limit=10"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("canonical request: GET&/rest/api/space&limit=10"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
 fn decode_shows_claims_marked_unverified() {
     let secret = connect_warden::domain::SharedSecret::parse("s").unwrap();
     let token = connect_warden::jwt::sign_hs256(
-        &connect_warden::jwt::Claims { iss: Some("ck-1".into()), qsh: Some("abc".into()), ..Default::default() },
+        &connect_warden::jwt::Claims {
+            iss: Some("ck-1".into()),
+            qsh: Some("abc".into()),
+            ..Default::default()
+        },
         &secret,
     );
     let out = warden(&["jwt", "decode", &format!("JWT {token}")]);

@@ -8,16 +8,23 @@ use common::app::{error_of, spawn_app_with, Backend, Options, Site, TestApp};
 use serde_json::json;
 
 async fn legacy_app(backend: Backend) -> TestApp {
-    spawn_app_with(Options::new(backend).legacy().set("WARDEN_SECRET_GRACE_SECONDS", "0")).await
+    spawn_app_with(
+        Options::new(backend)
+            .legacy()
+            .set("WARDEN_SECRET_GRACE_SECONDS", "0"),
+    )
+    .await
 }
 
 async fn unsigned_install(app: &TestApp, site: &Site) -> reqwest::Response {
-    app.post_lifecycle("/installed", None, &site.body("installed")).await
+    app.post_lifecycle("/installed", None, &site.body("installed"))
+        .await
 }
 
 async fn signed_reinstall(app: &TestApp, site: &Site, signing_secret: &str) -> reqwest::Response {
     let token = app.tenant_lifecycle_token(&site.client_key, signing_secret, "/installed");
-    app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await
+    app.post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await
 }
 
 async fn unsigned_first_install_is_accepted(backend: Backend) {
@@ -38,7 +45,15 @@ async fn unsigned_install_for_a_known_client_key_is_refused(backend: Backend) {
     let response = unsigned_install(&app, &site).await;
     assert_eq!(response.status(), 401);
     assert!(error_of(response).await.contains("must be signed"));
-    assert_eq!(app.stored(&site.client_key).await.unwrap().current_secret().secret.expose(), original);
+    assert_eq!(
+        app.stored(&site.client_key)
+            .await
+            .unwrap()
+            .current_secret()
+            .secret
+            .expose(),
+        original
+    );
 }
 
 async fn reinstall_signed_with_an_attacker_secret_is_refused(backend: Backend) {
@@ -49,7 +64,15 @@ async fn reinstall_signed_with_an_attacker_secret_is_refused(backend: Backend) {
     site.secret = "attacker-secret".into();
     let response = signed_reinstall(&app, &site, "attacker-secret").await;
     assert_eq!(response.status(), 401);
-    assert_eq!(app.stored(&site.client_key).await.unwrap().current_secret().secret.expose(), original);
+    assert_eq!(
+        app.stored(&site.client_key)
+            .await
+            .unwrap()
+            .current_secret()
+            .secret
+            .expose(),
+        original
+    );
 }
 
 /// Seed 001: install, ignore the uninstall, install again signed with the old secret and
@@ -78,12 +101,20 @@ async fn reinstall_after_processed_uninstall_verifies_with_the_kept_secret(backe
     assert_eq!(unsigned_install(&app, &site).await.status(), 204);
     let old = site.secret.clone();
     let uninstall = app.tenant_lifecycle_token(&site.client_key, &old, "/uninstalled");
-    assert_eq!(app.post_lifecycle("/uninstalled", Some(&uninstall), &site.body("uninstalled")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/uninstalled", Some(&uninstall), &site.body("uninstalled"))
+            .await
+            .status(),
+        204
+    );
     assert_eq!(app.tenant_status(&site, &old).await, 403);
 
     site.secret = "after-uninstall-secret".into();
     assert_eq!(signed_reinstall(&app, &site, &old).await.status(), 204);
-    assert_eq!(app.tenant_status(&site, "after-uninstall-secret").await, 200);
+    assert_eq!(
+        app.tenant_status(&site, "after-uninstall-secret").await,
+        200
+    );
 }
 
 async fn reinstall_signed_with_an_older_secret_from_history_is_accepted(backend: Backend) {
@@ -110,8 +141,16 @@ async fn signed_install_is_still_verified_in_legacy_mode(backend: Backend) {
     // An RS256 token that fails verification is not "downgraded" to the unsigned path.
     let other = Site::new();
     let mut claims = app.install_claims(&other.client_key, "/installed");
-    claims.aud = Some(connect_warden::jwt::Audience::One("https://elsewhere.example.com".into()));
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &other.body("installed")).await;
+    claims.aud = Some(connect_warden::jwt::Audience::One(
+        "https://elsewhere.example.com".into(),
+    ));
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &other.body("installed"),
+        )
+        .await;
     assert_eq!(response.status(), 401);
     assert!(app.stored(&other.client_key).await.is_none());
 }

@@ -12,11 +12,23 @@ use connect_warden::store::InstallState;
 use serde_json::json;
 
 /// A refused first install: status, message fragment, and an empty store.
-async fn assert_refused_first_install(app: &TestApp, response: reqwest::Response, status: u16, fragment: &str) {
+async fn assert_refused_first_install(
+    app: &TestApp,
+    response: reqwest::Response,
+    status: u16,
+    fragment: &str,
+) {
     assert_eq!(response.status().as_u16(), status);
     let message = error_of(response).await;
-    assert!(message.contains(fragment), "message {message:?} lacks {fragment:?}");
-    assert_eq!(app.stored_count().await, 0, "a refused callback stored something");
+    assert!(
+        message.contains(fragment),
+        "message {message:?} lacks {fragment:?}"
+    );
+    assert_eq!(
+        app.stored_count().await,
+        0,
+        "a refused callback stored something"
+    );
 }
 
 async fn signed_install_then_product_request(backend: Backend) {
@@ -24,13 +36,25 @@ async fn signed_install_then_product_request(backend: Backend) {
     let site = Site::new();
     app.install(&site).await;
 
-    let stored = app.stored(&site.client_key).await.expect("installation stored");
+    let stored = app
+        .stored(&site.client_key)
+        .await
+        .expect("installation stored");
     assert_eq!(stored.state, InstallState::Installed);
     assert!(stored.signed_install);
     assert_eq!(stored.current_secret().secret.expose(), site.secret);
-    assert_eq!(stored.oauth_client_id.as_deref(), Some(site.oauth_client_id.as_str()));
+    assert_eq!(
+        stored.oauth_client_id.as_deref(),
+        Some(site.oauth_client_id.as_str())
+    );
 
-    let token = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", jwt::now());
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
     let response = app.get_with_token("/api/tenant", &token).await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -43,7 +67,9 @@ async fn signed_install_then_product_request(backend: Backend) {
 async fn unsigned_install_is_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    let response = app.post_lifecycle("/installed", None, &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", None, &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "must carry Atlassian's signature").await;
 }
 
@@ -51,7 +77,9 @@ async fn hs256_install_with_attacker_secret_is_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
     let token = app.tenant_lifecycle_token(&site.client_key, &site.secret, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "expected RS256").await;
 }
 
@@ -63,7 +91,9 @@ async fn install_signed_by_another_private_key_is_refused(backend: Backend) {
     // The attacker's key under the real kid: the signature cannot verify.
     let real_kid = app.keys.keyring().read().unwrap().current().kid.clone();
     let token = sign_rs256_with_kid(&attacker, &real_kid, &claims);
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "signature does not verify").await;
 }
 
@@ -71,8 +101,13 @@ async fn unknown_kid_is_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
     let attacker = SigningKey::generate();
-    let token = sign_rs256(&attacker, &app.install_claims(&site.client_key, "/installed"));
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let token = sign_rs256(
+        &attacker,
+        &app.install_claims(&site.client_key, "/installed"),
+    );
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "does not know kid").await;
     assert_eq!(app.keys.fetches(&attacker.kid), 1);
 }
@@ -82,9 +117,17 @@ async fn kid_that_is_not_a_uuid_never_reaches_the_network(backend: Backend) {
     let site = Site::new();
     let key = common::app::shared_signing_key();
     let claims = app.install_claims(&site.client_key, "/installed");
-    for kid in ["../../admin", "https://evil.example.com/key.pem", "%2e%2e%2fx", "a/b", ""] {
+    for kid in [
+        "../../admin",
+        "https://evil.example.com/key.pem",
+        "%2e%2e%2fx",
+        "a/b",
+        "",
+    ] {
         let token = sign_rs256_with_kid(&key, kid, &claims);
-        let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+        let response = app
+            .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+            .await;
         assert_refused_first_install(&app, response, 401, "kid is not a UUID").await;
     }
     assert_eq!(app.keys.total_fetches(), 0, "a bad kid caused a key fetch");
@@ -97,21 +140,37 @@ async fn alg_none_is_refused(backend: Backend) {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
     let token = format!("{header}.{payload}.");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "alg none").await;
 }
 
 async fn hs256_signed_with_the_public_key_is_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    let public_pem = app.keys.keyring().read().unwrap().current().public_pem().to_owned();
+    let public_pem = app
+        .keys
+        .keyring()
+        .read()
+        .unwrap()
+        .current()
+        .public_pem()
+        .to_owned();
     let kid = app.keys.keyring().read().unwrap().current().kid.clone();
     let claims = app.install_claims(&site.client_key, "/installed");
     // Algorithm confusion: the public key (known to all) used as an HMAC secret.
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some(kid);
-    let token = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(public_pem.as_bytes())).unwrap();
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(public_pem.as_bytes()),
+    )
+    .unwrap();
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "alg HS256").await;
 }
 
@@ -121,13 +180,20 @@ async fn wrong_audience_is_refused(backend: Backend) {
     let mut claims = app.install_claims(&site.client_key, "/installed");
     claims.aud = Some(Audience::One("https://other-app.example.com".into()));
     let token = app.sign_install(&claims);
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "aud").await;
 
     // A list naming this app (with a trailing slash) is fine.
-    claims.aud = Some(Audience::Many(vec!["https://x.example.com".into(), format!("{APP_BASE_URL}/")]));
+    claims.aud = Some(Audience::Many(vec![
+        "https://x.example.com".into(),
+        format!("{APP_BASE_URL}/"),
+    ]));
     let token = app.sign_install(&claims);
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_eq!(response.status(), 204);
 }
 
@@ -136,7 +202,9 @@ async fn iss_other_than_body_client_key_is_refused(backend: Backend) {
     let site = Site::new();
     let other = Site::new();
     let token = app.install_token(&other.client_key, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 403, "iss does not equal").await;
 }
 
@@ -145,16 +213,30 @@ async fn wrong_or_missing_qsh_is_refused(backend: Backend) {
     let site = Site::new();
     // A token made for /uninstalled replayed against /installed.
     let token = app.install_token(&site.client_key, "/uninstalled");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 401, "qsh does not match").await;
 
     let mut claims = app.install_claims(&site.client_key, "/installed");
     claims.qsh = None;
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &site.body("installed"),
+        )
+        .await;
     assert_refused_first_install(&app, response, 401, "no qsh claim").await;
 
     claims.qsh = Some("context-qsh".into());
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &site.body("installed"),
+        )
+        .await;
     assert_refused_first_install(&app, response, 401, "context token").await;
 }
 
@@ -165,16 +247,34 @@ async fn expired_or_future_tokens_are_refused(backend: Backend) {
     let now = jwt::now();
     claims.iat = Some(now - 600);
     claims.exp = Some(now - 300);
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &site.body("installed"),
+        )
+        .await;
     assert_refused_first_install(&app, response, 401, "expired").await;
 
     claims.iat = Some(now + 300);
     claims.exp = Some(now + 600);
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &site.body("installed"),
+        )
+        .await;
     assert_refused_first_install(&app, response, 401, "in the future").await;
 
     claims.iat = None;
-    let response = app.post_lifecycle("/installed", Some(&app.sign_install(&claims)), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle(
+            "/installed",
+            Some(&app.sign_install(&claims)),
+            &site.body("installed"),
+        )
+        .await;
     assert_refused_first_install(&app, response, 401, "no iat").await;
 }
 
@@ -183,7 +283,9 @@ async fn host_not_allowed_is_refused(backend: Backend) {
     let mut site = Site::new();
     site.base_url = "https://acme.atlassian.net.evil.example.com".into();
     let token = app.install_token(&site.client_key, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 403, "not an allowed product host").await;
 }
 
@@ -191,7 +293,9 @@ async fn malformed_and_oversized_bodies_are_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
     let token = app.install_token(&site.client_key, "/installed");
-    let response = app.post_raw("/installed", Some(&token), b"{not json".to_vec()).await;
+    let response = app
+        .post_raw("/installed", Some(&token), b"{not json".to_vec())
+        .await;
     assert_refused_first_install(&app, response, 400, "not a JSON lifecycle payload").await;
 
     let mut body = site.body("installed");
@@ -215,17 +319,33 @@ async fn retry_is_idempotent_and_replay_with_other_body_is_refused(backend: Back
     let site = Site::new();
     let token = app.install_token(&site.client_key, "/installed");
     let body = site.body("installed");
-    assert_eq!(app.post_lifecycle("/installed", Some(&token), &body).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/installed", Some(&token), &body)
+            .await
+            .status(),
+        204
+    );
     let first = app.stored(&site.client_key).await.unwrap();
 
     // The host retries a timed-out callback: same token, same body.
-    assert_eq!(app.post_lifecycle("/installed", Some(&token), &body).await.status(), 204);
-    assert_eq!(app.stored(&site.client_key).await.unwrap().version, first.version, "a retry wrote");
+    assert_eq!(
+        app.post_lifecycle("/installed", Some(&token), &body)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(
+        app.stored(&site.client_key).await.unwrap().version,
+        first.version,
+        "a retry wrote"
+    );
 
     // A captured token with the attacker's secret in the body.
     let mut forged = body.clone();
     forged["sharedSecret"] = json!("attacker-chosen-secret");
-    let response = app.post_lifecycle("/installed", Some(&token), &forged).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &forged)
+        .await;
     assert_eq!(response.status(), 409);
     assert!(error_of(response).await.contains("replay"));
     let after = app.stored(&site.client_key).await.unwrap();
@@ -248,12 +368,17 @@ async fn older_install_cannot_roll_the_secret_back(backend: Backend) {
     app.install(&site).await;
     let before = app.stored(&site.client_key).await.unwrap();
 
-    let response = app.post_lifecycle("/installed", Some(&old_token), &old_body).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&old_token), &old_body)
+        .await;
     assert_eq!(response.status(), 409);
     assert!(error_of(response).await.contains("stale"));
     let after = app.stored(&site.client_key).await.unwrap();
     assert_eq!(after.version, before.version);
-    assert_eq!(after.current_secret().secret.expose(), "rolled-secret-newer");
+    assert_eq!(
+        after.current_secret().secret.expose(),
+        "rolled-secret-newer"
+    );
 }
 
 async fn cross_tenant_overwrite_is_refused(backend: Backend) {
@@ -289,8 +414,17 @@ async fn secret_roll_keeps_history_and_new_secret_works(backend: Backend) {
     assert_eq!(history, vec![old_secret.as_str(), "the-rolled-secret"]);
     assert_eq!(app.tenant_status(&site, "the-rolled-secret").await, 200);
     // In flight from before the roll, within the grace window: accepted.
-    let in_flight = app.product_token(&site.client_key, &old_secret, "GET", "/api/tenant", stored.current_secret().since - 5);
-    assert_eq!(app.get_with_token("/api/tenant", &in_flight).await.status(), 200);
+    let in_flight = app.product_token(
+        &site.client_key,
+        &old_secret,
+        "GET",
+        "/api/tenant",
+        stored.current_secret().since - 5,
+    );
+    assert_eq!(
+        app.get_with_token("/api/tenant", &in_flight).await.status(),
+        200
+    );
     // Issued after the roll with the old secret: refused even within the grace window.
     assert_eq!(app.tenant_status(&site, &old_secret).await, 401);
 }
@@ -300,21 +434,40 @@ async fn uninstall_keeps_the_record_and_blocks_requests_until_reinstall(backend:
     let site = Site::new();
     app.install(&site).await;
     let token = app.install_token(&site.client_key, "/uninstalled");
-    assert_eq!(app.post_lifecycle("/uninstalled", Some(&token), &site.body("uninstalled")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/uninstalled", Some(&token), &site.body("uninstalled"))
+            .await
+            .status(),
+        204
+    );
 
-    let stored = app.stored(&site.client_key).await.expect("record kept after uninstall");
+    let stored = app
+        .stored(&site.client_key)
+        .await
+        .expect("record kept after uninstall");
     assert_eq!(stored.state, InstallState::Uninstalled);
     assert_eq!(stored.current_secret().secret.expose(), site.secret);
-    let token = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", jwt::now());
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
     let response = app.get_with_token("/api/tenant", &token).await;
     assert_eq!(response.status(), 403);
     assert!(error_of(response).await.contains("uninstalled"));
 
     // Unsigned uninstall (an attacker knocking a tenant out) is refused.
     app.install(&site).await;
-    let response = app.post_lifecycle("/uninstalled", None, &site.body("uninstalled")).await;
+    let response = app
+        .post_lifecycle("/uninstalled", None, &site.body("uninstalled"))
+        .await;
     assert_eq!(response.status(), 401);
-    assert_eq!(app.stored(&site.client_key).await.unwrap().state, InstallState::Installed);
+    assert_eq!(
+        app.stored(&site.client_key).await.unwrap().state,
+        InstallState::Installed
+    );
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
 }
 
@@ -324,18 +477,44 @@ async fn disable_and_enable_need_the_tenant_secret(backend: Backend) {
     app.install(&site).await;
 
     let forged = app.tenant_lifecycle_token(&site.client_key, "not-the-secret", "/disabled");
-    assert_eq!(app.post_lifecycle("/disabled", Some(&forged), &site.body("disabled")).await.status(), 401);
+    assert_eq!(
+        app.post_lifecycle("/disabled", Some(&forged), &site.body("disabled"))
+            .await
+            .status(),
+        401
+    );
     assert!(app.stored(&site.client_key).await.unwrap().enabled);
 
     let token = app.tenant_lifecycle_token(&site.client_key, &site.secret, "/disabled");
-    assert_eq!(app.post_lifecycle("/disabled", Some(&token), &site.body("disabled")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/disabled", Some(&token), &site.body("disabled"))
+            .await
+            .status(),
+        204
+    );
     assert!(!app.stored(&site.client_key).await.unwrap().enabled);
-    let response = app.get_with_token("/api/tenant", &app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", jwt::now())).await;
+    let response = app
+        .get_with_token(
+            "/api/tenant",
+            &app.product_token(
+                &site.client_key,
+                &site.secret,
+                "GET",
+                "/api/tenant",
+                jwt::now(),
+            ),
+        )
+        .await;
     assert_eq!(response.status(), 403);
     assert!(error_of(response).await.contains("disabled"));
 
     let token = app.tenant_lifecycle_token(&site.client_key, &site.secret, "/enabled");
-    assert_eq!(app.post_lifecycle("/enabled", Some(&token), &site.body("enabled")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/enabled", Some(&token), &site.body("enabled"))
+            .await
+            .status(),
+        204
+    );
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
 }
 
@@ -361,11 +540,18 @@ async fn key_server_outage_is_503_and_stores_nothing(backend: Backend) {
     let site = Site::new();
     app.keys.set_failing(true);
     let token = app.install_token(&site.client_key, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_refused_first_install(&app, response, 503, "install-key server is unavailable").await;
     // Not cached: once the server is back the same install goes through.
     app.keys.set_failing(false);
-    assert_eq!(app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/installed", Some(&token), &site.body("installed"))
+            .await
+            .status(),
+        204
+    );
 }
 
 async fn hundred_concurrent_installs_fetch_the_key_once(backend: Backend) {
@@ -374,7 +560,10 @@ async fn hundred_concurrent_installs_fetch_the_key_once(backend: Backend) {
     let sites: Vec<Site> = (0..100).map(|_| Site::new()).collect();
     let responses = futures_util::future::join_all(sites.iter().map(|site| async {
         let token = app.install_token(&site.client_key, "/installed");
-        app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await.status().as_u16()
+        app.post_lifecycle("/installed", Some(&token), &site.body("installed"))
+            .await
+            .status()
+            .as_u16()
     }))
     .await;
     assert!(responses.iter().all(|s| *s == 204), "{responses:?}");

@@ -45,46 +45,93 @@ async fn no_secret_or_token_is_ever_logged() {
         let app = spawn_app(backend).await;
         let mut site = Site::new();
         let token = app.install_token(&site.client_key, "/installed");
-        let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+        let response = app
+            .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+            .await;
         assert_eq!(response.status(), 204);
         needles.extend([site.secret.clone(), token.clone()]);
 
         // A replay with an attacker's secret, refused.
         let mut forged = site.body("installed");
         forged["sharedSecret"] = serde_json::json!("attacker-secret-value-123");
-        assert_eq!(app.post_lifecycle("/installed", Some(&token), &forged).await.status(), 409);
+        assert_eq!(
+            app.post_lifecycle("/installed", Some(&token), &forged)
+                .await
+                .status(),
+            409
+        );
         needles.push("attacker-secret-value-123".into());
 
         // Roll.
         site.secret = format!("rolled-{}", site.secret);
         let roll = app.install_token(&site.client_key, "/installed");
-        assert_eq!(app.post_lifecycle("/installed", Some(&roll), &site.body("installed")).await.status(), 204);
+        assert_eq!(
+            app.post_lifecycle("/installed", Some(&roll), &site.body("installed"))
+                .await
+                .status(),
+            204
+        );
         needles.extend([site.secret.clone(), roll]);
 
         // Product requests: header, query, and a refused one.
-        let good = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", jwt::now());
+        let good = app.product_token(
+            &site.client_key,
+            &site.secret,
+            "GET",
+            "/api/tenant",
+            jwt::now(),
+        );
         assert_eq!(app.get_with_token("/api/tenant", &good).await.status(), 200);
-        let in_query = app.client.get(app.url(&format!("/api/tenant?jwt={good}"))).send().await.unwrap();
+        let in_query = app
+            .client
+            .get(app.url(&format!("/api/tenant?jwt={good}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(in_query.status(), 200);
-        let bad = app.product_token(&site.client_key, "wrong-secret-xyz", "GET", "/api/tenant", jwt::now());
+        let bad = app.product_token(
+            &site.client_key,
+            "wrong-secret-xyz",
+            "GET",
+            "/api/tenant",
+            jwt::now(),
+        );
         assert_eq!(app.get_with_token("/api/tenant", &bad).await.status(), 401);
         needles.extend([good, bad, "wrong-secret-xyz".into()]);
 
         // Enable/disable tokens.
         let disable = app.tenant_lifecycle_token(&site.client_key, &site.secret, "/disabled");
-        assert_eq!(app.post_lifecycle("/disabled", Some(&disable), &site.body("disabled")).await.status(), 204);
+        assert_eq!(
+            app.post_lifecycle("/disabled", Some(&disable), &site.body("disabled"))
+                .await
+                .status(),
+            204
+        );
         needles.push(disable);
     }
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("lifecycle callback accepted"), "the capture saw no warden log line");
+    assert!(
+        logs.contains("lifecycle callback accepted"),
+        "the capture saw no warden log line"
+    );
     assert!(logs.contains("request refused"), "refusals are logged");
     for needle in &needles {
-        assert!(!logs.contains(needle.as_str()), "a log line contains a secret or token: {needle:.12}…");
+        assert!(
+            !logs.contains(needle.as_str()),
+            "a log line contains a secret or token: {needle:.12}…"
+        );
         // Token parts (the signature alone would be enough to replay nothing, but the claims part
         // together with the header is the token): check the signature part separately too.
-        if let Some(signature) = needle.rsplit('.').next().filter(|s| s.len() > 20 && needle.matches('.').count() == 2) {
-            assert!(!logs.contains(signature), "a log line contains a token signature");
+        if let Some(signature) = needle
+            .rsplit('.')
+            .next()
+            .filter(|s| s.len() > 20 && needle.matches('.').count() == 2)
+        {
+            assert!(
+                !logs.contains(signature),
+                "a log line contains a token signature"
+            );
         }
     }
 }

@@ -14,8 +14,19 @@ async fn token_in_query_works_and_both_places_is_400(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
     app.install(&site).await;
-    let token = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant?b=2&a=1", jwt::now());
-    let response = app.client.get(app.url(&format!("/api/tenant?b=2&a=1&jwt={token}"))).send().await.unwrap();
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant?b=2&a=1",
+        jwt::now(),
+    );
+    let response = app
+        .client
+        .get(app.url(&format!("/api/tenant?b=2&a=1&jwt={token}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 
     let response = app
@@ -39,13 +50,65 @@ async fn forged_and_mismatched_tokens_are_401(backend: Backend) {
     app.install(&site).await;
     let now = jwt::now();
     let cases = [
-        ("wrong secret", app.product_token(&site.client_key, "guessed", "GET", "/api/tenant", now), "signature"),
-        ("unknown tenant", app.product_token("ck-never-installed", &site.secret, "GET", "/api/tenant", now), "no installation"),
-        ("other path", app.product_token(&site.client_key, &site.secret, "GET", "/api/other", now), "qsh does not match"),
-        ("other query", app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant?admin=true", now), "qsh does not match"),
-        ("other method", app.product_token(&site.client_key, &site.secret, "POST", "/api/tenant", now), "qsh does not match"),
-        ("expired", app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", now - 1000), "expired"),
-        ("future", app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", now + 600), "future"),
+        (
+            "wrong secret",
+            app.product_token(&site.client_key, "guessed", "GET", "/api/tenant", now),
+            "signature",
+        ),
+        (
+            "unknown tenant",
+            app.product_token(
+                "ck-never-installed",
+                &site.secret,
+                "GET",
+                "/api/tenant",
+                now,
+            ),
+            "no installation",
+        ),
+        (
+            "other path",
+            app.product_token(&site.client_key, &site.secret, "GET", "/api/other", now),
+            "qsh does not match",
+        ),
+        (
+            "other query",
+            app.product_token(
+                &site.client_key,
+                &site.secret,
+                "GET",
+                "/api/tenant?admin=true",
+                now,
+            ),
+            "qsh does not match",
+        ),
+        (
+            "other method",
+            app.product_token(&site.client_key, &site.secret, "POST", "/api/tenant", now),
+            "qsh does not match",
+        ),
+        (
+            "expired",
+            app.product_token(
+                &site.client_key,
+                &site.secret,
+                "GET",
+                "/api/tenant",
+                now - 1000,
+            ),
+            "expired",
+        ),
+        (
+            "future",
+            app.product_token(
+                &site.client_key,
+                &site.secret,
+                "GET",
+                "/api/tenant",
+                now + 600,
+            ),
+            "future",
+        ),
         ("garbage", "not.a.token".to_owned(), "malformed"),
     ];
     for (what, token, fragment) in cases {
@@ -72,7 +135,9 @@ fn context_token(client_key: &str, secret: &str) -> String {
         iat: Some(now),
         exp: Some(now + 60),
         qsh: Some("context-qsh".into()),
-        context: Some(json!({"user": {"accountId": "5b10ac8d82e05b22cc7d4ef5"}, "jira": {"issue": {"key": "ABC-1"}}})),
+        context: Some(
+            json!({"user": {"accountId": "5b10ac8d82e05b22cc7d4ef5"}, "jira": {"issue": {"key": "ABC-1"}}}),
+        ),
         ..Default::default()
     };
     jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
@@ -93,8 +158,17 @@ async fn context_tokens_only_on_opted_in_routes(backend: Backend) {
     assert_eq!(body["accountId"], "5b10ac8d82e05b22cc7d4ef5");
     assert_eq!(body["context"]["jira"]["issue"]["key"], "ABC-1");
     // Regular tokens work on the context route too.
-    let regular = app.product_token(&site.client_key, &site.secret, "GET", "/api/context", jwt::now());
-    assert_eq!(app.get_with_token("/api/context", &regular).await.status(), 200);
+    let regular = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/context",
+        jwt::now(),
+    );
+    assert_eq!(
+        app.get_with_token("/api/context", &regular).await.status(),
+        200
+    );
 }
 
 async fn previous_secret_stops_working_after_the_grace_window(backend: Backend) {
@@ -103,12 +177,24 @@ async fn previous_secret_stops_working_after_the_grace_window(backend: Backend) 
     app.install(&site).await;
     let old = site.secret.clone();
     // Issued before the roll (the host's in-flight request).
-    let in_flight = app.product_token(&site.client_key, &old, "GET", "/api/tenant", jwt::now() - 10);
+    let in_flight = app.product_token(
+        &site.client_key,
+        &old,
+        "GET",
+        "/api/tenant",
+        jwt::now() - 10,
+    );
     site.secret = "rolled".into();
     app.install(&site).await;
-    assert_eq!(app.get_with_token("/api/tenant", &in_flight).await.status(), 200);
+    assert_eq!(
+        app.get_with_token("/api/tenant", &in_flight).await.status(),
+        200
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(app.get_with_token("/api/tenant", &in_flight).await.status(), 401);
+    assert_eq!(
+        app.get_with_token("/api/tenant", &in_flight).await.status(),
+        401
+    );
     assert_eq!(app.tenant_status(&site, "rolled").await, 200);
 }
 
@@ -121,17 +207,37 @@ async fn secrets_older_than_the_previous_never_verify(backend: Backend) {
     app.install(&site).await;
     site.secret = "third".into();
     app.install(&site).await;
-    let ancient = app.product_token(&site.client_key, &first, "GET", "/api/tenant", jwt::now() - 30);
-    assert_eq!(app.get_with_token("/api/tenant", &ancient).await.status(), 401);
+    let ancient = app.product_token(
+        &site.client_key,
+        &first,
+        "GET",
+        "/api/tenant",
+        jwt::now() - 30,
+    );
+    assert_eq!(
+        app.get_with_token("/api/tenant", &ancient).await.status(),
+        401
+    );
 }
 
 async fn base_url_with_a_path(backend: Backend) {
-    let app = spawn_app_with(Options::new(backend).set("WARDEN_BASE_URL", "https://warden.example.com/app")).await;
+    let app = spawn_app_with(
+        Options::new(backend).set("WARDEN_BASE_URL", "https://warden.example.com/app"),
+    )
+    .await;
     assert!(app.address.ends_with("/app"));
     let site = Site::new();
     app.install(&site).await;
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
-    let descriptor: serde_json::Value = app.client.get(app.url("/atlassian-connect.json")).send().await.unwrap().json().await.unwrap();
+    let descriptor: serde_json::Value = app
+        .client
+        .get(app.url("/atlassian-connect.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(descriptor["baseUrl"], "https://warden.example.com/app");
 }
 

@@ -8,7 +8,12 @@ use common::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
 #[tokio::test]
 async fn descriptor_declares_lifecycle_and_migrations() {
     let app = spawn_app(Backend::Embedded).await;
-    let response = app.client.get(app.url("/atlassian-connect.json")).send().await.unwrap();
+    let response = app
+        .client
+        .get(app.url("/atlassian-connect.json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let d: serde_json::Value = response.json().await.unwrap();
     assert_eq!(d["baseUrl"], common::app::APP_BASE_URL);
@@ -22,13 +27,24 @@ async fn descriptor_declares_lifecycle_and_migrations() {
 
 #[tokio::test]
 async fn app_key_setting_overrides_the_descriptor_and_checks_bodies() {
-    let app = spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_APP_KEY", "vendor-app")).await;
-    let d: serde_json::Value = app.client.get(app.url("/atlassian-connect.json")).send().await.unwrap().json().await.unwrap();
+    let app =
+        spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_APP_KEY", "vendor-app")).await;
+    let d: serde_json::Value = app
+        .client
+        .get(app.url("/atlassian-connect.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(d["key"], "vendor-app");
     // A body for another app key is refused.
     let site = Site::new();
     let token = app.install_token(&site.client_key, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_eq!(response.status(), 400);
     assert!(error_of(response).await.contains("app key"));
     assert_eq!(app.stored_count().await, 0);
@@ -38,8 +54,24 @@ async fn app_key_setting_overrides_the_descriptor_and_checks_bodies() {
 async fn health_and_readiness() {
     for backend in [Backend::Embedded, Backend::Redis] {
         let app = spawn_app(backend).await;
-        assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
-        assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            app.client
+                .get(app.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            app.client
+                .get(app.url("/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
 }
 
@@ -55,23 +87,102 @@ async fn unknown_routes_and_methods_answer_json() {
 /// silent success) until Redis is back.
 #[tokio::test]
 async fn store_outage_is_503() {
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let app = spawn_app_with(
         Options::new(Backend::Embedded)
             .set("WARDEN_REDIS_URL", format!("redis://127.0.0.1:{dead_port}"))
             .set("WARDEN_REDIS_PREFIX", "outage"),
     )
     .await;
-    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let response = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     assert!(error_of(response).await.contains("store is unavailable"));
 
     let site = Site::new();
     let token = app.install_token(&site.client_key, "/installed");
-    let response = app.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
     assert_eq!(response.status(), 503);
 
-    let token = app.product_token(&site.client_key, &site.secret, "GET", "/api/tenant", connect_warden::jwt::now());
-    assert_eq!(app.get_with_token("/api/tenant", &token).await.status(), 503);
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant",
+        connect_warden::jwt::now(),
+    );
+    assert_eq!(
+        app.get_with_token("/api/tenant", &token).await.status(),
+        503
+    );
+}
+
+/// A vendor route registered with `Application::build_with_routes` sits under the base path
+/// and is guarded like warden's own.
+#[tokio::test]
+async fn vendor_routes_are_served_under_the_base_path_and_guarded() {
+    use actix_web::{web, HttpResponse};
+    use connect_warden::guard::ProductRequest;
+
+    async fn hello(tenant: ProductRequest) -> HttpResponse {
+        HttpResponse::Ok().body(format!("hello {}", tenant.client_key))
+    }
+    let app = spawn_app_with(
+        Options::new(Backend::Embedded)
+            .set("WARDEN_BASE_URL", "https://warden.example.com/app")
+            .routes(|cfg| {
+                cfg.route("/api/hello", web::get().to(hello));
+            }),
+    )
+    .await;
+    let site = Site::new();
+    app.install(&site).await;
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/hello",
+        connect_warden::jwt::now(),
+    );
+    let response = app.get_with_token("/api/hello", &token).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        format!("hello {}", site.client_key)
+    );
+    let forged = app.product_token(
+        &site.client_key,
+        "guess",
+        "GET",
+        "/api/hello",
+        connect_warden::jwt::now(),
+    );
+    assert_eq!(
+        app.get_with_token("/api/hello", &forged).await.status(),
+        401
+    );
+    // warden's own routes are still there.
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -19,21 +19,46 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
     let new = imported(&old);
     app.install(&new).await;
 
-    let token = app.product_token(&old.client_key, &old.secret, "GET", "/api/tenant", jwt::now());
+    let token = app.product_token(
+        &old.client_key,
+        &old.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
     let response = app.get_with_token("/api/tenant", &token).await;
     assert_eq!(response.status(), 403);
-    assert!(error_of(response).await.contains(&format!("superseded by {}", new.client_key)));
+    assert!(error_of(response)
+        .await
+        .contains(&format!("superseded by {}", new.client_key)));
 
-    let token = app.product_token(&new.client_key, &new.secret, "GET", "/api/tenant", jwt::now());
-    let body: serde_json::Value = app.get_with_token("/api/tenant", &token).await.json().await.unwrap();
+    let token = app.product_token(
+        &new.client_key,
+        &new.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
+    let body: serde_json::Value = app
+        .get_with_token("/api/tenant", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["supersedes"], serde_json::json!([old.client_key]));
 
     let stored_old = app.stored(&old.client_key).await.unwrap();
-    assert_eq!(stored_old.superseded_by.as_ref().map(|k| k.as_str()), Some(new.client_key.as_str()));
+    assert_eq!(
+        stored_old.superseded_by.as_ref().map(|k| k.as_str()),
+        Some(new.client_key.as_str())
+    );
     // The old record (and its secret) stays, so the vendor can migrate tenant data.
     assert_eq!(stored_old.current_secret().secret.expose(), old.secret);
     let stored_new = app.stored(&new.client_key).await.unwrap();
-    assert_eq!(stored_new.oauth_client_id.as_deref(), Some(new.oauth_client_id.as_str()));
+    assert_eq!(
+        stored_new.oauth_client_id.as_deref(),
+        Some(new.oauth_client_id.as_str())
+    );
 }
 
 async fn unsigned_legacy_install_never_supersedes(backend: Backend) {
@@ -42,11 +67,30 @@ async fn unsigned_legacy_install_never_supersedes(backend: Backend) {
     app.install(&real).await;
     // A forged unsigned first install on the real tenant's baseUrl.
     let forged = imported(&real);
-    assert_eq!(app.post_lifecycle("/installed", None, &forged.body("installed")).await.status(), 204);
+    assert_eq!(
+        app.post_lifecycle("/installed", None, &forged.body("installed"))
+            .await
+            .status(),
+        204
+    );
 
-    assert_eq!(app.tenant_status(&real, &real.secret).await, 200, "the real tenant was knocked out");
-    assert!(app.stored(&real.client_key).await.unwrap().superseded_by.is_none());
-    assert!(app.stored(&forged.client_key).await.unwrap().supersedes.is_empty());
+    assert_eq!(
+        app.tenant_status(&real, &real.secret).await,
+        200,
+        "the real tenant was knocked out"
+    );
+    assert!(app
+        .stored(&real.client_key)
+        .await
+        .unwrap()
+        .superseded_by
+        .is_none());
+    assert!(app
+        .stored(&forged.client_key)
+        .await
+        .unwrap()
+        .supersedes
+        .is_empty());
 }
 
 async fn reinstall_with_a_new_oauth_client_id_replaces_it(backend: Backend) {
@@ -56,7 +100,10 @@ async fn reinstall_with_a_new_oauth_client_id_replaces_it(backend: Backend) {
     site.oauth_client_id = "oauth-after-reinstall".into();
     app.install(&site).await;
     let stored = app.stored(&site.client_key).await.unwrap();
-    assert_eq!(stored.oauth_client_id.as_deref(), Some("oauth-after-reinstall"));
+    assert_eq!(
+        stored.oauth_client_id.as_deref(),
+        Some("oauth-after-reinstall")
+    );
     assert!(stored.superseded_by.is_none());
 }
 

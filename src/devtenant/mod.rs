@@ -2,10 +2,20 @@
 //! address, for the integration tests and the `devtenant` binary.
 //!
 //! - [`keys`]: the install-signing RSA keys ([`KeyRing`]) and RS256 install tokens;
-//! - [`key_server`]: the install-key CDN (`GET /{kid}` -> public key PEM).
+//! - [`key_server`]: the install-key CDN (`GET /{kid}` -> public key PEM);
+//! - [`host`]: the host site and its OAuth2 authorization server, for calls from the app;
+//! - [`server`]: key server and fake host on one address; [`state`]: the state directory;
+//!   [`client`]: descriptors, tokens and callbacks; [`rehearse`]: the catalogue; [`cli`].
 
+pub mod cli;
+pub mod client;
+pub mod host;
 pub mod key_server;
 pub mod keys;
+pub mod rehearse;
+pub mod server;
+pub mod state;
 
+pub use host::{FakeHost, HostRoute, HostService, TenantRecord};
 pub use key_server::{KeyServer, KeyService};
 pub use keys::{install_claims, sign_rs256, sign_rs256_with_kid, KeyError, KeyRing, SigningKey};

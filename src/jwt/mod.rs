@@ -8,6 +8,7 @@ pub mod qsh;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use hmac::{Hmac, Mac as _};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -27,7 +28,10 @@ pub enum JwtError {
     #[error("the token is malformed: {0}")]
     Malformed(&'static str),
     #[error("the token's alg {found} is not accepted here; expected {expected}")]
-    WrongAlgorithm { found: String, expected: &'static str },
+    WrongAlgorithm {
+        found: String,
+        expected: &'static str,
+    },
     #[error("the install token has no kid header")]
     MissingKid,
     #[error("the install token's kid is not a UUID")]
@@ -44,7 +48,9 @@ pub enum JwtError {
     ExpiresBeforeIssued,
     #[error("the token's aud does not name this app's base URL")]
     WrongAudience,
-    #[error("the token's qsh does not match this request (expected canonical request {canonical:?})")]
+    #[error(
+        "the token's qsh does not match this request (expected canonical request {canonical:?})"
+    )]
     QshMismatch { canonical: String },
     #[error("a context token (qsh \"context-qsh\") is not accepted on this route")]
     ContextTokenNotAllowed,
@@ -159,10 +165,27 @@ impl<'a> Token<'a> {
         }
     }
 
-    /// HMAC-SHA256 with a shared secret. The header must say HS256.
+    /// HMAC-SHA256 with a shared secret. The header must say HS256. Computed here rather than
+    /// through `jsonwebtoken`, which would copy the secret into a key, box a verifier and
+    /// decode the signature into a `Vec` for every product request; the comparison is
+    /// constant-time all the same.
     pub fn verify_hs256(&self, secret: &SharedSecret) -> Result<(), JwtError> {
         self.require_alg("HS256")?;
-        self.verify_with(&DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256)
+        let (input, sig) = (
+            &self.raw[..self.signing_input_len],
+            &self.raw[self.signing_input_len + 1..],
+        );
+        // 32 bytes are 43 base64url characters; a little slack for the decoder's size estimate.
+        let mut decoded = [0u8; 36];
+        let len = match URL_SAFE_NO_PAD.decode_slice(sig, &mut decoded) {
+            Ok(len) => len,
+            Err(_) => return Err(JwtError::BadSignature),
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(input.as_bytes());
+        mac.verify_slice(&decoded[..len])
+            .map_err(|_| JwtError::BadSignature)
     }
 
     /// RS256 with a public key from the install-key server. The header must say RS256.
@@ -172,7 +195,10 @@ impl<'a> Token<'a> {
     }
 
     fn verify_with(&self, key: &DecodingKey, alg: Algorithm) -> Result<(), JwtError> {
-        let (input, sig) = (&self.raw[..self.signing_input_len], &self.raw[self.signing_input_len + 1..]);
+        let (input, sig) = (
+            &self.raw[..self.signing_input_len],
+            &self.raw[self.signing_input_len + 1..],
+        );
         match jsonwebtoken::crypto::verify(sig, input.as_bytes(), key, alg) {
             Ok(true) => Ok(()),
             _ => Err(JwtError::BadSignature),
@@ -180,10 +206,19 @@ impl<'a> Token<'a> {
     }
 }
 
-fn decode_part<T: serde::de::DeserializeOwned>(part: &str, what: &'static str) -> Result<T, JwtError> {
+fn decode_part<T: serde::de::DeserializeOwned>(
+    part: &str,
+    what: &'static str,
+) -> Result<T, JwtError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
-        .map_err(|_| JwtError::Malformed(if what == "header" { "header is not base64url" } else { "claims are not base64url" }))?;
+        .map_err(|_| {
+            JwtError::Malformed(if what == "header" {
+                "header is not base64url"
+            } else {
+                "claims are not base64url"
+            })
+        })?;
     serde_json::from_slice(&bytes).map_err(|_| {
         JwtError::Malformed(if what == "header" {
             "header is not a JSON object with alg"
@@ -226,7 +261,11 @@ impl Claims {
     }
 
     /// `qsh` present and equal to the hash of `request`. Context tokens pass only where allowed.
-    pub fn check_qsh(&self, request: &CanonicalRequest, allow_context: bool) -> Result<(), JwtError> {
+    pub fn check_qsh(
+        &self,
+        request: &CanonicalRequest,
+        allow_context: bool,
+    ) -> Result<(), JwtError> {
         let claimed = self.qsh.as_deref().ok_or(JwtError::MissingClaim("qsh"))?;
         if claimed == CONTEXT_QSH {
             return if allow_context {
@@ -277,71 +316,194 @@ mod tests {
 
     #[test]
     fn hs256_round_trip_and_wrong_secret() {
-        let claims = Claims { iss: Some("ck".into()), iat: Some(10), exp: Some(20), ..Default::default() };
+        let claims = Claims {
+            iss: Some("ck".into()),
+            iat: Some(10),
+            exp: Some(20),
+            ..Default::default()
+        };
         let token = sign_hs256(&claims, &secret("s1"));
         let parsed = Token::parse(&token).unwrap();
         assert_eq!(parsed.claims().iss.as_deref(), Some("ck"));
         assert!(parsed.verify_hs256(&secret("s1")).is_ok());
-        assert_eq!(parsed.verify_hs256(&secret("s2")), Err(JwtError::BadSignature));
+        assert_eq!(
+            parsed.verify_hs256(&secret("s2")),
+            Err(JwtError::BadSignature)
+        );
     }
 
     #[test]
     fn alg_none_and_tampered_tokens_are_refused() {
-        let token = sign_hs256(&Claims { iss: Some("a".into()), ..Default::default() }, &secret("s"));
+        let token = sign_hs256(
+            &Claims {
+                iss: Some("a".into()),
+                ..Default::default()
+            },
+            &secret("s"),
+        );
         let mut parts: Vec<&str> = token.split('.').collect();
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         parts[0] = &none_header;
         let unsigned = format!("{}.{}.", parts[0], parts[1]);
         let parsed = Token::parse(&unsigned).unwrap();
-        assert!(matches!(parsed.verify_hs256(&secret("s")), Err(JwtError::WrongAlgorithm { .. })));
+        assert!(matches!(
+            parsed.verify_hs256(&secret("s")),
+            Err(JwtError::WrongAlgorithm { .. })
+        ));
 
         let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"iss":"b"}"#);
-        let tampered = format!("{}.{}.{}", token.split('.').next().unwrap(), forged_claims, token.rsplit('.').next().unwrap());
-        assert_eq!(Token::parse(&tampered).unwrap().verify_hs256(&secret("s")), Err(JwtError::BadSignature));
+        let tampered = format!(
+            "{}.{}.{}",
+            token.split('.').next().unwrap(),
+            forged_claims,
+            token.rsplit('.').next().unwrap()
+        );
+        assert_eq!(
+            Token::parse(&tampered).unwrap().verify_hs256(&secret("s")),
+            Err(JwtError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn signatures_of_the_wrong_size_or_encoding_are_refused() {
+        let token = sign_hs256(
+            &Claims {
+                iss: Some("a".into()),
+                ..Default::default()
+            },
+            &secret("s"),
+        );
+        let (input, sig) = token.rsplit_once('.').unwrap();
+        for bad in [
+            &sig[..42],
+            &sig[..40],
+            "",
+            &format!("{sig}A"),
+            &format!("{sig}="),
+            &sig.replace('-', "+"),
+        ] {
+            if bad == sig {
+                continue;
+            }
+            let forged = format!("{input}.{bad}");
+            assert_eq!(
+                Token::parse(&forged).unwrap().verify_hs256(&secret("s")),
+                Err(JwtError::BadSignature),
+                "{bad:?}"
+            );
+        }
+        // The last character carries 2 unused bits: setting them is another encoding, refused.
+        let last = sig.as_bytes()[42];
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let index = alphabet.iter().position(|&c| c == last).unwrap();
+        let sloppy = format!("{input}.{}{}", &sig[..42], alphabet[index | 1] as char);
+        if index & 1 == 0 {
+            assert_eq!(
+                Token::parse(&sloppy).unwrap().verify_hs256(&secret("s")),
+                Err(JwtError::BadSignature)
+            );
+        }
     }
 
     #[test]
     fn malformed_tokens_name_the_problem() {
         assert!(matches!(Token::parse("abc"), Err(JwtError::Malformed(_))));
-        assert!(matches!(Token::parse("a.b.c.d"), Err(JwtError::Malformed(_))));
-        assert!(matches!(Token::parse("!!.!!.!!"), Err(JwtError::Malformed(_))));
-        assert!(matches!(Token::parse(&"a".repeat(MAX_TOKEN_LEN + 1)), Err(JwtError::Malformed(_))));
+        assert!(matches!(
+            Token::parse("a.b.c.d"),
+            Err(JwtError::Malformed(_))
+        ));
+        assert!(matches!(
+            Token::parse("!!.!!.!!"),
+            Err(JwtError::Malformed(_))
+        ));
+        assert!(matches!(
+            Token::parse(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            Err(JwtError::Malformed(_))
+        ));
     }
 
     #[test]
     fn time_rules() {
-        let c = |iat, exp| Claims { iat, exp, ..Default::default() };
+        let c = |iat, exp| Claims {
+            iat,
+            exp,
+            ..Default::default()
+        };
         assert_eq!(c(Some(100), Some(200)).check_times(150), Ok((100, 200)));
-        assert_eq!(c(None, Some(200)).check_times(150), Err(JwtError::MissingClaim("iat")));
-        assert_eq!(c(Some(100), None).check_times(150), Err(JwtError::MissingClaim("exp")));
-        assert_eq!(c(Some(100), Some(200)).check_times(231), Err(JwtError::Expired));
+        assert_eq!(
+            c(None, Some(200)).check_times(150),
+            Err(JwtError::MissingClaim("iat"))
+        );
+        assert_eq!(
+            c(Some(100), None).check_times(150),
+            Err(JwtError::MissingClaim("exp"))
+        );
+        assert_eq!(
+            c(Some(100), Some(200)).check_times(231),
+            Err(JwtError::Expired)
+        );
         assert!(c(Some(100), Some(200)).check_times(229).is_ok());
-        assert_eq!(c(Some(200), Some(300)).check_times(169), Err(JwtError::IssuedInFuture));
-        assert_eq!(c(Some(120), Some(100)).check_times(110), Err(JwtError::ExpiresBeforeIssued));
+        assert_eq!(
+            c(Some(200), Some(300)).check_times(169),
+            Err(JwtError::IssuedInFuture)
+        );
+        assert_eq!(
+            c(Some(120), Some(100)).check_times(110),
+            Err(JwtError::ExpiresBeforeIssued)
+        );
     }
 
     #[test]
     fn audience_string_or_list_trailing_slash_insignificant() {
         let accepted = [BaseUrl::parse("https://app.example.com/base").unwrap()];
-        let with = |aud| Claims { aud: Some(aud), ..Default::default() };
-        assert!(with(Audience::One("https://app.example.com/base/".into())).check_audience(&accepted).is_ok());
-        assert!(with(Audience::Many(vec!["x".into(), "https://app.example.com/base".into()]))
+        let with = |aud| Claims {
+            aud: Some(aud),
+            ..Default::default()
+        };
+        assert!(with(Audience::One("https://app.example.com/base/".into()))
             .check_audience(&accepted)
             .is_ok());
-        assert_eq!(with(Audience::One("https://evil.example".into())).check_audience(&accepted), Err(JwtError::WrongAudience));
-        assert_eq!(Claims::default().check_audience(&accepted), Err(JwtError::MissingClaim("aud")));
+        assert!(with(Audience::Many(vec![
+            "x".into(),
+            "https://app.example.com/base".into()
+        ]))
+        .check_audience(&accepted)
+        .is_ok());
+        assert_eq!(
+            with(Audience::One("https://evil.example".into())).check_audience(&accepted),
+            Err(JwtError::WrongAudience)
+        );
+        assert_eq!(
+            Claims::default().check_audience(&accepted),
+            Err(JwtError::MissingClaim("aud"))
+        );
     }
 
     #[test]
     fn context_qsh_only_where_allowed() {
         let req = CanonicalRequest::new("GET", "/x", "", "");
-        let ctx = Claims { qsh: Some(CONTEXT_QSH.into()), ..Default::default() };
+        let ctx = Claims {
+            qsh: Some(CONTEXT_QSH.into()),
+            ..Default::default()
+        };
         assert!(ctx.check_qsh(&req, true).is_ok());
-        assert_eq!(ctx.check_qsh(&req, false), Err(JwtError::ContextTokenNotAllowed));
-        let good = Claims { qsh: Some(req.qsh()), ..Default::default() };
+        assert_eq!(
+            ctx.check_qsh(&req, false),
+            Err(JwtError::ContextTokenNotAllowed)
+        );
+        let good = Claims {
+            qsh: Some(req.qsh()),
+            ..Default::default()
+        };
         assert!(good.check_qsh(&req, false).is_ok());
         let other = CanonicalRequest::new("GET", "/y", "", "");
-        assert!(matches!(good.check_qsh(&other, false), Err(JwtError::QshMismatch { .. })));
-        assert_eq!(Claims::default().check_qsh(&req, true), Err(JwtError::MissingClaim("qsh")));
+        assert!(matches!(
+            good.check_qsh(&other, false),
+            Err(JwtError::QshMismatch { .. })
+        ));
+        assert_eq!(
+            Claims::default().check_qsh(&req, true),
+            Err(JwtError::MissingClaim("qsh"))
+        );
     }
 }

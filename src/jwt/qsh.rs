@@ -2,6 +2,7 @@
 //! or produces (install tokens, product requests, calls to the host, `warden jwt canonical`)
 //! comes from [`CanonicalRequest`].
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -27,7 +28,7 @@ impl CanonicalRequest {
     /// which is stripped first.
     pub fn new(method: &str, path: &str, query: &str, base_path: &str) -> Self {
         let mut out = String::with_capacity(method.len() + path.len() + query.len() + 2);
-        out.push_str(&method.to_ascii_uppercase());
+        out.extend(method.chars().map(|c| c.to_ascii_uppercase()));
         out.push('&');
         push_canonical_path(&mut out, path, base_path);
         out.push('&');
@@ -119,7 +120,8 @@ fn push_canonical_query(out: &mut String, query: &str) {
         return;
     }
     // (encoded name, encoded value) pairs; `jwt` is the token itself and never hashed.
-    let mut pairs: Vec<(String, String)> = query
+    // Borrowed where decoding and encoding change nothing, which is most parameters.
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = query
         .split('&')
         .filter(|p| !p.is_empty())
         .filter_map(|pair| {
@@ -128,7 +130,7 @@ fn push_canonical_query(out: &mut String, query: &str) {
             if name == "jwt" {
                 return None;
             }
-            Some((encode(&name), encode(&decode_component(value))))
+            Some((encode(name), encode(decode_component(value))))
         })
         .collect();
     pairs.sort();
@@ -156,13 +158,22 @@ fn push_canonical_query(out: &mut String, query: &str) {
 }
 
 /// Query components arrive form-encoded: `+` is a space, `%XX` a byte.
-fn decode_component(raw: &str) -> String {
+fn decode_component(raw: &str) -> Cow<'_, str> {
+    if !raw.contains(['+', '%']) {
+        return Cow::Borrowed(raw);
+    }
     let spaced = raw.replace('+', " ");
-    percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+    Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
 }
 
-fn encode(raw: &str) -> String {
-    utf8_percent_encode(raw, RFC3986).to_string()
+fn encode(decoded: Cow<'_, str>) -> Cow<'_, str> {
+    match decoded {
+        Cow::Borrowed(raw) => utf8_percent_encode(raw, RFC3986).into(),
+        Cow::Owned(raw) => match Cow::from(utf8_percent_encode(&raw, RFC3986)) {
+            Cow::Borrowed(_) => Cow::Owned(raw),
+            Cow::Owned(encoded) => Cow::Owned(encoded),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -188,7 +199,11 @@ mod tests {
             "c88caad15a1c1a900b8ac08aa9686f4e8184539bea1deda36e2f649430df3239"
         );
         assert_eq!(
-            qsh("GET", "/test", "param=some%20spaces%20in%20this%20parameter"),
+            qsh(
+                "GET",
+                "/test",
+                "param=some%20spaces%20in%20this%20parameter"
+            ),
             "ef4097d05395eaf1a133956f140116a9c411afad768d4f06daac9e305764265d"
         );
         assert_eq!(
@@ -208,20 +223,35 @@ mod tests {
 
     #[test]
     fn trailing_slash_is_dropped_unless_whole_path() {
-        assert_eq!(CanonicalRequest::new("GET", "/a/b/", "", "").as_str(), "GET&/a/b&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "/a/b/", "", "").as_str(),
+            "GET&/a/b&"
+        );
         assert_eq!(CanonicalRequest::new("GET", "/", "", "").as_str(), "GET&/&");
     }
 
     #[test]
     fn ampersand_in_path_is_escaped() {
-        assert_eq!(CanonicalRequest::new("GET", "/a&b", "", "").as_str(), "GET&/a%26b&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "/a&b", "", "").as_str(),
+            "GET&/a%26b&"
+        );
     }
 
     #[test]
     fn base_path_is_stripped_at_segment_boundary_only() {
-        assert_eq!(CanonicalRequest::new("GET", "/app/x", "", "/app").as_str(), "GET&/x&");
-        assert_eq!(CanonicalRequest::new("GET", "/app", "", "/app/").as_str(), "GET&/&");
-        assert_eq!(CanonicalRequest::new("GET", "/apple", "", "/app").as_str(), "GET&/apple&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "/app/x", "", "/app").as_str(),
+            "GET&/x&"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "/app", "", "/app/").as_str(),
+            "GET&/&"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "/apple", "", "/app").as_str(),
+            "GET&/apple&"
+        );
         assert_eq!(
             CanonicalRequest::new("GET", "/wiki/rest/api/space", "", "/wiki").as_str(),
             "GET&/rest/api/space&"
@@ -253,8 +283,12 @@ mod tests {
     #[test]
     fn from_url_handles_absolute_and_relative_urls() {
         assert_eq!(
-            CanonicalRequest::from_url("get", "https://acme.atlassian.net/wiki/rest/api?b=1&a=2#frag", "/wiki")
-                .as_str(),
+            CanonicalRequest::from_url(
+                "get",
+                "https://acme.atlassian.net/wiki/rest/api?b=1&a=2#frag",
+                "/wiki"
+            )
+            .as_str(),
             "GET&/rest/api&a=2&b=1"
         );
         assert_eq!(

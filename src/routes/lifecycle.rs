@@ -13,19 +13,35 @@ use crate::lifecycle::{
 };
 use crate::startup::AppState;
 
-pub async fn installed(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn installed(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     handle(LifecycleEvent::Installed, req, body, state).await
 }
 
-pub async fn uninstalled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn uninstalled(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     handle(LifecycleEvent::Uninstalled, req, body, state).await
 }
 
-pub async fn enabled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn enabled(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     handle(LifecycleEvent::Enabled, req, body, state).await
 }
 
-pub async fn disabled(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn disabled(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     handle(LifecycleEvent::Disabled, req, body, state).await
 }
 
@@ -51,9 +67,21 @@ async fn handle(
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().map_err(|_| ApiError::Unauthenticated("the Authorization header is not text".into())))
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::Unauthenticated("the Authorization header is not text".into())
+            })
+        })
         .transpose()?;
-    let auth = authenticate(&ctx, event, &request, authorization, &payload, existing.as_ref()).await?;
+    let auth = authenticate(
+        &ctx,
+        event,
+        &request,
+        authorization,
+        &payload,
+        existing.as_ref(),
+    )
+    .await?;
     let applied = apply(state.store.as_ref(), event, &payload, &auth, existing).await?;
 
     if applied.outcome == Outcome::Applied {
@@ -65,7 +93,8 @@ async fn handle(
     if event == LifecycleEvent::Installed {
         // Also on a retry: if the first attempt stopped before linking, the retry finishes it.
         if let Some(installation) = &applied.installation {
-            let superseded = supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await?;
+            let superseded =
+                supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await?;
             if !superseded.is_empty() {
                 // The new record gained its `supersedes` links after it was cached above.
                 state.tenants.invalidate(&installation.client_key).await;
@@ -88,7 +117,11 @@ async fn handle(
 
 /// The whole body, refusing more than `limit` bytes (by `Content-Length` up front, and while
 /// reading for chunked bodies) with 413.
-async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -99,7 +132,8 @@ async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("the body could not be read: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }

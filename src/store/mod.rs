@@ -192,7 +192,11 @@ pub trait InstallationStore: Send + Sync + 'static {
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError>;
 
     /// Records that `client_key` was installed on the site at `base_url` (idempotent).
-    async fn index_site(&self, base_url: &BaseUrl, client_key: &ClientKey) -> Result<(), StoreError>;
+    async fn index_site(
+        &self,
+        base_url: &BaseUrl,
+        client_key: &ClientKey,
+    ) -> Result<(), StoreError>;
 
     /// Every clientKey ever installed on the site at `base_url`.
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError>;

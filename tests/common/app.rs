@@ -6,14 +6,14 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use actix_web::web;
 use connect_warden::configuration::Settings;
-use connect_warden::devtenant::{install_claims, sign_rs256, KeyRing, KeyServer, SigningKey};
-use connect_warden::domain::{ClientKey, SharedSecret};
-use connect_warden::jwt::{self, CanonicalRequest, Claims};
+use connect_warden::devtenant::{KeyRing, KeyServer, SigningKey};
+use connect_warden::domain::ClientKey;
+use connect_warden::jwt::{self, Claims};
 use connect_warden::startup::{AppState, Application};
 use connect_warden::store::Installation;
 use serde_json::json;
 
-use super::redis_server;
+use super::{redis_server, tokens};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -44,19 +44,35 @@ pub fn shared_signing_key() -> SigningKey {
     KEY.get_or_init(SigningKey::generate).clone()
 }
 
+/// Vendor routes registered beside warden's.
+pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
 pub struct Options {
     pub backend: Backend,
     /// Extra `WARDEN_*` settings (name, value).
     pub env: Vec<(String, String)>,
+    pub routes: Option<Routes>,
 }
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, env: Vec::new() }
+        Self {
+            backend,
+            env: Vec::new(),
+            routes: None,
+        }
     }
 
     pub fn set(mut self, name: &str, value: impl Into<String>) -> Self {
         self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn routes(
+        mut self,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.routes = Some(Arc::new(routes));
         self
     }
 
@@ -71,14 +87,22 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let keyring = Arc::new(RwLock::new(KeyRing::with_key(shared_signing_key())));
-    let keys = KeyServer::start("127.0.0.1:0", keyring).await.expect("key server starts");
+    let keys = KeyServer::start("127.0.0.1:0", keyring)
+        .await
+        .expect("key server starts");
     let data_dir = tempfile::tempdir().unwrap();
     let mut env: Vec<(String, String)> = vec![
         ("WARDEN_BIND".into(), "127.0.0.1:0".into()),
         ("WARDEN_BASE_URL".into(), APP_BASE_URL.into()),
         ("WARDEN_KEYS_URL".into(), keys.url()),
-        ("WARDEN_DATA_DIR".into(), data_dir.path().display().to_string()),
-        ("WARDEN_DESCRIPTOR".into(), concat!(env!("CARGO_MANIFEST_DIR"), "/atlassian-connect.json").into()),
+        (
+            "WARDEN_DATA_DIR".into(),
+            data_dir.path().display().to_string(),
+        ),
+        (
+            "WARDEN_DESCRIPTOR".into(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/atlassian-connect.json").into(),
+        ),
     ];
     let mut redis_prefix = None;
     if options.backend == Backend::Redis {
@@ -91,7 +115,12 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let settings = Settings::from_sources(None, env).expect("test settings are valid");
     let base_path = settings.base_url.path().to_owned();
     let base_url = settings.base_url.as_str().to_owned();
-    let app = Application::build(settings).await.expect("application builds");
+    let routes = options
+        .routes
+        .unwrap_or_else(|| Arc::new(|_: &mut web::ServiceConfig| {}));
+    let app = Application::build_with_routes(settings, move |cfg| routes(cfg))
+        .await
+        .expect("application builds");
     let port = app.port();
     let state = app.state();
     tokio::spawn(app.run_until_stopped());
@@ -101,7 +130,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         base_path,
         base_url,
         state,
-        client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
         keys,
         redis_prefix,
         _data_dir: data_dir,
@@ -176,27 +208,35 @@ impl TestApp {
     }
 
     pub fn install_claims(&self, client_key: &str, path: &str) -> Claims {
-        // Real hosts make byte-identical tokens for callbacks in the same second (and a second
-        // body under an identical token is refused as a replay); tests run faster than that, so
-        // each token gets its own lifetime to stay distinct.
-        static LIFETIME: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-        let lifetime = 120 + LIFETIME.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 120;
-        let request = CanonicalRequest::new("POST", &format!("{}{path}", self.base_path), "", &self.base_path);
-        install_claims(client_key, &self.base_url, &request, jwt::now(), lifetime)
+        tokens::install_claims(&self.base_url, &self.base_path, client_key, path)
     }
 
     pub fn sign_install(&self, claims: &Claims) -> String {
-        let ring = self.keys.keyring().read().unwrap();
-        sign_rs256(ring.current(), claims)
+        tokens::sign_install(&self.keys, claims)
     }
 
     /// POSTs a lifecycle body with an optional `Authorization: JWT` token.
-    pub async fn post_lifecycle(&self, path: &str, token: Option<&str>, body: &serde_json::Value) -> reqwest::Response {
-        self.post_raw(path, token, serde_json::to_vec(body).unwrap()).await
+    pub async fn post_lifecycle(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.post_raw(path, token, serde_json::to_vec(body).unwrap())
+            .await
     }
 
-    pub async fn post_raw(&self, path: &str, token: Option<&str>, body: Vec<u8>) -> reqwest::Response {
-        let mut request = self.client.post(self.url(path)).header("content-type", "application/json").body(body);
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(token) = token {
             request = request.header("authorization", format!("JWT {token}"));
         }
@@ -206,39 +246,39 @@ impl TestApp {
     /// A signed install of `site`, as Atlassian sends it; asserts 204.
     pub async fn install(&self, site: &Site) {
         let token = self.install_token(&site.client_key, "/installed");
-        let response = self.post_lifecycle("/installed", Some(&token), &site.body("installed")).await;
-        assert_eq!(response.status(), 204, "install failed: {}", response.text().await.unwrap());
+        let response = self
+            .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+            .await;
+        assert_eq!(
+            response.status(),
+            204,
+            "install failed: {}",
+            response.text().await.unwrap()
+        );
     }
 
     /// An HS256 token for an enabled/disabled callback (or legacy reinstall), signed with `secret`.
     pub fn tenant_lifecycle_token(&self, client_key: &str, secret: &str, path: &str) -> String {
-        let request = CanonicalRequest::new("POST", &format!("{}{path}", self.base_path), "", &self.base_path);
-        let now = jwt::now();
-        static LIFETIME: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-        let lifetime = 120 + LIFETIME.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 120;
-        let claims = Claims {
-            iss: Some(client_key.into()),
-            iat: Some(now),
-            exp: Some(now + lifetime),
-            qsh: Some(request.qsh()),
-            ..Default::default()
-        };
-        jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
+        tokens::tenant_lifecycle_token(&self.base_path, client_key, secret, path)
     }
 
     /// A product-request token: HS256 with `secret`, `qsh` of `GET <path_and_query>`.
-    pub fn product_token(&self, client_key: &str, secret: &str, method: &str, path_and_query: &str, iat: i64) -> String {
-        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
-        let request = CanonicalRequest::new(method, &format!("{}{path}", self.base_path), query, &self.base_path);
-        let claims = Claims {
-            iss: Some(client_key.into()),
-            sub: Some("557058:user-account-id".into()),
-            iat: Some(iat),
-            exp: Some(iat + 180),
-            qsh: Some(request.qsh()),
-            ..Default::default()
-        };
-        jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
+    pub fn product_token(
+        &self,
+        client_key: &str,
+        secret: &str,
+        method: &str,
+        path_and_query: &str,
+        iat: i64,
+    ) -> String {
+        tokens::product_token(
+            &self.base_path,
+            client_key,
+            secret,
+            method,
+            path_and_query,
+            iat,
+        )
     }
 
     /// GET `path_and_query` with `Authorization: JWT <token>`.
@@ -254,11 +294,18 @@ impl TestApp {
     /// `GET /api/tenant` as `site` signed with `secret`; returns the status.
     pub async fn tenant_status(&self, site: &Site, secret: &str) -> u16 {
         let token = self.product_token(&site.client_key, secret, "GET", "/api/tenant", jwt::now());
-        self.get_with_token("/api/tenant", &token).await.status().as_u16()
+        self.get_with_token("/api/tenant", &token)
+            .await
+            .status()
+            .as_u16()
     }
 
     pub async fn stored(&self, client_key: &str) -> Option<Installation> {
-        self.state.store.load(&ClientKey::parse(client_key).unwrap()).await.unwrap()
+        self.state
+            .store
+            .load(&ClientKey::parse(client_key).unwrap())
+            .await
+            .unwrap()
     }
 
     pub async fn stored_count(&self) -> usize {
@@ -269,7 +316,10 @@ impl TestApp {
 /// The `{"error": ...}` message of a response.
 pub async fn error_of(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.expect("error bodies are JSON");
-    body["error"].as_str().expect("error bodies have an error string").to_owned()
+    body["error"]
+        .as_str()
+        .expect("error bodies have an error string")
+        .to_owned()
 }
 
 /// Runs one async test body against both stores.

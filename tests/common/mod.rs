@@ -1,4 +1,6 @@
 #![allow(dead_code)]
 
-pub mod redis_server;
 pub mod app;
+pub mod process;
+pub mod redis_server;
+pub mod tokens;

@@ -1,0 +1,142 @@
+//! The product-request guard on a cached tenant, without HTTP: token parse, HMAC-SHA256
+//! verification, time checks and `qsh`, i.e. [`guard::verify_product_token`], the code the
+//! `ProductRequest` extractor runs once it holds the installation.
+//!
+//! `cargo bench --bench guard -- --warm-up-time 1 --measurement-time 5`; figures in
+//! docs/PERFORMANCE.md.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+
+use connect_warden::domain::SharedSecret;
+use connect_warden::guard::{self, RequestLine};
+use connect_warden::jwt::{self, CanonicalRequest, Claims, Token};
+use connect_warden::store::Installation;
+
+const SECRET: &str = "a-shared-secret-of-realistic-length-0123456789-abcdefghij";
+const CLIENT_KEY: &str = "jira:5b9c7a3e-2f1d-4c8b-9e6a-0d4f3b2a1c7e";
+
+fn installation(now: i64) -> Installation {
+    serde_json::from_value(serde_json::json!({
+        "client_key": CLIENT_KEY,
+        "base_url": "https://acme.atlassian.net",
+        "product_type": "jira",
+        "state": "installed",
+        "enabled": true,
+        "last_event_iat": now - 3600,
+        "installed_at": now - 3600,
+        "updated_at": now - 3600,
+        "secrets": [
+            {"secret": "the-previous-secret-0123456789", "since": now - 7200},
+            {"secret": SECRET, "since": now - 3600}
+        ],
+        "version": 2
+    }))
+    .expect("a valid installation")
+}
+
+/// A token as Jira sends it on a REST call or iframe load.
+fn token(now: i64, method: &str, path: &str, query: &str) -> String {
+    let claims = Claims {
+        iss: Some(CLIENT_KEY.into()),
+        sub: Some("557058:f58131cb-b67d-43c7-b30d-6b58d40bd077".into()),
+        iat: Some(now),
+        exp: Some(now + 180),
+        qsh: Some(CanonicalRequest::new(method, path, query, "").qsh()),
+        context: Some(
+            serde_json::json!({"user": {"accountId": "557058:f58131cb-b67d-43c7-b30d-6b58d40bd077"}}),
+        ),
+        ..Default::default()
+    };
+    jwt::sign_hs256(&claims, &SharedSecret::parse(SECRET).unwrap())
+}
+
+fn bench_guard(c: &mut Criterion) {
+    let now = jwt::now();
+    let installation = installation(now);
+    let grace = 180;
+
+    let plain = token(now, "GET", "/api/tenant", "");
+    let line = RequestLine {
+        method: "GET",
+        path: "/api/tenant",
+        query: "",
+        base_path: "",
+        allow_context: false,
+    };
+    guard::verify_product_token(&plain, &installation, &line, grace, now)
+        .expect("the benchmark token verifies");
+    c.bench_function("verify_product_token/no_query", |b| {
+        b.iter(|| {
+            guard::verify_product_token(
+                black_box(&plain),
+                black_box(&installation),
+                black_box(&line),
+                grace,
+                now,
+            )
+            .unwrap()
+        })
+    });
+
+    // What an iframe load looks like: a handful of query parameters, one of them `jwt`.
+    let query = "xdm_e=https%3A%2F%2Facme.atlassian.net&xdm_c=channel-x&cp=&xdm_deprecated_addon_key_do_not_use=connect-warden&lic=active&cv=1001.0.0";
+    let iframe = token(now, "GET", "/api/tenant", query);
+    let full_query = format!("{query}&jwt={iframe}");
+    let line_q = RequestLine {
+        method: "GET",
+        path: "/api/tenant",
+        query: &full_query,
+        base_path: "",
+        allow_context: false,
+    };
+    guard::verify_product_token(&iframe, &installation, &line_q, grace, now)
+        .expect("the iframe token verifies");
+    c.bench_function("verify_product_token/iframe_query", |b| {
+        b.iter(|| {
+            guard::verify_product_token(
+                black_box(&iframe),
+                black_box(&installation),
+                black_box(&line_q),
+                grace,
+                now,
+            )
+            .unwrap()
+        })
+    });
+
+    // The pieces, to see where the time goes.
+    c.bench_function("piece/token_parse", |b| {
+        b.iter(|| Token::parse(black_box(&plain)).unwrap())
+    });
+    let parsed = Token::parse(&plain).unwrap();
+    c.bench_function("piece/verify_signature", |b| {
+        b.iter(|| {
+            guard::verify_signature(black_box(&parsed), black_box(&installation), grace, now)
+                .unwrap()
+        })
+    });
+    let claims = parsed.claims().clone();
+    c.bench_function("piece/check_times", |b| {
+        b.iter(|| black_box(&claims).check_times(now).unwrap())
+    });
+    c.bench_function("piece/canonical_and_qsh/no_query", |b| {
+        b.iter(|| {
+            let canonical =
+                CanonicalRequest::new("GET", black_box("/api/tenant"), black_box(""), "");
+            black_box(&claims).check_qsh(&canonical, false).unwrap()
+        })
+    });
+    let iframe_claims = Token::parse(&iframe).unwrap().into_claims();
+    c.bench_function("piece/canonical_and_qsh/iframe_query", |b| {
+        b.iter(|| {
+            let canonical =
+                CanonicalRequest::new("GET", black_box("/api/tenant"), black_box(&full_query), "");
+            black_box(&iframe_claims)
+                .check_qsh(&canonical, false)
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, bench_guard);
+criterion_main!(benches);

@@ -1,0 +1,957 @@
+//! Calls from the app to a host site, the two ways Connect allows:
+//!
+//! - **as the app** ([`HostClient::as_app`]): every request carries a fresh HS256 JWT signed with
+//!   the installation's current shared secret, `iss` = the app key and a `qsh` computed by the
+//!   crate's one canonicalizer ([`CanonicalRequest`]) from the URL that is actually sent, path
+//!   relative to the host `baseUrl` path (`/wiki` for Confluence);
+//! - **as a user** ([`HostClient::as_user`], [`HostClient::as_user_requests`]): an impersonation
+//!   access token from Atlassian's OAuth2 authorization server (JWT-bearer grant, assertion signed
+//!   with the shared secret, `iss` naming the installation's `oauthClientId`). Tokens are cached
+//!   per (clientKey, oauthClientId, account, scopes) until shortly before they expire; concurrent
+//!   misses for one key make one token request.
+//!
+//! ```no_run
+//! # async fn demo(host: &connect_warden::host_client::HostClient,
+//! #               installation: &connect_warden::store::Installation)
+//! #               -> Result<(), connect_warden::host_client::HostClientError> {
+//! let me: serde_json::Value = host
+//!     .as_app(installation)
+//!     .get("/rest/api/3/search")
+//!     .query(&[("jql", "project = ABC"), ("maxResults", "10")])
+//!     .send_json()
+//!     .await?;
+//! let issue: serde_json::Value = host
+//!     .as_user_requests(installation, "557058:account-id", &["READ"])
+//!     .await?
+//!     .get("/rest/api/3/issue/ABC-1")
+//!     .send_json()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Secrets never leave this module except inside the `Authorization` header of the request they
+//! sign: [`AccessToken`]'s `Debug` is redacted, error messages never carry the shared secret, a
+//! token or an assertion, and bodies quoted in errors are scrubbed of them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use reqwest::{Method, StatusCode, Url};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{BaseUrl, ClientKey, SharedSecret};
+use crate::error::{error_chain, ApiError};
+use crate::jwt::{self, Audience, CanonicalRequest, Claims};
+use crate::store::Installation;
+
+/// `grant_type` of the impersonation request (RFC 7523).
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Prefix of the assertion's `iss`; the installation's `oauthClientId` follows.
+pub const CLIENT_ID_PREFIX: &str = "urn:atlassian:connect:clientid:";
+/// Prefix of the assertion's `sub`; the user's account id follows.
+pub const ACCOUNT_ID_PREFIX: &str = "urn:atlassian:connect:useraccountid:";
+/// Lifetime of the JWT on an app request.
+pub const APP_TOKEN_LIFETIME_SECONDS: i64 = 180;
+/// Lifetime of an impersonation assertion: the authorization server allows at most 60 s.
+pub const ASSERTION_LIFETIME_SECONDS: i64 = 59;
+/// A cached access token is dropped this long before it expires.
+pub const DEFAULT_TOKEN_MARGIN: Duration = Duration::from_secs(60);
+
+const MAX_CACHED_TOKENS: u64 = 10_000;
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_REDIRECTS: usize = 5;
+/// Longest piece of a response body quoted in an error.
+const SNIPPET_CHARS: usize = 300;
+/// Most of an error body read at all.
+const MAX_ERROR_BODY: usize = 8 * 1024;
+/// Most of a token endpoint answer read.
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+/// An `expires_in` above this is taken as this (a day).
+const MAX_EXPIRES_IN: u64 = 86_400;
+const REDACTED: &str = "[REDACTED]";
+
+/// Why a call to the host or its authorization server failed. `Display` and `Debug` never
+/// contain the shared secret, an access token or an assertion.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HostClientError {
+    #[error("the path {path:?} cannot be requested from the host {base_url}: {reason}")]
+    InvalidPath {
+        base_url: String,
+        path: String,
+        reason: &'static str,
+    },
+    #[error("cannot build the request to the host: {0}")]
+    Build(String),
+    #[error("the request to {url} failed")]
+    Request {
+        url: String,
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    #[error("{method} {url} answered {status}: {body}")]
+    Status {
+        method: String,
+        url: String,
+        status: StatusCode,
+        /// The start of the answer, scrubbed of secrets.
+        body: String,
+    },
+    #[error(
+        "installation {client_key} has no oauthClientId, so the app cannot act as a user on it; \
+         a reinstall of the app on that site sends one"
+    )]
+    NoOauthClientId { client_key: ClientKey },
+    #[error(
+        "the authorization server refused an impersonation token for clientKey {client_key} \
+         (400 {}); likely cause: the installation's oauthClientId {oauth_client_id} is outdated \
+         (after a site import the site has a new clientKey and oauthClientId and only those are \
+         accepted; the app must be reinstalled there and the new installation used)",
+        describe_oauth_error(.error, .description)
+    )]
+    OutdatedOauthClientId {
+        client_key: ClientKey,
+        oauth_client_id: String,
+        /// The endpoint's `error` field, e.g. `invalid_grant`.
+        error: Option<String>,
+        /// The endpoint's `error_description`, scrubbed of secrets.
+        description: Option<String>,
+    },
+    #[error("{0:?} is not an impersonation scope (expected words such as READ, WRITE, DELETE, ACT_AS_USER)")]
+    InvalidScope(String),
+    #[error("an impersonation token needs at least one scope")]
+    NoScope,
+    #[error("{0:?} is not a valid account id")]
+    InvalidAccountId(String),
+    #[error("the token endpoint {0:?} (WARDEN_OAUTH_TOKEN_URL) is not an absolute http(s) URL")]
+    BadTokenEndpoint(String),
+    #[error("the token endpoint's answer for clientKey {client_key} is not usable: {reason}")]
+    BadTokenResponse {
+        client_key: ClientKey,
+        reason: &'static str,
+    },
+}
+
+fn describe_oauth_error(error: &Option<String>, description: &Option<String>) -> String {
+    match (error, description) {
+        (Some(e), Some(d)) => format!("{e}: {d}"),
+        (Some(e), None) => e.clone(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => "no error field".into(),
+    }
+}
+
+impl HostClientError {
+    /// The HTTP status the host or the authorization server answered, if it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            HostClientError::Status { status, .. } => Some(*status),
+            HostClientError::OutdatedOauthClientId { .. } => Some(StatusCode::BAD_REQUEST),
+            _ => None,
+        }
+    }
+}
+
+/// Handlers answer `502` when a call to the host fails.
+impl From<HostClientError> for ApiError {
+    fn from(e: HostClientError) -> Self {
+        ApiError::Upstream(error_chain(&e))
+    }
+}
+
+/// An impersonation access token. `Debug` does not print it; it leaves only through
+/// [`AccessToken::expose_secret`] (or inside the `Authorization` header of a request).
+#[derive(Clone)]
+pub struct AccessToken(Arc<TokenInner>);
+
+struct TokenInner {
+    token: SecretString,
+    token_type: String,
+    scopes: String,
+    expires_at: Instant,
+    /// When the cache stops handing it out (`expires_at` minus the margin, never before issue).
+    refresh_at: Instant,
+}
+
+impl AccessToken {
+    pub fn expose_secret(&self) -> &str {
+        self.0.token.expose_secret()
+    }
+
+    /// `token_type` as answered (`Bearer`).
+    pub fn token_type(&self) -> &str {
+        &self.0.token_type
+    }
+
+    /// The normalized scopes it was requested with, e.g. `"READ WRITE"`.
+    pub fn scopes(&self) -> &str {
+        &self.0.scopes
+    }
+
+    /// When the authorization server says it expires.
+    pub fn expires_at(&self) -> Instant {
+        self.0.expires_at
+    }
+
+    fn is_fresh(&self) -> bool {
+        Instant::now() < self.0.refresh_at
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &REDACTED)
+            .field("token_type", &self.0.token_type)
+            .field("scopes", &self.0.scopes)
+            .field("expires_at", &self.0.expires_at)
+            .finish()
+    }
+}
+
+/// What a cached access token is for. The `oauthClientId` is part of it, so a token minted for
+/// an old one is never served once the installation carries a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    client_key: ClientKey,
+    oauth_client_id: String,
+    base_url: BaseUrl,
+    account_id: String,
+    scopes: String,
+}
+
+struct UntilRefresh;
+
+impl Expiry<TokenKey, AccessToken> for UntilRefresh {
+    fn expire_after_create(
+        &self,
+        _: &TokenKey,
+        token: &AccessToken,
+        created_at: Instant,
+    ) -> Option<Duration> {
+        Some(token.0.refresh_at.saturating_duration_since(created_at))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TokenEndpoint {
+    url: Url,
+    /// Scheme, host and port: the assertion's `aud`.
+    origin: String,
+}
+
+/// The app's client for calls to host sites. Cheap to clone (clones share the connection pool
+/// and the token cache).
+#[derive(Clone)]
+pub struct HostClient {
+    http: reqwest::Client,
+    app_key: String,
+    token_endpoint: Result<TokenEndpoint, String>,
+    token_margin: Duration,
+    tokens: Cache<TokenKey, AccessToken>,
+}
+
+impl fmt::Debug for HostClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostClient")
+            .field("app_key", &self.app_key)
+            .field(
+                "token_endpoint",
+                &self.token_endpoint.as_ref().map(|e| e.url.as_str()),
+            )
+            .field("token_margin", &self.token_margin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostClient {
+    /// `timeout` bounds each whole request; redirects are followed only within the same origin.
+    pub fn new(app_key: String, oauth_token_url: String, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let same_origin = attempt
+                    .previous()
+                    .first()
+                    .is_some_and(|first| first.origin() == attempt.url().origin());
+                if attempt.previous().len() > MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if same_origin {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }))
+            .user_agent(concat!("connect-warden/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client with rustls and no custom certificates always builds");
+        let token_endpoint = Url::parse(oauth_token_url.trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .map(|url| TokenEndpoint {
+                origin: url.origin().ascii_serialization(),
+                url,
+            })
+            .ok_or(oauth_token_url);
+        Self {
+            http,
+            app_key,
+            token_endpoint,
+            token_margin: DEFAULT_TOKEN_MARGIN,
+            tokens: Cache::builder()
+                .name("impersonation_tokens")
+                .max_capacity(MAX_CACHED_TOKENS)
+                .expire_after(UntilRefresh)
+                .support_invalidation_closures()
+                .build(),
+        }
+    }
+
+    /// How long before its expiry a cached access token is replaced (default 60 s). A token
+    /// that lives less than the margin is used once and not cached.
+    pub fn with_token_margin(mut self, margin: Duration) -> Self {
+        self.token_margin = margin;
+        self
+    }
+
+    pub fn app_key(&self) -> &str {
+        &self.app_key
+    }
+
+    /// Requests to `installation`'s site signed as the app (fresh JWT per request).
+    pub fn as_app(&self, installation: &Installation) -> HostRequests {
+        HostRequests {
+            http: self.http.clone(),
+            base_url: installation.base_url.clone(),
+            auth: Auth::App {
+                app_key: self.app_key.clone(),
+                secret: installation.current_secret().secret.clone(),
+            },
+        }
+    }
+
+    /// Requests to `installation`'s site as the user `account_id` (`Authorization: Bearer`).
+    pub async fn as_user_requests(
+        &self,
+        installation: &Installation,
+        account_id: &str,
+        scopes: &[&str],
+    ) -> Result<HostRequests, HostClientError> {
+        let token = self.as_user(installation, account_id, scopes).await?;
+        Ok(HostRequests {
+            http: self.http.clone(),
+            base_url: installation.base_url.clone(),
+            auth: Auth::Bearer(token),
+        })
+    }
+
+    /// An impersonation access token for `account_id` on `installation`'s site, from the cache
+    /// or the authorization server. `scopes` are case-insensitive (`["read", "WRITE"]` asks
+    /// for `READ WRITE`).
+    pub async fn as_user(
+        &self,
+        installation: &Installation,
+        account_id: &str,
+        scopes: &[&str],
+    ) -> Result<AccessToken, HostClientError> {
+        let client_key = &installation.client_key;
+        let oauth_client_id = installation
+            .oauth_client_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| HostClientError::NoOauthClientId {
+                client_key: client_key.clone(),
+            })?;
+        check_account_id(account_id)?;
+        let scopes = normalize_scopes(scopes)?;
+        let key = TokenKey {
+            client_key: client_key.clone(),
+            oauth_client_id: oauth_client_id.to_owned(),
+            base_url: installation.base_url.clone(),
+            account_id: account_id.to_owned(),
+            scopes,
+        };
+        let secret = &installation.current_secret().secret;
+        for attempt in 0..2 {
+            let mut fetched_here = false;
+            let token = self
+                .tokens
+                .try_get_with(key.clone(), async {
+                    fetched_here = true;
+                    self.fetch_token(&key, secret).await
+                })
+                .await
+                .map_err(Arc::unwrap_or_clone)?;
+            // moka expires on its own schedule; never hand out a token past its refresh time
+            // that someone else fetched (one retry, then whatever the server gave).
+            if fetched_here || attempt == 1 || token.is_fresh() {
+                return Ok(token);
+            }
+            self.tokens.invalidate(&key).await;
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    /// Drops every cached access token of `client_key`. Call it when the installation changes:
+    /// reinstall (new `oauthClientId` or secret), site import, uninstall.
+    pub fn forget_tenant(&self, client_key: &ClientKey) {
+        let client_key = client_key.clone();
+        if let Err(e) = self
+            .tokens
+            .invalidate_entries_if(move |key, _| key.client_key == client_key)
+        {
+            tracing::warn!(error = %e, "cannot drop cached impersonation tokens");
+        }
+    }
+
+    /// Drops every cached access token (when invalidation messages may have been lost).
+    pub fn forget_all(&self) {
+        self.tokens.invalidate_all();
+    }
+
+    async fn fetch_token(
+        &self,
+        key: &TokenKey,
+        secret: &SharedSecret,
+    ) -> Result<AccessToken, HostClientError> {
+        let endpoint = self
+            .token_endpoint
+            .as_ref()
+            .map_err(|raw| HostClientError::BadTokenEndpoint(raw.clone()))?;
+        let now = jwt::now();
+        let claims = AssertionClaims {
+            iss: format!("{CLIENT_ID_PREFIX}{}", key.oauth_client_id),
+            sub: format!("{ACCOUNT_ID_PREFIX}{}", key.account_id),
+            tnt: key.base_url.as_str(),
+            aud: Audience::One(endpoint.origin.clone()),
+            iat: now,
+            exp: now + ASSERTION_LIFETIME_SECONDS,
+        };
+        let assertion = jwt::sign_hs256(&claims, secret);
+        let scrub = [secret.expose(), assertion.as_str()];
+        tracing::debug!(client_key = %key.client_key, scopes = %key.scopes, "requesting an impersonation token");
+        let sent_at = Instant::now();
+        let response = self
+            .http
+            .post(endpoint.url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&[
+                ("grant_type", JWT_BEARER_GRANT),
+                ("assertion", assertion.as_str()),
+                ("scope", key.scopes.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| request_error(endpoint.url.as_str(), e))?;
+        let status = response.status();
+        if status == StatusCode::BAD_REQUEST {
+            let body = read_capped(response, MAX_ERROR_BODY)
+                .await
+                .unwrap_or_default();
+            let fields: OauthError = serde_json::from_slice(&body).unwrap_or_default();
+            let clean = |s: Option<String>| s.map(|s| scrubbed(&s, &scrub, 200));
+            let err = HostClientError::OutdatedOauthClientId {
+                client_key: key.client_key.clone(),
+                oauth_client_id: key.oauth_client_id.clone(),
+                error: clean(fields.error),
+                description: clean(fields.error_description),
+            };
+            tracing::warn!(client_key = %key.client_key, error = %err, "impersonation token refused");
+            return Err(err);
+        }
+        if !status.is_success() {
+            let body = read_capped(response, MAX_ERROR_BODY)
+                .await
+                .unwrap_or_default();
+            return Err(HostClientError::Status {
+                method: "POST".into(),
+                url: endpoint.url.to_string(),
+                status,
+                body: scrubbed(&String::from_utf8_lossy(&body), &scrub, SNIPPET_CHARS),
+            });
+        }
+        let bad = |reason| HostClientError::BadTokenResponse {
+            client_key: key.client_key.clone(),
+            reason,
+        };
+        let body = read_capped(response, MAX_TOKEN_BODY)
+            .await
+            .map_err(|e| request_error(endpoint.url.as_str(), e))?;
+        // serde's messages may quote values; none of them goes into the error.
+        let answer: TokenAnswer = serde_json::from_slice(&body)
+            .map_err(|_| bad("not a JSON object with access_token and expires_in"))?;
+        if answer.access_token.trim().is_empty() {
+            return Err(bad("access_token is empty"));
+        }
+        let expires_in = match &answer.expires_in {
+            serde_json::Value::Number(n) => n.as_u64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .ok_or_else(|| bad("expires_in is not a whole number of seconds"))?
+        .min(MAX_EXPIRES_IN);
+        let token_type = answer.token_type.unwrap_or_else(|| "Bearer".into());
+        if !token_type.eq_ignore_ascii_case("bearer") {
+            return Err(bad("token_type is not Bearer"));
+        }
+        let lifetime = Duration::from_secs(expires_in);
+        Ok(AccessToken(Arc::new(TokenInner {
+            token: SecretString::from(answer.access_token),
+            token_type,
+            scopes: key.scopes.clone(),
+            expires_at: sent_at + lifetime,
+            refresh_at: sent_at + lifetime.saturating_sub(self.token_margin),
+        })))
+    }
+}
+
+#[derive(Serialize)]
+struct AssertionClaims<'a> {
+    iss: String,
+    sub: String,
+    tnt: &'a str,
+    aud: Audience,
+    iat: i64,
+    exp: i64,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: String,
+    #[serde(default)]
+    expires_in: serde_json::Value,
+    #[serde(default)]
+    token_type: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct OauthError {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// Upper-cased, split on whitespace, deduplicated, sorted and joined with a space.
+fn normalize_scopes(scopes: &[&str]) -> Result<String, HostClientError> {
+    let mut words: Vec<String> = Vec::new();
+    for word in scopes.iter().flat_map(|s| s.split_whitespace()) {
+        let upper = word.to_ascii_uppercase();
+        if !upper.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            return Err(HostClientError::InvalidScope(word.to_owned()));
+        }
+        words.push(upper);
+    }
+    if words.is_empty() {
+        return Err(HostClientError::NoScope);
+    }
+    words.sort();
+    words.dedup();
+    Ok(words.join(" "))
+}
+
+fn check_account_id(account_id: &str) -> Result<(), HostClientError> {
+    let ok = !account_id.is_empty()
+        && account_id.len() <= 128
+        && account_id.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(HostClientError::InvalidAccountId(
+            account_id.chars().take(140).collect(),
+        ))
+    }
+}
+
+fn request_error(url: &str, e: reqwest::Error) -> HostClientError {
+    HostClientError::Request {
+        url: url.to_owned(),
+        source: Arc::new(e),
+    }
+}
+
+/// Reads at most `cap` bytes of the body.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = cap - out.len();
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// `text` without any of `secrets`, cut to `max_chars`, control characters replaced. Secrets
+/// are replaced before the cut, so no prefix of one can survive at the end.
+fn scrubbed(text: &str, secrets: &[&str], max_chars: usize) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret, REDACTED);
+    }
+    let mut cut: String = out
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max_chars)
+        .collect();
+    if out.chars().count() > max_chars {
+        cut.push('…');
+    }
+    cut
+}
+
+#[derive(Clone)]
+enum Auth {
+    App {
+        app_key: String,
+        secret: SharedSecret,
+    },
+    Bearer(AccessToken),
+}
+
+/// Requests to one installation's site with one identity (the app, or a user's token).
+/// Paths are relative to the site's `baseUrl` (`/rest/api/space` on `https://x/wiki`
+/// requests `https://x/wiki/rest/api/space`) and may carry a query.
+#[derive(Clone)]
+pub struct HostRequests {
+    http: reqwest::Client,
+    base_url: BaseUrl,
+    auth: Auth,
+}
+
+impl fmt::Debug for HostRequests {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let identity = match &self.auth {
+            Auth::App { app_key, .. } => format!("app {app_key}"),
+            Auth::Bearer(_) => "user (bearer token)".into(),
+        };
+        f.debug_struct("HostRequests")
+            .field("base_url", &self.base_url)
+            .field("as", &identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostRequests {
+    pub fn base_url(&self) -> &BaseUrl {
+        &self.base_url
+    }
+
+    pub fn get(&self, path: &str) -> HostRequest {
+        self.request(Method::GET, path)
+    }
+
+    pub fn post(&self, path: &str) -> HostRequest {
+        self.request(Method::POST, path)
+    }
+
+    pub fn put(&self, path: &str) -> HostRequest {
+        self.request(Method::PUT, path)
+    }
+
+    pub fn delete(&self, path: &str) -> HostRequest {
+        self.request(Method::DELETE, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> HostRequest {
+        let builder = self
+            .url_for(path)
+            .map(|url| self.http.request(method.clone(), url));
+        HostRequest {
+            http: self.http.clone(),
+            method,
+            builder,
+            base_url: self.base_url.clone(),
+            auth: self.auth.clone(),
+        }
+    }
+
+    fn url_for(&self, path: &str) -> Result<Url, HostClientError> {
+        let invalid = |reason| HostClientError::InvalidPath {
+            base_url: self.base_url.to_string(),
+            path: path.chars().take(200).collect(),
+            reason,
+        };
+        if path.contains('#') {
+            return Err(invalid("a fragment is never sent"));
+        }
+        let url = Url::parse(&self.base_url.join(path)).map_err(|_| invalid("not a URL path"))?;
+        check_within(&url, &self.base_url).map_err(invalid)?;
+        Ok(url)
+    }
+}
+
+/// `url` is on the base URL's origin and under its path (at a segment boundary).
+fn check_within(url: &Url, base_url: &BaseUrl) -> Result<(), &'static str> {
+    let base =
+        Url::parse(base_url.as_str()).map_err(|_| "the installation's baseUrl is not a URL")?;
+    if url.origin() != base.origin() {
+        return Err("it leaves the site's origin");
+    }
+    let base_path = base_url.path();
+    let inside = match url.path().strip_prefix(base_path) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || base_path.is_empty(),
+        None => false,
+    };
+    if inside {
+        Ok(())
+    } else {
+        Err("it leaves the site's base path")
+    }
+}
+
+/// One request being built: a `reqwest::RequestBuilder` whose URL is fixed, plus the identity
+/// that signs it when it is sent. The signature (JWT `qsh`) is computed from the finished
+/// request's URL, after every query parameter was added, so they cannot disagree.
+pub struct HostRequest {
+    http: reqwest::Client,
+    method: Method,
+    builder: Result<reqwest::RequestBuilder, HostClientError>,
+    base_url: BaseUrl,
+    auth: Auth,
+}
+
+impl fmt::Debug for HostRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostRequest")
+            .field("method", &self.method)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostRequest {
+    fn map(mut self, f: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder) -> Self {
+        self.builder = self.builder.map(f);
+        self
+    }
+
+    /// Adds query parameters (form-encoded: anything `reqwest`'s `query` takes, e.g.
+    /// `&[("expand", "names"), ("id", "1"), ("id", "2")]`).
+    pub fn query<T: Serialize + ?Sized>(self, query: &T) -> Self {
+        self.map(|b| b.query(query))
+    }
+
+    /// A JSON body (and `Content-Type: application/json`).
+    pub fn json<T: Serialize + ?Sized>(self, body: &T) -> Self {
+        self.map(|b| b.json(body))
+    }
+
+    /// A raw body.
+    pub fn body(self, body: impl Into<reqwest::Body>) -> Self {
+        self.map(|b| b.body(body))
+    }
+
+    /// A header; an `Authorization` header is replaced by the signature.
+    pub fn header(self, name: HeaderName, value: HeaderValue) -> Self {
+        self.map(|b| b.header(name, value))
+    }
+
+    /// A timeout for this request instead of the client's.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.map(|b| b.timeout(timeout))
+    }
+
+    /// The finished, signed request (what [`send`](Self::send) executes).
+    pub fn build(self) -> Result<reqwest::Request, HostClientError> {
+        self.build_signed().map(|(request, _)| request)
+    }
+
+    /// Builds, signs and returns the strings an error message must never show.
+    fn build_signed(self) -> Result<(reqwest::Request, Vec<String>), HostClientError> {
+        let mut request = self
+            .builder?
+            .build()
+            .map_err(|e| HostClientError::Build(error_chain(&e.without_url())))?;
+        let invalid = |reason| HostClientError::InvalidPath {
+            base_url: self.base_url.to_string(),
+            path: request.url().path().chars().take(200).collect(),
+            reason,
+        };
+        check_within(request.url(), &self.base_url).map_err(invalid)?;
+        let (value, scrub) = match &self.auth {
+            Auth::App { app_key, secret } => {
+                let canonical = CanonicalRequest::from_url(
+                    request.method().as_str(),
+                    request.url().as_str(),
+                    self.base_url.path(),
+                );
+                let now = jwt::now();
+                let claims = Claims {
+                    iss: Some(app_key.clone()),
+                    iat: Some(now),
+                    exp: Some(now + APP_TOKEN_LIFETIME_SECONDS),
+                    qsh: Some(canonical.qsh()),
+                    ..Default::default()
+                };
+                let token = jwt::sign_hs256(&claims, secret);
+                (
+                    format!("JWT {token}"),
+                    vec![secret.expose().to_owned(), token],
+                )
+            }
+            Auth::Bearer(token) => (
+                format!("Bearer {}", token.expose_secret()),
+                vec![token.expose_secret().to_owned()],
+            ),
+        };
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            HostClientError::Build("the access token is not a valid header value".into())
+        })?;
+        value.set_sensitive(true);
+        request.headers_mut().insert(AUTHORIZATION, value);
+        Ok((request, scrub))
+    }
+
+    /// Sends the request; any answer, whatever its status, is returned.
+    pub async fn send(self) -> Result<reqwest::Response, HostClientError> {
+        self.send_inner().await.map(|(response, _)| response)
+    }
+
+    async fn send_inner(self) -> Result<(reqwest::Response, Vec<String>), HostClientError> {
+        let http = self.http.clone();
+        let (request, scrub) = self.build_signed()?;
+        let url = redacted_url(request.url());
+        let response = http
+            .execute(request)
+            .await
+            .map_err(|e| request_error(&url, e))?;
+        Ok((response, scrub))
+    }
+
+    /// Sends the request; a non-2xx answer becomes [`HostClientError::Status`] with the start
+    /// of its body.
+    pub async fn send_checked(self) -> Result<reqwest::Response, HostClientError> {
+        let method = self.method.to_string();
+        let (response, scrub) = self.send_inner().await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let url = redacted_url(response.url());
+        let body = read_capped(response, MAX_ERROR_BODY)
+            .await
+            .unwrap_or_default();
+        let scrub: Vec<&str> = scrub.iter().map(String::as_str).collect();
+        Err(HostClientError::Status {
+            method,
+            url,
+            status,
+            body: scrubbed(&String::from_utf8_lossy(&body), &scrub, SNIPPET_CHARS),
+        })
+    }
+
+    /// Sends the request, requires a 2xx answer and parses its JSON body.
+    pub async fn send_json<T: DeserializeOwned>(self) -> Result<T, HostClientError> {
+        let response = self.send_checked().await?;
+        let url = redacted_url(response.url());
+        response.json().await.map_err(|e| request_error(&url, e))
+    }
+}
+
+/// The URL for messages: a `jwt` query parameter (should a caller add one) is not shown.
+fn redacted_url(url: &Url) -> String {
+    if !url.query_pairs().any(|(name, _)| name == "jwt") {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(n, v)| {
+            let v = if n == "jwt" {
+                REDACTED.to_owned()
+            } else {
+                v.into_owned()
+            };
+            (n.into_owned(), v)
+        })
+        .collect();
+    shown.query_pairs_mut().clear().extend_pairs(pairs);
+    shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_are_normalized_and_validated() {
+        assert_eq!(normalize_scopes(&["write", "READ"]).unwrap(), "READ WRITE");
+        assert_eq!(
+            normalize_scopes(&["read write", "READ"]).unwrap(),
+            "READ WRITE"
+        );
+        assert_eq!(normalize_scopes(&["act_as_user"]).unwrap(), "ACT_AS_USER");
+        assert!(matches!(
+            normalize_scopes(&[]),
+            Err(HostClientError::NoScope)
+        ));
+        assert!(matches!(
+            normalize_scopes(&["  "]),
+            Err(HostClientError::NoScope)
+        ));
+        assert!(matches!(
+            normalize_scopes(&["READ&x=1"]),
+            Err(HostClientError::InvalidScope(_))
+        ));
+    }
+
+    #[test]
+    fn scrubbing_removes_secrets_before_cutting() {
+        let secret = "0123456789abcdef";
+        assert_eq!(
+            scrubbed("x 0123456789abcdef y", &[secret], 100),
+            "x [REDACTED] y"
+        );
+        let long = format!("{}{}", "a".repeat(10), secret);
+        let cut = scrubbed(&long, &[secret], 14);
+        assert!(!cut.contains("0123"), "{cut}");
+        assert_eq!(scrubbed("line\nbreak", &[], 100), "line break");
+    }
+
+    #[test]
+    fn paths_stay_on_the_site() {
+        let base = BaseUrl::parse("https://acme.atlassian.net/wiki").unwrap();
+        let ok = |p: &str| check_within(&Url::parse(&base.join(p)).unwrap(), &base);
+        assert!(ok("/rest/api/space?x=1").is_ok());
+        assert!(ok("rest/api/space").is_ok());
+        assert!(ok("/../../etc").is_err());
+        assert!(ok("/rest/../../x").is_err());
+        let other = Url::parse("https://evil.example/wiki/x").unwrap();
+        assert!(check_within(&other, &base).is_err());
+        let sibling = Url::parse("https://acme.atlassian.net/wikipedia").unwrap();
+        assert!(check_within(&sibling, &base).is_err());
+    }
+
+    #[test]
+    fn access_token_debug_is_redacted() {
+        let token = AccessToken(Arc::new(TokenInner {
+            token: SecretString::from("tok-very-secret".to_owned()),
+            token_type: "Bearer".into(),
+            scopes: "READ".into(),
+            expires_at: Instant::now(),
+            refresh_at: Instant::now(),
+        }));
+        assert!(!format!("{token:?}").contains("tok-very-secret"));
+        assert_eq!(token.expose_secret(), "tok-very-secret");
+    }
+
+    #[test]
+    fn jwt_query_parameter_is_hidden_in_messages() {
+        let url = Url::parse("https://x/p?a=1&jwt=abc.def.ghi").unwrap();
+        let shown = redacted_url(&url);
+        assert!(!shown.contains("abc.def"), "{shown}");
+        assert!(shown.contains("a=1"));
+    }
+}

@@ -1,0 +1,323 @@
+//! "Many instances, one store": every `warden` instance sharing a Redis honours a lifecycle
+//! write made by any of them (roll, uninstall, disable, site import) within about a second.
+//!
+//! The Redis store's commit script publishes the written clientKey on `<prefix>:invalidate`
+//! ([`channel`]). Each instance runs one [`Listener`]: a background task subscribed to that
+//! channel, which drops the clientKey from its [`TenantCache`] for every message. When the
+//! subscription is lost it reconnects with a bounded backoff (100 ms doubling to 5 s) and,
+//! once subscribed again, drops the whole cache: messages sent while it was away are lost.
+//! Should even that fail, cached entries still expire after `WARDEN_SECRET_CACHE_TTL_SECONDS`.
+//!
+//! Other code that caches per tenant (the host client's impersonation tokens) follows along
+//! through [`Invalidations::subscribe`]: the tenant cache announces there every entry it drops,
+//! whether the cause was a message from Redis or a lifecycle write of this instance. With
+//! Redis an own write is announced twice (locally, then echoed by Redis); dropping twice is
+//! harmless.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use rand::Rng as _;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::domain::ClientKey;
+use crate::tenants::TenantCache;
+
+/// First wait before reconnecting; doubled after each failure up to [`MAX_BACKOFF`].
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Bound on connecting and subscribing, and on the answer to a health `PING`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an idle subscription is checked with `PING`: a connection that died without a
+/// reset (network partition) is noticed within this plus [`CONNECT_TIMEOUT`].
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Capacity of the local announcement channel; a subscriber that falls further behind gets
+/// `RecvError::Lagged` and must treat it as [`Invalidation::All`].
+const ANNOUNCEMENT_CAPACITY: usize = 1024;
+
+/// The invalidation channel for a Redis key prefix; equals
+/// [`RedisStore::channel`](crate::store::redis::RedisStore::channel).
+pub fn channel(prefix: &str) -> String {
+    format!("{prefix}:invalidate")
+}
+
+/// What cached data to drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// This installation changed (roll, uninstall, enable/disable, superseded by an import).
+    Tenant(ClientKey),
+    /// Anything may have changed: messages may have been lost.
+    All,
+}
+
+impl Invalidation {
+    /// Whether cached data of `client_key` must be dropped.
+    pub fn covers(&self, client_key: &ClientKey) -> bool {
+        match self {
+            Invalidation::Tenant(k) => k == client_key,
+            Invalidation::All => true,
+        }
+    }
+}
+
+/// Local announcements of invalidations. Cheap to clone; every clone announces to the same
+/// subscribers.
+///
+/// ```ignore
+/// let mut events = state.invalidations.subscribe();
+/// tokio::spawn(async move {
+///     loop {
+///         match events.recv().await {
+///             Ok(Invalidation::Tenant(key)) => tokens.remove(&key),
+///             Ok(Invalidation::All) | Err(RecvError::Lagged(_)) => tokens.clear(),
+///             Err(RecvError::Closed) => break,
+///         }
+///     }
+/// });
+/// ```
+#[derive(Debug, Clone)]
+pub struct Invalidations {
+    tx: broadcast::Sender<Invalidation>,
+}
+
+impl Invalidations {
+    pub fn new() -> Self {
+        Self {
+            tx: broadcast::channel(ANNOUNCEMENT_CAPACITY).0,
+        }
+    }
+
+    /// Every invalidation announced from now on. On `RecvError::Lagged`, drop everything.
+    pub fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
+        self.tx.subscribe()
+    }
+
+    /// Calls `on` for every invalidation announced from now on, on a task of the current
+    /// runtime that ends once every [`Invalidations`] clone is dropped. A lag (more than
+    /// 1024 announcements behind) is reported as [`Invalidation::All`]. E.g. for the host
+    /// client: `invalidations.forward_to(move |i| match i { Tenant(k) => c.forget_tenant(&k),
+    /// All => c.forget_all() })`.
+    pub fn forward_to(&self, mut on: impl FnMut(Invalidation) + Send + 'static) -> JoinHandle<()> {
+        let mut events = self.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(invalidation) => on(invalidation),
+                    Err(broadcast::error::RecvError::Lagged(_)) => on(Invalidation::All),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+    }
+
+    /// Announces `invalidation` to every subscriber (none is fine).
+    pub fn notify(&self, invalidation: Invalidation) {
+        let _ = self.tx.send(invalidation);
+    }
+}
+
+impl Default for Invalidations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The running subscription task. Dropping it stops the task (and closes its connection).
+#[derive(Debug)]
+pub struct Listener {
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Starts listening on `channel` of the Redis at `url` for the clientKeys to drop from
+    /// `tenants`. Fails only if `url` is not a valid Redis URL; an unreachable Redis is
+    /// retried in the background. Must be called within a tokio runtime.
+    pub fn start(url: &str, channel: String, tenants: TenantCache) -> anyhow::Result<Self> {
+        // The URL may hold a password: the error names only its kind.
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow::anyhow!("the Redis URL is not valid ({:?})", e.kind()))?;
+        let task = tokio::spawn(listen(client, channel, tenants));
+        Ok(Self { task })
+    }
+
+    /// Whether the task has ended (it only does when aborted, or if it panicked).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn listen(client: redis::Client, channel: String, tenants: TenantCache) {
+    let mut backoff = INITIAL_BACKOFF;
+    let mut failures: u32 = 0;
+    loop {
+        match subscribe(&client, &channel).await {
+            Ok(pubsub) => {
+                // Whatever was published while we were not subscribed is lost.
+                tenants.invalidate_all();
+                if failures > 0 {
+                    tracing::info!(%channel, failed_attempts = failures, "invalidation channel subscribed again; tenant cache cleared");
+                } else {
+                    tracing::debug!(%channel, "invalidation channel subscribed");
+                }
+                failures = 0;
+                let since = Instant::now();
+                let reason = receive(pubsub, &tenants).await;
+                tracing::warn!(%channel, reason = %reason, "invalidation channel lost; reconnecting (cached tenants expire by TTL meanwhile)");
+                if since.elapsed() >= MAX_BACKOFF {
+                    // A connection that held for a while starts the backoff afresh; one that
+                    // keeps dropping at once keeps backing off.
+                    backoff = INITIAL_BACKOFF;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // Not a URL in sight: redis errors name the failure, not the connection info.
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(%channel, error = %e, attempts = failures, retry_in_ms = backoff.as_millis() as u64,
+                        "cannot subscribe to the invalidation channel");
+                }
+            }
+        }
+        tokio::time::sleep(with_jitter(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Up to +20 %, so that instances do not reconnect in lockstep.
+fn with_jitter(d: Duration) -> Duration {
+    let max_extra = (d.as_millis() as u64 / 5).max(1);
+    d + Duration::from_millis(rand::thread_rng().gen_range(0..=max_extra))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SubscribeError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<redis::aio::PubSub, SubscribeError> {
+    let attempt = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, SubscribeError>(pubsub)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| SubscribeError::Timeout(CONNECT_TIMEOUT))?
+}
+
+/// Drops every clientKey received until the connection ends; returns why it ended.
+async fn receive(pubsub: redis::aio::PubSub, tenants: &TenantCache) -> String {
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return "the connection closed".into();
+                };
+                let payload = message.get_payload_bytes();
+                match std::str::from_utf8(payload).ok().and_then(|s| ClientKey::parse(s).ok()) {
+                    Some(client_key) => tenants.invalidate(&client_key).await,
+                    None => {
+                        // Not ours to interpret: be safe and drop everything.
+                        tracing::warn!(len = payload.len(), "invalidation message is not a clientKey; tenant cache cleared");
+                        tenants.invalidate_all();
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("PING failed: {e}"),
+                    Err(_) => return format!("no answer to PING within {CONNECT_TIMEOUT:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::RedisStore;
+
+    #[tokio::test]
+    async fn the_channel_is_the_one_the_store_publishes_on() {
+        // `connect` sends nothing to Redis: no server needed.
+        let store = RedisStore::connect("redis://127.0.0.1:1", "warden-x")
+            .await
+            .unwrap();
+        assert_eq!(channel("warden-x"), store.channel());
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_echoing_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let tenants_store: crate::store::SharedStore = std::sync::Arc::new(
+            runtime
+                .block_on(RedisStore::connect("redis://127.0.0.1:1", "p"))
+                .unwrap(),
+        );
+        let tenants = TenantCache::new(tenants_store, Duration::from_secs(1));
+        let err = Listener::start(
+            "notredis://user:hunter2@host",
+            "p:invalidate".into(),
+            tenants,
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        for _ in 0..100 {
+            let d = with_jitter(Duration::from_millis(100));
+            assert!(
+                d >= Duration::from_millis(100) && d <= Duration::from_millis(120),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn forward_to_calls_back_until_the_announcer_is_gone() {
+        let invalidations = Invalidations::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = invalidations.forward_to(move |i| tx.send(i).unwrap());
+        let key = ClientKey::parse("ck").unwrap();
+        invalidations.notify(Invalidation::Tenant(key.clone()));
+        invalidations.notify(Invalidation::All);
+        assert_eq!(rx.recv().await, Some(Invalidation::Tenant(key)));
+        assert_eq!(rx.recv().await, Some(Invalidation::All));
+        drop(invalidations);
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn covers() {
+        let a = ClientKey::parse("a").unwrap();
+        let b = ClientKey::parse("b").unwrap();
+        assert!(Invalidation::Tenant(a.clone()).covers(&a));
+        assert!(!Invalidation::Tenant(a).covers(&b));
+        assert!(Invalidation::All.covers(&b));
+    }
+}

@@ -1,0 +1,259 @@
+//! "Many instances, one store": two real `warden` processes on one Redis. A lifecycle write
+//! processed by instance A (roll, uninstall, disable/enable, site import) is honoured by
+//! instance B within one second, also after B lost its subscription to the invalidation
+//! channel.
+//!
+//! B's tenant cache TTL is set to an hour, so only the invalidation can explain B's change of
+//! mind within the bounds asserted here. The tests share this binary's private Redis and run
+//! one at a time, because one of them kills every pub/sub connection on it.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::app::Site;
+use common::process::{eventually, Cluster, WardenProcess};
+use connect_warden::jwt;
+
+/// The requirement: every instance honours a write within one second.
+const WITHIN: Duration = Duration::from_secs(1);
+
+/// After its subscription is killed, the listener waits 100 ms (+ up to 20 % jitter) before
+/// reconnecting, doubling on each further loss in a row (the test kills it for about 100 ms,
+/// so once or twice), subscribes on loopback in a few ms, then drops its whole cache: well
+/// under 1 s. 2 s leaves room for a loaded machine.
+const RECOVERY_WITHIN: Duration = Duration::from_secs(2);
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A and B on one Redis and prefix, caching tenants for an hour.
+async fn two_instances(grace_seconds: &str) -> (Cluster, WardenProcess, WardenProcess) {
+    let cluster = Cluster::new().await;
+    let env = [
+        ("WARDEN_SECRET_GRACE_SECONDS", grace_seconds),
+        ("WARDEN_SECRET_CACHE_TTL_SECONDS", "3600"),
+    ];
+    let a = cluster.spawn("A", &env).await;
+    let b = cluster.spawn("B", &env).await;
+    (cluster, a, b)
+}
+
+/// A new site installed through A and cached by B (one successful product request).
+async fn installed_on_a_cached_on_b(
+    cluster: &Cluster,
+    a: &WardenProcess,
+    b: &WardenProcess,
+) -> Site {
+    let site = Site::new();
+    a.install(&cluster.keys, &site).await;
+    assert_eq!(
+        b.tenant_status(&site, &site.secret).await,
+        200,
+        "B serves a tenant installed through A"
+    );
+    site
+}
+
+/// The site after Atlassian rolled its secret; returns the old secret too.
+fn rolled(site: &Site) -> (Site, String) {
+    let mut next = site.clone();
+    next.secret = format!("{}-rolled", site.secret);
+    (next, site.secret.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roll_on_one_instance_is_honoured_by_the_other() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (cluster, a, b) = two_instances("1").await;
+
+    // The new secret works on B with the first request after the roll, whether B already
+    // heard of the roll or still holds the old secret (then it re-reads the store once).
+    let x = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let (x, _) = rolled(&x);
+    a.install(&cluster.keys, &x).await;
+    assert_eq!(
+        b.tenant_status(&x, &x.secret).await,
+        200,
+        "B accepts the new secret at once"
+    );
+
+    // The old secret, on a token issued after the roll, verifies against what B cached
+    // before the roll: only the invalidation makes B refuse it.
+    let y = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let (y, old) = rolled(&y);
+    let issued_before_roll = jwt::now() - 1;
+    a.install(&cluster.keys, &y).await;
+    let rolled_at = Instant::now();
+    let took = eventually(
+        "B refuses the old secret on a token issued after the roll",
+        WITHIN,
+        401,
+        || b.tenant_status(&y, &old),
+    )
+    .await;
+    eprintln!("B refused the old secret {took:?} after the roll");
+    assert_eq!(b.tenant_status(&y, &y.secret).await, 200);
+
+    // With a 1 s grace window, a token issued before the roll with the old secret passes for
+    // a moment, then never again. `since` has a resolution of one second, so the window ends
+    // between 1 and 2 s after the roll.
+    let in_flight = || b.tenant_status_at(&y, &old, issued_before_roll);
+    let early = in_flight().await;
+    if rolled_at.elapsed() < Duration::from_millis(500) {
+        assert_eq!(
+            early, 200,
+            "a token issued before the roll is accepted within the grace window"
+        );
+    }
+    eventually(
+        "B refuses the old secret after the grace window",
+        Duration::from_secs(3),
+        401,
+        in_flight,
+    )
+    .await;
+    assert!(
+        rolled_at.elapsed() >= Duration::from_millis(900),
+        "refused before the grace window ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uninstall_on_one_instance_is_honoured_by_the_other() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (cluster, a, b) = two_instances("0").await;
+    let site = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    a.uninstall(&cluster.keys, &site).await;
+    eventually("B refuses an uninstalled tenant", WITHIN, 403, || {
+        b.tenant_status(&site, &site.secret)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_and_enable_on_one_instance_are_honoured_by_the_other() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (cluster, a, b) = two_instances("0").await;
+    let site = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    a.toggle(&site, "disabled").await;
+    eventually("B refuses a disabled tenant", WITHIN, 403, || {
+        b.tenant_status(&site, &site.secret)
+    })
+    .await;
+    a.toggle(&site, "enabled").await;
+    eventually("B serves the tenant enabled again", WITHIN, 200, || {
+        b.tenant_status(&site, &site.secret)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_import_on_one_instance_is_honoured_by_the_other() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (cluster, a, b) = two_instances("0").await;
+    let old = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    // The imported site: same baseUrl, new clientKey, no uninstall of the old one.
+    let mut imported = Site::new();
+    imported.base_url = old.base_url.clone();
+    a.install(&cluster.keys, &imported).await;
+    eventually("B refuses the superseded installation", WITHIN, 403, || {
+        b.tenant_status(&old, &old.secret)
+    })
+    .await;
+    assert_eq!(b.tenant_status(&imported, &imported.secret).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_recovers_from_a_lost_connection() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (cluster, a, b) = two_instances("0").await;
+    let channel = connect_warden::invalidation::channel(&cluster.redis_prefix);
+    let mut redis = redis::Client::open(cluster.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    wait_for_subscribers(&mut redis, &channel, 2).await;
+    let first = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let second = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+
+    // Kill every subscription, and keep killing the new ones, until A has written: the
+    // invalidation is published while B is not subscribed, so B never receives it and must
+    // drop its whole cache once it is subscribed again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = tokio::spawn({
+        let stop = stop.clone();
+        let mut redis = redis.clone();
+        async move {
+            let mut killed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let n: i64 = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                killed += n;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            killed
+        }
+    });
+    wait_for_subscribers(&mut redis, &channel, 0).await;
+    a.uninstall(&cluster.keys, &first).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stop.store(true, Ordering::SeqCst);
+    let killed = killer.await.unwrap();
+    assert!(
+        killed >= 2,
+        "A's and B's subscriptions are killed (killed {killed})"
+    );
+    let took = eventually(
+        "B honours an uninstall published while it was disconnected",
+        RECOVERY_WITHIN,
+        403,
+        || b.tenant_status(&first, &first.secret),
+    )
+    .await;
+    eprintln!("B honoured the lost message {took:?} after the uninstall");
+
+    // And messages flow again.
+    wait_for_subscribers(&mut redis, &channel, 2).await;
+    assert_eq!(b.tenant_status(&second, &second.secret).await, 200);
+    a.toggle(&second, "disabled").await;
+    eventually(
+        "B honours a disable after resubscribing",
+        WITHIN,
+        403,
+        || b.tenant_status(&second, &second.secret),
+    )
+    .await;
+}
+
+/// Waits (bounded) until exactly `count` connections are subscribed to `channel`.
+async fn wait_for_subscribers(
+    redis: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    count: i64,
+) {
+    let deadline = Instant::now() + RECOVERY_WITHIN * 5;
+    loop {
+        let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(redis)
+            .await
+            .unwrap();
+        if subscribers == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {subscribers} of {count} instances subscribed to {channel}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
