@@ -485,31 +485,15 @@ fn new_record(payload: &LifecyclePayload, auth: &Authenticated, now: i64) -> Ins
         .shared_secret
         .clone()
         .expect("checked by LifecyclePayload::parse");
-    let mut record = Installation {
-        client_key: payload.client_key.clone(),
-        base_url: payload.base_url.clone(),
-        display_url: None,
-        product_type: payload.product_type.clone(),
-        description: None,
-        oauth_client_id: None,
-        installation_id: None,
-        cloud_id: None,
-        service_entitlement_number: None,
-        entitlement_id: None,
-        entitlement_number: None,
-        server_version: None,
-        plugins_version: None,
-        state: InstallState::Installed,
-        enabled: true,
-        superseded_by: None,
-        supersedes: Vec::new(),
-        signed_install: auth.proof == Proof::AtlassianSignature,
-        last_event_iat: auth.iat.unwrap_or(0),
-        installed_at: now,
-        updated_at: now,
-        secrets: vec![crate::store::SecretVersion { secret, since: now }],
-        version: 0,
-    };
+    let mut record = Installation::new(
+        payload.client_key.clone(),
+        payload.base_url.clone(),
+        payload.product_type.clone(),
+        secret,
+        now,
+    );
+    record.signed_install = auth.proof == Proof::AtlassianSignature;
+    record.last_event_iat = auth.iat.unwrap_or(0);
     fill_from_payload(&mut record, payload);
     record
 }

@@ -187,37 +187,18 @@ mod tests {
 
     use super::*;
     use crate::domain::{BaseUrl, SharedSecret};
-    use crate::store::{Commit, CommitOutcome, InstallState, InstallationStore, SecretVersion};
+    use crate::store::{Commit, CommitOutcome, InstallationStore};
 
     fn installation(client_key: &str, version: u64) -> Installation {
-        Installation {
-            client_key: ClientKey::parse(client_key).unwrap(),
-            base_url: BaseUrl::parse("https://acme.atlassian.net").unwrap(),
-            display_url: None,
-            product_type: "jira".into(),
-            description: None,
-            oauth_client_id: None,
-            installation_id: None,
-            cloud_id: None,
-            service_entitlement_number: None,
-            entitlement_id: None,
-            entitlement_number: None,
-            server_version: None,
-            plugins_version: None,
-            state: InstallState::Installed,
-            enabled: true,
-            superseded_by: None,
-            supersedes: Vec::new(),
-            signed_install: true,
-            last_event_iat: 0,
-            installed_at: 0,
-            updated_at: 0,
-            secrets: vec![SecretVersion {
-                secret: SharedSecret::parse("s").unwrap(),
-                since: 0,
-            }],
-            version,
-        }
+        let mut installation = Installation::new(
+            ClientKey::parse(client_key).unwrap(),
+            BaseUrl::parse("https://acme.atlassian.net").unwrap(),
+            "jira",
+            SharedSecret::parse("s").unwrap(),
+            0,
+        );
+        installation.version = version;
+        installation
     }
 
     /// A store whose `load` can be held until the test releases it.

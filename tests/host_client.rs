@@ -9,7 +9,7 @@ use connect_warden::devtenant::{FakeHost, HostRoute, TenantRecord};
 use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_warden::error::ApiError;
 use connect_warden::host_client::{HostClient, HostClientError};
-use connect_warden::store::{InstallState, Installation, SecretVersion};
+use connect_warden::store::Installation;
 use serde_json::{json, Value};
 
 use common::app::{spawn_app_with, Backend, Options, Site};
@@ -23,34 +23,17 @@ fn installation(
     secret: &str,
     oauth_client_id: Option<&str>,
 ) -> Installation {
-    Installation {
-        client_key: ClientKey::parse(client_key).unwrap(),
-        base_url: base_url.clone(),
-        display_url: None,
-        product_type: "jira".into(),
-        description: None,
-        oauth_client_id: oauth_client_id.map(str::to_owned),
-        installation_id: None,
-        cloud_id: None,
-        service_entitlement_number: None,
-        entitlement_id: None,
-        entitlement_number: None,
-        server_version: None,
-        plugins_version: None,
-        state: InstallState::Installed,
-        enabled: true,
-        superseded_by: None,
-        supersedes: Vec::new(),
-        signed_install: true,
-        last_event_iat: 0,
-        installed_at: 0,
-        updated_at: 0,
-        secrets: vec![SecretVersion {
-            secret: SharedSecret::parse(secret).unwrap(),
-            since: 0,
-        }],
-        version: 1,
-    }
+    let mut installation = Installation::new(
+        ClientKey::parse(client_key).unwrap(),
+        base_url.clone(),
+        "jira",
+        SharedSecret::parse(secret).unwrap(),
+        0,
+    );
+    installation.oauth_client_id = oauth_client_id.map(str::to_owned);
+    installation.signed_install = true;
+    installation.version = 1;
+    installation
 }
 
 /// A fake host with one tenant, a client pointed at its token endpoint, and the installation

@@ -104,31 +104,17 @@ fn installation(client_key: &str) -> Installation {
 
 /// An installation with every optional field absent.
 fn minimal(client_key: &str) -> Installation {
-    Installation {
-        client_key: ck(client_key),
-        base_url: url("https://minimal.atlassian.net"),
-        display_url: None,
-        product_type: "jira".into(),
-        description: None,
-        oauth_client_id: None,
-        installation_id: None,
-        cloud_id: None,
-        service_entitlement_number: None,
-        entitlement_id: None,
-        entitlement_number: None,
-        server_version: None,
-        plugins_version: None,
-        state: InstallState::Uninstalled,
-        enabled: false,
-        superseded_by: None,
-        supersedes: vec![],
-        signed_install: false,
-        last_event_iat: 0,
-        installed_at: 0,
-        updated_at: 0,
-        secrets: vec![secret("only", 5)],
-        version: 0,
-    }
+    let mut installation = Installation::new(
+        ck(client_key),
+        url("https://minimal.atlassian.net"),
+        "jira",
+        SharedSecret::parse("only").unwrap(),
+        0,
+    );
+    installation.secrets[0].since = 5;
+    installation.state = InstallState::Uninstalled;
+    installation.enabled = false;
+    installation
 }
 
 /// Everything of an installation, secrets included, for exact comparisons.

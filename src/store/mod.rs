@@ -123,6 +123,42 @@ pub struct Installation {
 }
 
 impl Installation {
+    /// A freshly installed, enabled installation with one secret (current since `now`) and
+    /// every optional attribute absent; version 0 (not stored yet).
+    pub fn new(
+        client_key: ClientKey,
+        base_url: BaseUrl,
+        product_type: impl Into<String>,
+        secret: SharedSecret,
+        now: i64,
+    ) -> Self {
+        Self {
+            client_key,
+            base_url,
+            display_url: None,
+            product_type: product_type.into(),
+            description: None,
+            oauth_client_id: None,
+            installation_id: None,
+            cloud_id: None,
+            service_entitlement_number: None,
+            entitlement_id: None,
+            entitlement_number: None,
+            server_version: None,
+            plugins_version: None,
+            state: InstallState::Installed,
+            enabled: true,
+            superseded_by: None,
+            supersedes: Vec::new(),
+            signed_install: false,
+            last_event_iat: 0,
+            installed_at: now,
+            updated_at: now,
+            secrets: vec![SecretVersion { secret, since: now }],
+            version: 0,
+        }
+    }
+
     pub fn current_secret(&self) -> &SecretVersion {
         self.secrets
             .last()
