@@ -602,35 +602,23 @@ async fn uninstall(
     name: &str,
     legacy: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut tenant = state.tenant(name)?;
-    let client = connect(app, Some(&tenant)).await?;
-    println!("{}", describe_tenant(&tenant));
-    if client.app.uninstalled.is_none() {
-        println!("the descriptor declares no uninstalled path: a host sends nothing");
-        tenant.installed = false;
-        state.put_tenant(&tenant)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let token = if legacy {
-        let secret = tenant.shared_secret.clone();
-        client.tenant_token(&secret, &mut tenant, LifecycleEvent::Uninstalled)?
-    } else {
-        client.install_token(
-            &current_key(state)?,
-            &mut tenant,
-            LifecycleEvent::Uninstalled,
-        )?
-    };
-    let body = tenant.body(&client.app.key, "uninstalled");
-    let exchange = client
-        .send_callback(LifecycleEvent::Uninstalled, Some(&token), &body)
-        .await?;
-    println!("{exchange}");
-    if exchange.is_success() {
-        tenant.installed = false;
-    }
-    state.put_tenant(&tenant)?;
-    Ok(exit_for(&exchange))
+    let event = LifecycleEvent::Uninstalled;
+    tenant_callback(
+        state,
+        app,
+        name,
+        event,
+        |client, tenant| {
+            if legacy {
+                let secret = tenant.shared_secret.clone();
+                client.tenant_token(&secret, tenant, event)
+            } else {
+                client.install_token(&current_key(state)?, tenant, event)
+            }
+        },
+        |tenant| tenant.installed = false,
+    )
+    .await
 }
 
 async fn enable_disable(
@@ -639,26 +627,50 @@ async fn enable_disable(
     name: &str,
     event: LifecycleEvent,
 ) -> anyhow::Result<ExitCode> {
+    let enabled = event == LifecycleEvent::Enabled;
+    tenant_callback(
+        state,
+        app,
+        name,
+        event,
+        |client, tenant| {
+            let secret = tenant.shared_secret.clone();
+            client.tenant_token(&secret, tenant, event)
+        },
+        |tenant| tenant.enabled = enabled,
+    )
+    .await
+}
+
+/// Sends `event` for the tenant `name`, signed with the token `sign` makes, and applies
+/// `update` to the tenant when the app accepts it. When the descriptor declares no path for
+/// `event`, a host sends nothing: `update` applies at once. The tenant is saved either way.
+async fn tenant_callback(
+    state: &StateDir,
+    app: &AppArgs,
+    name: &str,
+    event: LifecycleEvent,
+    sign: impl FnOnce(&HostClient, &mut Tenant) -> anyhow::Result<String>,
+    update: impl Fn(&mut Tenant),
+) -> anyhow::Result<ExitCode> {
     let mut tenant = state.tenant(name)?;
     let client = connect(app, Some(&tenant)).await?;
     println!("{}", describe_tenant(&tenant));
-    let enabled = event == LifecycleEvent::Enabled;
     if client.app.lifecycle_path(event).is_none() {
         println!(
             "the descriptor declares no {} path: a host sends nothing",
             event.name()
         );
-        tenant.enabled = enabled;
+        update(&mut tenant);
         state.put_tenant(&tenant)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let secret = tenant.shared_secret.clone();
-    let token = client.tenant_token(&secret, &mut tenant, event)?;
+    let token = sign(&client, &mut tenant)?;
     let body = tenant.body(&client.app.key, event.name());
     let exchange = client.send_callback(event, Some(&token), &body).await?;
     println!("{exchange}");
     if exchange.is_success() {
-        tenant.enabled = enabled;
+        update(&mut tenant);
     }
     state.put_tenant(&tenant)?;
     Ok(exit_for(&exchange))

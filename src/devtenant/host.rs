@@ -36,9 +36,8 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -46,6 +45,8 @@ use serde_json::json;
 
 use crate::domain::{BaseUrl, SharedSecret};
 use crate::jwt::{self, Audience, CanonicalRequest, Token};
+
+use super::local_server::{loopback_addrs, LocalServer};
 
 /// `grant_type` of an impersonation request.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -629,46 +630,26 @@ fn tenant_for(service: &HostService, tnt: &str, origin: &str) -> Option<TenantRe
 /// A [`HostService`] on its own HTTP server on a loopback address. Derefs to the service (so
 /// `host.register_tenant(...)`, `host.requests(...)`). Stopped when dropped.
 pub struct FakeHost {
+    server: LocalServer,
     service: web::Data<HostService>,
-    addr: SocketAddr,
-    handle: ServerHandle,
 }
 
 impl FakeHost {
     /// Binds `addr` (`"127.0.0.1:0"` picks a free port; anything but a loopback address is
     /// refused) and runs the server as a task of the current tokio runtime.
     pub async fn start(addr: impl ToSocketAddrs) -> io::Result<Self> {
-        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the fake host binds loopback addresses only",
-            ));
-        }
+        let addrs = loopback_addrs(addr, "the fake host binds loopback addresses only")?;
         let service = web::Data::new(HostService::new());
         let shared = service.clone();
-        let server = HttpServer::new(move || App::new().configure(configure(shared.clone())))
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(1)
-            .bind(&addrs[..])?;
-        let addr = *server.addrs().first().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::AddrNotAvailable, "bound to no address")
+        let server = LocalServer::start(&addrs[..], "devtenant fake host", move |cfg| {
+            configure(shared.clone())(cfg);
         })?;
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        tracing::info!(%addr, "devtenant fake host listening");
-        Ok(Self {
-            service,
-            addr,
-            handle,
-        })
+        Ok(Self { server, service })
     }
 
     /// `http://ADDR:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// `http://ADDR:PORT/oauth2/token`, the value for `WARDEN_OAUTH_TOKEN_URL`.
@@ -690,7 +671,7 @@ impl FakeHost {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     pub fn service(&self) -> &HostService {
@@ -699,7 +680,7 @@ impl FakeHost {
 
     /// Stops the server and waits until it has stopped.
     pub async fn stop(self) {
-        self.handle.stop(false).await;
+        self.server.stop().await;
     }
 }
 
@@ -710,16 +691,10 @@ impl Deref for FakeHost {
     }
 }
 
-impl Drop for FakeHost {
-    fn drop(&mut self) {
-        drop(self.handle.stop(false));
-    }
-}
-
 impl std::fmt::Debug for FakeHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakeHost")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -728,7 +703,7 @@ impl std::fmt::Debug for FakeHost {
 mod tests {
     use super::*;
     use crate::jwt::Claims;
-    use actix_web::test;
+    use actix_web::{test, App};
     use serde::Serialize;
 
     const HOST: &str = "fake.test";

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use actix_web::dev::ServerHandle;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, HttpResponse};
 
 use super::keys::KeyRing;
+use super::local_server::LocalServer;
 use crate::domain::BaseUrl;
 
 /// Content type of a served key.
@@ -149,9 +149,8 @@ async fn get_key(service: web::Data<KeyService>, kid: web::Path<String>) -> Http
 
 /// A [`KeyService`] on its own HTTP server. Stopped when dropped.
 pub struct KeyServer {
+    server: LocalServer,
     service: web::Data<KeyService>,
-    addr: SocketAddr,
-    handle: ServerHandle,
 }
 
 impl KeyServer {
@@ -163,28 +162,15 @@ impl KeyServer {
     ) -> io::Result<Self> {
         let service = web::Data::new(KeyService::new(keyring));
         let shared = service.clone();
-        let server = HttpServer::new(move || App::new().configure(configure(shared.clone())))
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(1)
-            .bind(addr)?;
-        let addr = *server.addrs().first().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::AddrNotAvailable, "bound to no address")
+        let server = LocalServer::start(addr, "devtenant key server", move |cfg| {
+            configure(shared.clone())(cfg);
         })?;
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        tracing::info!(%addr, "devtenant key server listening");
-        Ok(Self {
-            service,
-            addr,
-            handle,
-        })
+        Ok(Self { server, service })
     }
 
     /// `http://ADDR:PORT`, the value for `WARDEN_KEYS_URL`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// [`url`](Self::url) as a [`BaseUrl`].
@@ -193,7 +179,7 @@ impl KeyServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     pub fn service(&self) -> &KeyService {
@@ -231,21 +217,14 @@ impl KeyServer {
 
     /// Stops the server and waits until it has stopped.
     pub async fn stop(self) {
-        self.handle.stop(false).await;
-    }
-}
-
-impl Drop for KeyServer {
-    fn drop(&mut self) {
-        // The stop command is sent when `stop` is called; awaiting it only waits for completion.
-        drop(self.handle.stop(false));
+        self.server.stop().await;
     }
 }
 
 impl std::fmt::Debug for KeyServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -254,7 +233,7 @@ impl std::fmt::Debug for KeyServer {
 mod tests {
     use super::*;
     use crate::devtenant::keys::tests::test_keys;
-    use actix_web::{http::StatusCode, test};
+    use actix_web::{http::StatusCode, test, App};
 
     #[actix_web::test]
     async fn serves_known_kids_under_any_mount_point() {

@@ -332,15 +332,39 @@ fn check_kid(kid: &str) -> Result<(), KeyError> {
 /// Writes through a temporary file and a rename, so a crash never leaves half a file.
 /// Private files are created readable by the owner only.
 fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), KeyError> {
-    use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> KeyError + 'a {
-        move |source| KeyError::Io {
-            action,
+    write_via_tmp(path, &tmp, contents, private).map_err(|failure| match failure {
+        WriteFailure::Write(source) => KeyError::Io {
+            action: "write",
+            path: tmp.clone(),
+            source,
+        },
+        WriteFailure::Rename(source) => KeyError::Io {
+            action: "rename into",
             path: path.to_owned(),
             source,
-        }
-    }
+        },
+    })
+}
+
+/// The step of [`write_via_tmp`] that failed.
+#[derive(Debug)]
+pub(super) enum WriteFailure {
+    /// Creating, writing or syncing the temporary file.
+    Write(io::Error),
+    /// Renaming it to its final path.
+    Rename(io::Error),
+}
+
+/// Writes `contents` to `tmp`, syncs it and renames it to `path`, so a crash never leaves half
+/// a file. `private` files are created readable by the owner only.
+pub(super) fn write_via_tmp(
+    path: &Path,
+    tmp: &Path,
+    contents: &[u8],
+    private: bool,
+) -> Result<(), WriteFailure> {
+    use std::io::Write as _;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -350,11 +374,11 @@ fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), KeyErro
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut file = options.open(&tmp).map_err(io_err("write", &tmp))?;
+    let mut file = options.open(tmp).map_err(WriteFailure::Write)?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(io_err("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename into", path))
+        .map_err(WriteFailure::Write)?;
+    std::fs::rename(tmp, path).map_err(WriteFailure::Rename)
 }
 
 #[cfg(test)]

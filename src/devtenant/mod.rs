@@ -12,6 +12,7 @@ pub mod client;
 pub mod host;
 pub mod key_server;
 pub mod keys;
+mod local_server;
 pub mod rehearse;
 pub mod server;
 pub mod state;

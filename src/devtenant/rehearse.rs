@@ -555,19 +555,79 @@ impl Ctx<'_> {
         }
     }
 
-    /// A signed `installed` carrying the tenant's current secret.
-    async fn signed_install(&self, tenant: &mut Tenant) -> anyhow::Result<Exchange> {
+    /// A signed `installed` carrying the tenant's current secret, checked as accepted; returns
+    /// the token (for a replay).
+    async fn signed_install(
+        &mut self,
+        s: &str,
+        check: impl Into<String>,
+        tenant: &mut Tenant,
+    ) -> anyhow::Result<String> {
         self.register(tenant);
         let token =
             self.client
                 .install_token(&self.current_key(), tenant, LifecycleEvent::Installed)?;
-        let body = tenant.body(self.app_key(), "installed");
         let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
+            .check_callback(
+                s,
+                check,
+                Expected::Accepted(204),
+                LifecycleEvent::Installed,
+                Some(&token),
+                tenant,
+            )
             .await?;
         tenant.installed = exchange.is_success();
+        Ok(token)
+    }
+
+    /// Sends the `event` callback of `tenant` with `token` as its JWT (unsigned when `None`)
+    /// and records the check of the answer against `expected`.
+    async fn check_callback(
+        &mut self,
+        s: &str,
+        check: impl Into<String>,
+        expected: Expected,
+        event: LifecycleEvent,
+        token: Option<&str>,
+        tenant: &Tenant,
+    ) -> anyhow::Result<Exchange> {
+        let body = tenant.body(self.app_key(), event.name());
+        let exchange = self.client.send_callback(event, token, &body).await?;
+        self.check(s, check, expected, &exchange);
         Ok(exchange)
+    }
+
+    /// A forged `installed` for `tenant` (`token`: its JWT, unsigned when `None`): checks that
+    /// it is refused with `status`, then that nothing was stored (a product request with the
+    /// forged secret must fail).
+    async fn forged_install(
+        &mut self,
+        s: &str,
+        check: &str,
+        status: u16,
+        tenant: &Tenant,
+        token: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.check_callback(
+            s,
+            check,
+            Expected::Refused(status),
+            LifecycleEvent::Installed,
+            token,
+            tenant,
+        )
+        .await?;
+        self.check_probe(
+            s,
+            "with the forged secret",
+            Expected::Refused(401),
+            &tenant.client_key,
+            &tenant.shared_secret,
+            jwt::now(),
+        )
+        .await?;
+        Ok(())
     }
 
     /// `GET <probe path>` as `client_key`, signed with `secret`, issued at `iat`.
@@ -582,6 +642,41 @@ impl Ctx<'_> {
             iat,
         )?;
         self.client.product_request("GET", path, &token, None).await
+    }
+
+    /// Records the check of a [`probe`](Self::probe) against `expected`; `what` ends the
+    /// check's label.
+    async fn check_probe(
+        &mut self,
+        s: &str,
+        what: &str,
+        expected: Expected,
+        client_key: &str,
+        secret: &str,
+        iat: i64,
+    ) -> anyhow::Result<Exchange> {
+        let exchange = self.probe(client_key, secret, iat).await?;
+        self.check(s, self.probe_label(what), expected, &exchange);
+        Ok(exchange)
+    }
+
+    /// [`check_probe`](Self::check_probe) as `tenant`, with its current secret, issued now.
+    async fn check_tenant_probe(
+        &mut self,
+        s: &str,
+        what: &str,
+        expected: Expected,
+        tenant: &Tenant,
+    ) -> anyhow::Result<Exchange> {
+        self.check_probe(
+            s,
+            what,
+            expected,
+            &tenant.client_key,
+            &tenant.shared_secret,
+            jwt::now(),
+        )
+        .await
     }
 
     fn probe_label(&self, what: &str) -> String {
@@ -649,22 +744,10 @@ impl Ctx<'_> {
     async fn signed_install_scenario(&mut self) -> anyhow::Result<Tenant> {
         let s = scenario::SIGNED_INSTALL;
         let mut tenant = self.new_tenant("signed");
-        let exchange = self.signed_install(&mut tenant).await?;
-        self.check(
-            s,
-            "installed, RS256 signed",
-            Expected::Accepted(204),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
+        self.signed_install(s, "installed, RS256 signed", &mut tenant)
             .await?;
-        self.check(
-            s,
-            self.probe_label("with the secret"),
-            Expected::Accepted(200),
-            &exchange,
-        );
+        self.check_tenant_probe(s, "with the secret", Expected::Accepted(200), &tenant)
+            .await?;
         Ok(tenant)
     }
 
@@ -676,30 +759,27 @@ impl Ctx<'_> {
         let old = tenant.shared_secret.clone();
         let before_roll = jwt::now();
         tenant.roll_to(new_secret());
-        let exchange = self.signed_install(tenant).await?;
-        self.check(
-            s,
-            "installed again with a new secret",
-            Expected::Accepted(204),
-            &exchange,
-        );
-        let after_roll = jwt::now();
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, after_roll)
+        self.signed_install(s, "installed again with a new secret", tenant)
             .await?;
-        self.check(
+        let after_roll = jwt::now();
+        self.check_probe(
             s,
-            self.probe_label("with the new secret"),
+            "with the new secret",
             Expected::Accepted(200),
-            &exchange,
-        );
-        let exchange = self.probe(&tenant.client_key, &old, after_roll).await?;
-        self.check(
+            &tenant.client_key,
+            &tenant.shared_secret,
+            after_roll,
+        )
+        .await?;
+        self.check_probe(
             s,
-            self.probe_label("old secret, issued after the roll"),
+            "old secret, issued after the roll",
             Expected::Refused(401),
-            &exchange,
-        );
+            &tenant.client_key,
+            &old,
+            after_roll,
+        )
+        .await?;
         // Filled in at the end, once the grace window is over (other scenarios run meanwhile).
         let row = self.rows.len();
         let grace = self.options.grace_seconds;
@@ -753,26 +833,22 @@ impl Ctx<'_> {
     async fn unsigned_install_scenario(&mut self) -> anyhow::Result<()> {
         let s = scenario::UNSIGNED_INSTALL_REFUSED;
         let tenant = self.new_tenant("unsigned");
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, None, &body)
-            .await?;
-        self.check(
+        self.check_callback(
             s,
             "installed without a token",
             Expected::Refused(401),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
-            .await?;
-        self.check(
+            LifecycleEvent::Installed,
+            None,
+            &tenant,
+        )
+        .await?;
+        self.check_tenant_probe(
             s,
-            self.probe_label("with its secret: nothing stored"),
+            "with its secret: nothing stored",
             Expected::Refused(401),
-            &exchange,
-        );
+            &tenant,
+        )
+        .await?;
         Ok(())
     }
 
@@ -782,26 +858,17 @@ impl Ctx<'_> {
         let s = scenario::SEED_001;
         let mut tenant = self.new_tenant("seed001");
         self.register(&tenant);
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, None, &body)
-            .await?;
-        self.check(
+        self.check_callback(
             s,
             "installed, unsigned (legacy first install)",
             Expected::Accepted(204),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
+            LifecycleEvent::Installed,
+            None,
+            &tenant,
+        )
+        .await?;
+        self.check_tenant_probe(s, "with the first secret", Expected::Accepted(200), &tenant)
             .await?;
-        self.check(
-            s,
-            self.probe_label("with the first secret"),
-            Expected::Accepted(200),
-            &exchange,
-        );
         // (uninstalled: ignored, nothing sent)
         let old = tenant.shared_secret.clone();
         tenant.roll_to(new_secret());
@@ -809,34 +876,34 @@ impl Ctx<'_> {
         let token = self
             .client
             .tenant_token(&old, &mut tenant, LifecycleEvent::Installed)?;
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
+        self.check_callback(
             s,
             "installed again, HS256 by the old secret, new secret in body",
             Expected::Accepted(204),
-            &exchange,
-        );
+            LifecycleEvent::Installed,
+            Some(&token),
+            &tenant,
+        )
+        .await?;
         let now = jwt::now();
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, now)
-            .await?;
-        self.check(
+        self.check_probe(
             s,
-            self.probe_label("with the new secret"),
+            "with the new secret",
             Expected::Accepted(200),
-            &exchange,
-        );
-        let exchange = self.probe(&tenant.client_key, &old, now).await?;
-        self.check(
+            &tenant.client_key,
+            &tenant.shared_secret,
+            now,
+        )
+        .await?;
+        self.check_probe(
             s,
-            self.probe_label("with the old secret"),
+            "with the old secret",
             Expected::Refused(401),
-            &exchange,
-        );
+            &tenant.client_key,
+            &old,
+            now,
+        )
+        .await?;
         Ok(())
     }
 
@@ -846,50 +913,28 @@ impl Ctx<'_> {
             return Ok(());
         }
         let mut tenant = self.new_tenant("reinstall");
-        let exchange = self.signed_install(&mut tenant).await?;
-        self.check(s, "installed", Expected::Accepted(204), &exchange);
+        self.signed_install(s, "installed", &mut tenant).await?;
         let token = self.client.install_token(
             &self.current_key(),
             &mut tenant,
             LifecycleEvent::Uninstalled,
         )?;
-        let body = tenant.body(self.app_key(), "uninstalled");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Uninstalled, Some(&token), &body)
-            .await?;
-        self.check(
+        self.check_callback(
             s,
             "uninstalled, RS256 signed",
             Expected::Accepted(204),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
+            LifecycleEvent::Uninstalled,
+            Some(&token),
+            &tenant,
+        )
+        .await?;
+        self.check_tenant_probe(s, "while uninstalled", Expected::Refused(403), &tenant)
             .await?;
-        self.check(
-            s,
-            self.probe_label("while uninstalled"),
-            Expected::Refused(403),
-            &exchange,
-        );
         tenant.roll_to(new_secret());
-        let exchange = self.signed_install(&mut tenant).await?;
-        self.check(
-            s,
-            "installed again (new secret)",
-            Expected::Accepted(204),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
+        self.signed_install(s, "installed again (new secret)", &mut tenant)
             .await?;
-        self.check(
-            s,
-            self.probe_label("after the reinstall"),
-            Expected::Accepted(200),
-            &exchange,
-        );
+        self.check_tenant_probe(s, "after the reinstall", Expected::Accepted(200), &tenant)
+            .await?;
         Ok(())
     }
 
@@ -900,39 +945,29 @@ impl Ctx<'_> {
             return Ok(());
         }
         let mut tenant = self.new_tenant("disable");
-        let exchange = self.signed_install(&mut tenant).await?;
-        self.check(s, "installed", Expected::Accepted(204), &exchange);
+        self.signed_install(s, "installed", &mut tenant).await?;
         for (event, status) in [
             (LifecycleEvent::Disabled, 403),
             (LifecycleEvent::Enabled, 200),
         ] {
             let secret = tenant.shared_secret.clone();
             let token = self.client.tenant_token(&secret, &mut tenant, event)?;
-            let body = tenant.body(self.app_key(), event.name());
-            let exchange = self
-                .client
-                .send_callback(event, Some(&token), &body)
-                .await?;
-            self.check(
+            self.check_callback(
                 s,
                 format!("{}, HS256 by the secret", event.name()),
                 Expected::Accepted(204),
-                &exchange,
-            );
-            let exchange = self
-                .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
-                .await?;
+                event,
+                Some(&token),
+                &tenant,
+            )
+            .await?;
             let expected = if status == 200 {
                 Expected::Accepted(200)
             } else {
                 Expected::Refused(status)
             };
-            self.check(
-                s,
-                self.probe_label(&format!("while {}", event.name())),
-                expected,
-                &exchange,
-            );
+            self.check_tenant_probe(s, &format!("while {}", event.name()), expected, &tenant)
+                .await?;
         }
         Ok(())
     }
@@ -942,33 +977,37 @@ impl Ctx<'_> {
     async fn site_import_scenario(&mut self) -> anyhow::Result<()> {
         let s = scenario::SITE_IMPORT;
         let mut old = self.new_tenant("import-old");
-        let exchange = self.signed_install(&mut old).await?;
-        self.check(s, "old site installed", Expected::Accepted(204), &exchange);
+        self.signed_install(s, "old site installed", &mut old)
+            .await?;
         let mut new = old.imported(None);
         new.name = format!("import-new-{}", &new.client_key[..8]);
         // The host now knows the site by its new identity (same address).
-        let exchange = self.signed_install(&mut new).await?;
-        self.check(
+        self.signed_install(
             s,
             "new clientKey + oauthClientId on the same baseUrl installed",
-            Expected::Accepted(204),
-            &exchange,
-        );
+            &mut new,
+        )
+        .await?;
         let now = jwt::now();
-        let new_probe = self.probe(&new.client_key, &new.shared_secret, now).await?;
-        self.check(
+        let new_probe = self
+            .check_probe(
+                s,
+                "as the new site",
+                Expected::Accepted(200),
+                &new.client_key,
+                &new.shared_secret,
+                now,
+            )
+            .await?;
+        self.check_probe(
             s,
-            self.probe_label("as the new site"),
-            Expected::Accepted(200),
-            &new_probe,
-        );
-        let exchange = self.probe(&old.client_key, &old.shared_secret, now).await?;
-        self.check(
-            s,
-            self.probe_label("as the old site"),
+            "as the old site",
             Expected::Refused(403),
-            &exchange,
-        );
+            &old.client_key,
+            &old.shared_secret,
+            now,
+        )
+        .await?;
 
         let expected = format!("supersedes [{}]", short_key(&old.client_key));
         let check = "link recorded (probe of the new site)";
@@ -1043,39 +1082,14 @@ impl Ctx<'_> {
             }
         };
         let mut tenant = self.new_tenant("rotated");
-        let exchange = self.signed_install(&mut tenant).await?;
-        self.check(
+        self.signed_install(
             s,
             format!("installed, signed with the new kid {}", short_key(&kid)),
-            Expected::Accepted(204),
-            &exchange,
-        );
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
+            &mut tenant,
+        )
+        .await?;
+        self.check_tenant_probe(s, "with the secret", Expected::Accepted(200), &tenant)
             .await?;
-        self.check(
-            s,
-            self.probe_label("with the secret"),
-            Expected::Accepted(200),
-            &exchange,
-        );
-        Ok(())
-    }
-
-    /// After a refused forged install: a product request with the forged secret must fail.
-    async fn nothing_stored(
-        &mut self,
-        s: &str,
-        client_key: &str,
-        forged_secret: &str,
-    ) -> anyhow::Result<()> {
-        let exchange = self.probe(client_key, forged_secret, jwt::now()).await?;
-        self.check(
-            s,
-            self.probe_label("with the forged secret"),
-            Expected::Refused(401),
-            &exchange,
-        );
         Ok(())
     }
 
@@ -1084,28 +1098,21 @@ impl Ctx<'_> {
         let s = scenario::FORGED_UNSIGNED;
         let mut forged = victim.clone();
         forged.shared_secret = new_secret();
-        let body = forged.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, None, &body)
-            .await?;
-        self.check(
+        self.forged_install(
             s,
             "unsigned installed for an installed site, other secret",
-            Expected::Refused(401),
-            &exchange,
-        );
-        self.nothing_stored(s, &forged.client_key, &forged.shared_secret)
-            .await?;
-        let exchange = self
-            .probe(&victim.client_key, &victim.shared_secret, jwt::now())
-            .await?;
-        self.check(
+            401,
+            &forged,
+            None,
+        )
+        .await?;
+        self.check_tenant_probe(
             s,
-            self.probe_label("with the genuine secret"),
+            "with the genuine secret",
             Expected::Accepted(200),
-            &exchange,
-        );
+            victim,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1118,19 +1125,14 @@ impl Ctx<'_> {
                 .install_claims(&mut tenant, LifecycleEvent::Installed, jwt::now())?;
         let kid = self.current_key().kid;
         let token = sign_rs256_with_kid(&self.spare, &kid, &claims);
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
+        self.forged_install(
             s,
             "RS256 by another key under the served kid",
-            Expected::Refused(401),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
-            .await
+            401,
+            &tenant,
+            Some(&token),
+        )
+        .await
     }
 
     async fn forged_wrong_aud(&mut self) -> anyhow::Result<()> {
@@ -1141,18 +1143,7 @@ impl Ctx<'_> {
                 .install_claims(&mut tenant, LifecycleEvent::Installed, jwt::now())?;
         claims.aud = Some(Audience::One("https://another-app.example.com".into()));
         let token = sign_rs256(&self.current_key(), &claims);
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
-            s,
-            "aud names another app",
-            Expected::Refused(401),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
+        self.forged_install(s, "aud names another app", 401, &tenant, Some(&token))
             .await
     }
 
@@ -1160,47 +1151,26 @@ impl Ctx<'_> {
     async fn forged_replay(&mut self) -> anyhow::Result<()> {
         let s = scenario::FORGED_REPLAY;
         let mut tenant = self.new_tenant("replay");
-        self.register(&tenant);
-        let token = self.client.install_token(
-            &self.current_key(),
-            &mut tenant,
-            LifecycleEvent::Installed,
-        )?;
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
+        let token = self
+            .signed_install(s, "installed (the token is captured)", &mut tenant)
             .await?;
-        self.check(
-            s,
-            "installed (the token is captured)",
-            Expected::Accepted(204),
-            &exchange,
-        );
-        let mut forged = body.clone();
-        let forged_secret = new_secret();
-        forged["sharedSecret"] = forged_secret.clone().into();
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &forged)
-            .await?;
-        self.check(
+        let mut forged = tenant.clone();
+        forged.shared_secret = new_secret();
+        self.forged_install(
             s,
             "same token, body with another secret",
-            Expected::Refused(409),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &forged_secret)
-            .await?;
-        let exchange = self
-            .probe(&tenant.client_key, &tenant.shared_secret, jwt::now())
-            .await?;
-        self.check(
+            409,
+            &forged,
+            Some(&token),
+        )
+        .await?;
+        self.check_tenant_probe(
             s,
-            self.probe_label("with the genuine secret"),
+            "with the genuine secret",
             Expected::Accepted(200),
-            &exchange,
-        );
+            &tenant,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1214,19 +1184,14 @@ impl Ctx<'_> {
             &mut attacker,
             LifecycleEvent::Installed,
         )?;
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
+        self.forged_install(
             s,
             "iss is another clientKey than the body's",
-            Expected::Refused(403),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
-            .await
+            403,
+            &tenant,
+            Some(&token),
+        )
+        .await
     }
 
     /// A genuine token, but the body's baseUrl is on a host the app does not serve.
@@ -1244,19 +1209,14 @@ impl Ctx<'_> {
             &mut tenant,
             LifecycleEvent::Installed,
         )?;
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
+        self.forged_install(
             s,
             "baseUrl on 127.0.0.2 (not an allowed host)",
-            Expected::Refused(403),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
-            .await
+            403,
+            &tenant,
+            Some(&token),
+        )
+        .await
     }
 
     async fn forged_expired(&mut self) -> anyhow::Result<()> {
@@ -1268,18 +1228,7 @@ impl Ctx<'_> {
                 .install_claims(&mut tenant, LifecycleEvent::Installed, now - 600)?;
         claims.exp = Some(now - 300);
         let token = sign_rs256(&self.current_key(), &claims);
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
-            s,
-            "exp 300 s in the past",
-            Expected::Refused(401),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
+        self.forged_install(s, "exp 300 s in the past", 401, &tenant, Some(&token))
             .await
     }
 
@@ -1293,18 +1242,7 @@ impl Ctx<'_> {
         let payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let token = format!("{header}.{payload}.");
-        let body = tenant.body(self.app_key(), "installed");
-        let exchange = self
-            .client
-            .send_callback(LifecycleEvent::Installed, Some(&token), &body)
-            .await?;
-        self.check(
-            s,
-            "alg none, no signature",
-            Expected::Refused(401),
-            &exchange,
-        );
-        self.nothing_stored(s, &tenant.client_key, &tenant.shared_secret)
+        self.forged_install(s, "alg none, no signature", 401, &tenant, Some(&token))
             .await
     }
 }

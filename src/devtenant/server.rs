@@ -7,19 +7,18 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, RwLock};
 
-use actix_web::dev::ServerHandle;
-use actix_web::{web, App, HttpServer};
+use actix_web::web;
 
 use super::host::{self, HostService};
 use super::key_server::{self, KeyService};
 use super::keys::KeyRing;
+use super::local_server::{loopback_addrs, LocalServer};
 
 /// Key server and fake host on one address. Stopped when dropped.
 pub struct DevServer {
+    server: LocalServer,
     keys: web::Data<KeyService>,
     host: web::Data<HostService>,
-    addr: SocketAddr,
-    handle: ServerHandle,
 }
 
 impl DevServer {
@@ -29,43 +28,23 @@ impl DevServer {
         addr: impl ToSocketAddrs,
         keyring: Arc<RwLock<KeyRing>>,
     ) -> io::Result<Self> {
-        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "devtenant listens on loopback addresses only (e.g. 127.0.0.1:8090)",
-            ));
-        }
+        let addrs = loopback_addrs(
+            addr,
+            "devtenant listens on loopback addresses only (e.g. 127.0.0.1:8090)",
+        )?;
         let keys = web::Data::new(KeyService::new(keyring));
         let host = web::Data::new(HostService::new());
         let (k, h) = (keys.clone(), host.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .configure(host::configure(h.clone()))
-                .configure(key_server::configure(k.clone()))
-        })
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .bind(&addrs[..])?;
-        let addr = *server.addrs().first().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::AddrNotAvailable, "bound to no address")
+        let server = LocalServer::start(&addrs[..], "devtenant server", move |cfg| {
+            host::configure(h.clone())(cfg);
+            key_server::configure(k.clone())(cfg);
         })?;
-        let server = server.run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        tracing::info!(%addr, "devtenant server listening");
-        Ok(Self {
-            keys,
-            host,
-            addr,
-            handle,
-        })
+        Ok(Self { server, keys, host })
     }
 
     /// `http://ADDR:PORT`: the fake host, and the value for `WARDEN_KEYS_URL`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// The value for `WARDEN_KEYS_URL` (the same as [`url`](Self::url)).
@@ -79,7 +58,7 @@ impl DevServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     pub fn keys(&self) -> &KeyService {
@@ -96,20 +75,14 @@ impl DevServer {
 
     /// Stops the server and waits until it has stopped.
     pub async fn stop(self) {
-        self.handle.stop(false).await;
-    }
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        drop(self.handle.stop(false));
+        self.server.stop().await;
     }
 }
 
 impl std::fmt::Debug for DevServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }

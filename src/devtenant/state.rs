@@ -21,7 +21,7 @@ use rand::distributions::{Alphanumeric, DistString as _};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 
-use super::keys::KeyRing;
+use super::keys::{write_via_tmp, KeyRing, WriteFailure};
 
 /// Default state directory, relative to the working directory.
 pub const DEFAULT_STATE_DIR: &str = ".devtenant";
@@ -347,25 +347,16 @@ impl StateDir {
 
 /// Writes through a temporary file and a rename; `private` files are readable by the owner only.
 fn write_atomic(path: &Path, contents: &[u8], private: bool) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
+    match write_via_tmp(path, &tmp, contents, private) {
+        Ok(()) => Ok(()),
+        Err(WriteFailure::Write(e)) => {
+            Err(e).with_context(|| format!("cannot write {}", tmp.display()))
+        }
+        Err(WriteFailure::Rename(e)) => {
+            Err(e).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        }
     }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 #[cfg(test)]
