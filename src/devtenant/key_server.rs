@@ -16,7 +16,7 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 
 use super::keys::KeyRing;
-use super::local_server::LocalServer;
+use super::local_server::{loopback_addrs, LocalServer};
 use crate::domain::BaseUrl;
 
 /// Content type of a served key.
@@ -160,9 +160,10 @@ impl KeyServer {
         addr: impl ToSocketAddrs,
         keyring: Arc<RwLock<KeyRing>>,
     ) -> io::Result<Self> {
+        let addrs = loopback_addrs(addr, "the key server binds loopback addresses only")?;
         let service = web::Data::new(KeyService::new(keyring));
         let shared = service.clone();
-        let server = LocalServer::start(addr, "devtenant key server", move |cfg| {
+        let server = LocalServer::start(&addrs[..], "devtenant key server", move |cfg| {
             configure(shared.clone())(cfg);
         })?;
         Ok(Self { server, service })
