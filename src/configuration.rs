@@ -15,6 +15,11 @@ pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.co
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
 pub const STAGING_KEYS_URL: &str =
     "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
+/// Sites whose install keys come from the staging CDN.
+pub fn is_staging_host(host: &str) -> bool {
+    host.to_ascii_lowercase().ends_with(".jira-dev.com")
+}
+
 /// Atlassian's OAuth2 authorization server (user impersonation).
 pub const OAUTH_TOKEN_URL: &str =
     "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";

@@ -208,8 +208,9 @@ pub fn verify_product_token(
     check_verified_token(token, installation, line, now)
 }
 
-/// The current secret verifies; the previous one only for a token issued before the roll and
-/// only within the grace window after it. Older secrets never verify a product request.
+/// The current secret verifies; the previous one only for a token issued before the roll,
+/// only within the grace window after it, and never when an unsigned install's secret was
+/// replaced by a signed one. Older secrets never verify a product request.
 pub fn verify_signature(
     token: &Token<'_>,
     installation: &Installation,
@@ -226,7 +227,10 @@ pub fn verify_signature(
     };
     let within_grace = now - current.since <= grace_seconds;
     let issued_before_roll = token.claims().iat.is_some_and(|iat| iat < current.since);
-    if within_grace && issued_before_roll {
+    // A secret from an unsigned install that Atlassian's signed install replaced may have been
+    // planted by anyone: it gets no grace.
+    let trusted = previous.signed || !current.signed;
+    if within_grace && issued_before_roll && trusted {
         token.verify_hs256(&previous.secret)
     } else {
         result

@@ -5,15 +5,20 @@
 //! A callback goes through three steps, and a failure at any step stores nothing:
 //! 1. [`LifecyclePayload::parse`]: the body, into typed values (400 on bad input);
 //! 2. [`authenticate`]: the `Authorization` token, per [`InstallAuth`] mode (401/403/503);
-//! 3. [`apply`]: replay and ordering checks, then one atomic compare-and-set write (409 on a
-//!    stale or replayed callback), retried when another writer got there first.
+//! 3. [`apply_once`]: replay and ordering checks, then one atomic compare-and-set write (409
+//!    on a stale or replayed callback).
+//!
+//! [`process`] runs steps 2 and 3 against the record as stored, and when another writer got
+//! there first it re-reads the record and runs both again: a decision is never applied to a
+//! record other than the one it was made on. Then [`supersede_previous_tenants`] links a site
+//! import.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::configuration::{InstallAuth, Settings};
+use crate::configuration::{is_staging_host, InstallAuth, Settings};
 use crate::domain::{BaseUrl, ClientKey, KeyId, SharedSecret};
 use crate::error::ApiError;
 use crate::install_keys::InstallKeys;
@@ -27,6 +32,9 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// How often a write is retried when another writer changed the record in between.
 const MAX_COMMIT_ATTEMPTS: usize = 8;
+
+/// How long after the end of its validity an accepted lifecycle token is still remembered.
+const REPLAY_MEMORY_MARGIN_SECONDS: i64 = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LifecycleEvent {
@@ -65,8 +73,12 @@ fn loose_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>
     })
 }
 
-/// The body as sent; unknown fields are ignored.
-#[derive(Debug, Deserialize)]
+/// Longest text accepted in any body field; real values are far shorter. Keeps a stored
+/// (and cached) installation small whatever a caller sends.
+pub const MAX_FIELD_CHARS: usize = 2048;
+
+/// The body as sent; unknown fields are ignored. No `Debug`: it holds the shared secret.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawPayload {
     #[serde(default, deserialize_with = "loose_string")]
@@ -102,7 +114,6 @@ struct RawPayload {
 }
 
 /// A lifecycle body, parsed. `shared_secret` is present for `installed`.
-#[derive(Debug)]
 pub struct LifecyclePayload {
     pub client_key: ClientKey,
     pub base_url: BaseUrl,
@@ -111,6 +122,36 @@ pub struct LifecyclePayload {
     raw: RawPayload,
     /// SHA-256 of the exact body bytes: tells a retry from a replay.
     pub body_digest: [u8; 32],
+}
+
+impl std::fmt::Debug for LifecyclePayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LifecyclePayload")
+            .field("client_key", &self.client_key)
+            .field("base_url", &self.base_url)
+            .field("shared_secret", &self.shared_secret)
+            .field("product_type", &self.product_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawPayload {
+    /// Every optional text field with its JSON name, for the length check.
+    fn text_fields(&self) -> [(&'static str, &Option<String>); 11] {
+        [
+            ("displayUrl", &self.display_url),
+            ("productType", &self.product_type),
+            ("description", &self.description),
+            ("serviceEntitlementNumber", &self.service_entitlement_number),
+            ("entitlementId", &self.entitlement_id),
+            ("entitlementNumber", &self.entitlement_number),
+            ("oauthClientId", &self.oauth_client_id),
+            ("installationId", &self.installation_id),
+            ("cloudId", &self.cloud_id),
+            ("serverVersion", &self.server_version),
+            ("pluginsVersion", &self.plugins_version),
+        ]
+    }
 }
 
 impl LifecyclePayload {
@@ -141,6 +182,16 @@ impl LifecyclePayload {
             return Err(ApiError::BadRequest(
                 "an installed body must carry a sharedSecret".into(),
             ));
+        }
+        for (name, value) in raw.text_fields() {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.chars().count() > MAX_FIELD_CHARS)
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "the body's {name} is longer than {MAX_FIELD_CHARS} characters"
+                )));
+            }
         }
         if let Some(key) = raw.key.as_deref() {
             if key != app_key {
@@ -288,7 +339,9 @@ pub async fn authenticate(
         seen: Some(SeenToken {
             token_digest: token.digest(),
             body_digest: payload.body_digest,
-            expires_at: exp + jwt::LEEWAY_SECONDS,
+            // Remembered well past the last second `check_times` accepts the token, so the
+            // memory can never lapse while the token still passes (clock skew included).
+            expires_at: exp + jwt::LEEWAY_SECONDS + REPLAY_MEMORY_MARGIN_SECONDS,
         }),
     })
 }
@@ -304,8 +357,9 @@ fn missing_token_message(event: LifecycleEvent, legacy: bool, known: bool) -> St
 }
 
 /// HS256 callbacks: `enabled`/`disabled` (and legacy `uninstalled`) with the current secret;
-/// a legacy reinstall with the current secret or any kept in the history, also after an
-/// `uninstalled` (seed 001).
+/// a legacy reinstall with the current secret or one kept in the history, also after an
+/// `uninstalled` (seed 001), but none older than the newest secret that came with a signed
+/// install ([`Installation::secrets_for_reinstall`]).
 fn verify_with_known_secret(
     token: &Token<'_>,
     event: LifecycleEvent,
@@ -317,9 +371,7 @@ fn verify_with_known_secret(
     }
     if event == LifecycleEvent::Installed
         && installation
-            .secrets
-            .iter()
-            .rev()
+            .secrets_for_reinstall()
             .skip(1)
             .any(|s| token.verify_hs256(&s.secret).is_ok())
     {
@@ -356,81 +408,167 @@ pub struct Applied {
     pub new_installation: bool,
 }
 
-/// Step 3: replay and ordering checks, then the write. Re-reads and re-decides when another
-/// writer changed the record in between, so concurrent callbacks never lose an update.
-pub async fn apply(
+/// What [`process`] did with a callback.
+#[derive(Debug)]
+pub struct Processed {
+    pub applied: Applied,
+    pub proof: Proof,
+    /// Installations retired by this install (site import).
+    pub superseded: Vec<ClientKey>,
+}
+
+/// Steps 2 and 3 for one callback, then the site-import step. `authorization` is the raw
+/// `Authorization` header.
+pub async fn process(
+    ctx: &LifecycleContext<'_>,
+    event: LifecycleEvent,
+    request: &RequestLine<'_>,
+    authorization: Option<&str>,
+    payload: &LifecyclePayload,
+) -> Result<Processed, ApiError> {
+    for _ in 0..MAX_COMMIT_ATTEMPTS {
+        let existing = ctx.store.load(&payload.client_key).await?;
+        // Authenticated against exactly the record the write will compare against.
+        let auth = authenticate(
+            ctx,
+            event,
+            request,
+            authorization,
+            payload,
+            existing.as_ref(),
+        )
+        .await?;
+        check_same_environment(existing.as_ref(), payload)?;
+        let Some(applied) = apply_once(ctx.store, event, payload, &auth, existing).await? else {
+            continue;
+        };
+        let superseded = match &applied.installation {
+            Some(installed) if links_site(event, &applied, &auth, installed) => {
+                supersede_previous_tenants(ctx.store, installed, auth.iat.unwrap_or(0)).await?
+            }
+            Some(installed) if event == LifecycleEvent::Installed => {
+                ctx.store
+                    .index_site(&installed.base_url, &installed.client_key)
+                    .await?;
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        return Ok(Processed {
+            applied,
+            proof: auth.proof,
+            superseded,
+        });
+    }
+    Err(ApiError::Unavailable(format!(
+        "the installation {} is being changed concurrently; retry",
+        payload.client_key
+    )))
+}
+
+/// Whether this `installed` is a site import's first install that may retire other tenants
+/// on its site: proven by Atlassian's signature, for a new clientKey, or a retry of that very
+/// install (finishing a link an interrupted first attempt did not) while it is still the
+/// installation's latest event and the installation is active.
+fn links_site(
+    event: LifecycleEvent,
+    applied: &Applied,
+    auth: &Authenticated,
+    installed: &Installation,
+) -> bool {
+    event == LifecycleEvent::Installed
+        && auth.proof == Proof::AtlassianSignature
+        && installed.is_active()
+        && match applied.outcome {
+            Outcome::Applied => applied.new_installation,
+            Outcome::Unchanged => auth.iat == Some(installed.last_event_iat),
+        }
+}
+
+/// Production sites are verified with production keys, `*.jira-dev.com` sites with staging
+/// keys, chosen by the body's `baseUrl` (which the token does not cover). So an install must
+/// not move a clientKey from one to the other: a staging-signed token could otherwise rewrite
+/// a production tenant's secret.
+fn check_same_environment(
+    existing: Option<&Installation>,
+    payload: &LifecyclePayload,
+) -> Result<(), ApiError> {
+    let Some(existing) = existing else {
+        return Ok(());
+    };
+    if is_staging_host(&existing.base_url.host()) != is_staging_host(&payload.base_url.host()) {
+        return Err(ApiError::Forbidden(format!(
+            "the installation {} cannot move between Atlassian's production and staging sites",
+            payload.client_key
+        )));
+    }
+    Ok(())
+}
+
+/// Step 3: replay and ordering checks, then one compare-and-set write. `None`: another writer
+/// changed the record since it was read; read again and decide again.
+pub async fn apply_once(
     store: &dyn InstallationStore,
     event: LifecycleEvent,
     payload: &LifecyclePayload,
     auth: &Authenticated,
-    mut existing: Option<Installation>,
-) -> Result<Applied, ApiError> {
-    for attempt in 0..MAX_COMMIT_ATTEMPTS {
-        if attempt > 0 {
-            existing = store.load(&payload.client_key).await?;
-        }
-        if let Some(seen) = &auth.seen {
-            match store
-                .seen_token(&payload.client_key, &seen.token_digest)
-                .await?
-            {
-                Some(body) if body == seen.body_digest => {
-                    return Ok(Applied {
-                        outcome: Outcome::Unchanged,
-                        installation: existing.map(Arc::new),
-                        new_installation: false,
-                    })
-                }
-                Some(_) => {
-                    return Err(ApiError::Conflict(
-                        "this token was already used with a different body: refused as a replay"
-                            .into(),
-                    ))
-                }
-                None => {}
+    existing: Option<Installation>,
+) -> Result<Option<Applied>, ApiError> {
+    if let Some(seen) = &auth.seen {
+        match store
+            .seen_token(&payload.client_key, &seen.token_digest)
+            .await?
+        {
+            Some(body) if body == seen.body_digest => {
+                return Ok(Some(Applied {
+                    outcome: Outcome::Unchanged,
+                    installation: existing.map(Arc::new),
+                    new_installation: false,
+                }))
             }
-        }
-        if let (Some(iat), Some(current)) = (auth.iat, existing.as_ref()) {
-            if iat < current.last_event_iat {
-                return Err(ApiError::Conflict(format!(
-                    "this {} was issued (iat {iat}) before the last accepted lifecycle event (iat {}): refused as stale",
-                    event.name(),
-                    current.last_event_iat
-                )));
+            Some(_) => {
+                return Err(ApiError::Conflict(
+                    "this token was already used with a different body: refused as a replay".into(),
+                ))
             }
-        }
-        let now = jwt::now();
-        let new_installation = existing.is_none();
-        let expected_version = existing.as_ref().map_or(0, |i| i.version);
-        let Some(record) = next_record(event, payload, auth, existing.clone(), now)? else {
-            return Ok(Applied {
-                outcome: Outcome::Unchanged,
-                installation: None,
-                new_installation: false,
-            });
-        };
-        let commit = Commit {
-            record: &record,
-            expected_version,
-            token: auth.seen,
-        };
-        match store.commit(commit).await? {
-            CommitOutcome::Committed => {
-                let mut record = record;
-                record.version = expected_version + 1;
-                return Ok(Applied {
-                    outcome: Outcome::Applied,
-                    installation: Some(Arc::new(record)),
-                    new_installation,
-                });
-            }
-            CommitOutcome::Conflict => continue,
+            None => {}
         }
     }
-    Err(ApiError::Conflict(format!(
-        "the installation {} is being changed concurrently; retry",
-        payload.client_key
-    )))
+    if let (Some(iat), Some(current)) = (auth.iat, existing.as_ref()) {
+        if iat < current.last_event_iat {
+            return Err(ApiError::Conflict(format!(
+                "this {} was issued (iat {iat}) before the last accepted lifecycle event (iat {}): refused as stale",
+                event.name(),
+                current.last_event_iat
+            )));
+        }
+    }
+    let now = jwt::now();
+    let new_installation = existing.is_none();
+    let expected_version = existing.as_ref().map_or(0, |i| i.version);
+    let Some(mut record) = next_record(event, payload, auth, existing, now)? else {
+        return Ok(Some(Applied {
+            outcome: Outcome::Unchanged,
+            installation: None,
+            new_installation: false,
+        }));
+    };
+    let commit = Commit {
+        record: &record,
+        expected_version,
+        token: auth.seen,
+    };
+    match store.commit(commit).await? {
+        CommitOutcome::Committed => {
+            record.version = expected_version + 1;
+            Ok(Some(Applied {
+                outcome: Outcome::Applied,
+                installation: Some(Arc::new(record)),
+                new_installation,
+            }))
+        }
+        CommitOutcome::Conflict => Ok(None),
+    }
 }
 
 /// The record after `event`, or `None` when there is nothing to store.
@@ -463,7 +601,7 @@ fn next_record(
                 .shared_secret
                 .clone()
                 .expect("checked by LifecyclePayload::parse");
-            record.roll_secret(secret, now);
+            record.roll_secret(secret, auth.proof == Proof::AtlassianSignature, now);
             fill_from_payload(&mut record, payload);
             record.state = InstallState::Installed;
             record.enabled = true;
@@ -490,9 +628,9 @@ fn new_record(payload: &LifecyclePayload, auth: &Authenticated, now: i64) -> Ins
         payload.base_url.clone(),
         payload.product_type.clone(),
         secret,
+        auth.proof == Proof::AtlassianSignature,
         now,
     );
-    record.signed_install = auth.proof == Proof::AtlassianSignature;
     record.last_event_iat = auth.iat.unwrap_or(0);
     fill_from_payload(&mut record, payload);
     record
@@ -515,54 +653,76 @@ fn fill_from_payload(record: &mut Installation, payload: &LifecyclePayload) {
 }
 
 /// Site import (seed 003): a new clientKey installed, with Atlassian's signature, on a site
-/// whose `baseUrl` belongs to other active installations. Those are marked superseded by the
-/// new one and linked from it. An unsigned install never supersedes anything: it could be
-/// forged to knock a real tenant out. Returns the clientKeys superseded.
+/// whose `baseUrl` belongs to other active installations. The most recent install event on a
+/// site wins: those whose latest event is older than this install (`install_iat`) are marked
+/// superseded by the new one and linked from it; should another active one be newer (two
+/// imports racing), this installation is the one superseded. A tie in the same second goes to
+/// the greater clientKey, so exactly one installation of a site stays active whatever the
+/// order the writes land in. The caller decides that this install may supersede at all
+/// ([`links_site`]): an unsigned install never does, it could be forged to knock a real
+/// tenant out. Returns the clientKeys superseded (possibly this installation's own).
 pub async fn supersede_previous_tenants(
     store: &dyn InstallationStore,
     installed: &Installation,
-    proof: Proof,
+    install_iat: i64,
 ) -> Result<Vec<ClientKey>, ApiError> {
     store
         .index_site(&installed.base_url, &installed.client_key)
         .await?;
-    if proof != Proof::AtlassianSignature {
-        return Ok(Vec::new());
-    }
+    let this = (install_iat, &installed.client_key);
     let mut superseded = Vec::new();
     for other in store.client_keys_for_site(&installed.base_url).await? {
         if other == installed.client_key {
             continue;
         }
+        let mut other_is_newer = false;
         let marked = update_with_retry(store, &other, |old| {
-            let replaceable = old.state == InstallState::Installed
-                && old.superseded_by.is_none()
-                && old.installed_at <= installed.installed_at;
-            replaceable.then(|| {
-                old.superseded_by = Some(installed.client_key.clone());
-            })
+            if !old.is_active() || old.base_url != installed.base_url {
+                return None;
+            }
+            if (old.last_event_iat, &old.client_key) > this {
+                other_is_newer = true;
+                return None;
+            }
+            old.superseded_by = Some(installed.client_key.clone());
+            Some(())
         })
         .await?;
         if marked {
             tracing::warn!(old_client_key = %other, new_client_key = %installed.client_key, base_url = %installed.base_url,
                 "site import: installation superseded by a new clientKey on the same site");
+            link(store, &installed.client_key, &other).await?;
             superseded.push(other);
+        } else if other_is_newer {
+            let own = update_with_retry(store, &installed.client_key, |own| {
+                own.is_active()
+                    .then(|| own.superseded_by = Some(other.clone()))
+            })
+            .await?;
+            if own {
+                tracing::warn!(old_client_key = %installed.client_key, new_client_key = %other, base_url = %installed.base_url,
+                    "site import: a newer installation on the same site supersedes this one");
+                link(store, &other, &installed.client_key).await?;
+                superseded.push(installed.client_key.clone());
+                break;
+            }
         }
     }
-    if !superseded.is_empty() {
-        let links = superseded.clone();
-        update_with_retry(store, &installed.client_key, move |new| {
-            let before = new.supersedes.len();
-            for key in &links {
-                if !new.supersedes.contains(key) {
-                    new.supersedes.push(key.clone());
-                }
-            }
-            (new.supersedes.len() != before).then_some(())
-        })
-        .await?;
-    }
     Ok(superseded)
+}
+
+/// Records on `successor` that it superseded `predecessor`.
+async fn link(
+    store: &dyn InstallationStore,
+    successor: &ClientKey,
+    predecessor: &ClientKey,
+) -> Result<(), ApiError> {
+    update_with_retry(store, successor, |record| {
+        (!record.supersedes.contains(predecessor))
+            .then(|| record.supersedes.push(predecessor.clone()))
+    })
+    .await?;
+    Ok(())
 }
 
 /// Read-modify-write of one record with compare-and-set; `change` returns `None` to leave it.
@@ -592,7 +752,214 @@ async fn update_with_retry(
             return Ok(true);
         }
     }
-    Err(ApiError::Conflict(format!(
+    Err(ApiError::Unavailable(format!(
         "the installation {client_key} is being changed concurrently; retry"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::StoreError;
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Settings::from_sources(None, env).unwrap()
+    }
+
+    fn body(client_key: &str, secret: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "key": "connect-warden",
+            "clientKey": client_key,
+            "sharedSecret": secret,
+            "baseUrl": "https://acme.atlassian.net",
+            "productType": "jira",
+        }))
+        .unwrap()
+    }
+
+    const INSTALLED: RequestLine<'static> = RequestLine {
+        method: "POST",
+        path: "/installed",
+        query: "",
+    };
+
+    /// A store whose first `load` answers "no record" although one exists: the view of a
+    /// request that read just before a concurrent first install committed.
+    struct StaleFirstLoad {
+        inner: EmbeddedStore,
+        stale_once: AtomicBool,
+    }
+
+    #[async_trait]
+    impl InstallationStore for StaleFirstLoad {
+        async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
+            if self.stale_once.swap(false, Ordering::SeqCst) {
+                return Ok(None);
+            }
+            self.inner.load(client_key).await
+        }
+        async fn seen_token(
+            &self,
+            c: &ClientKey,
+            d: &[u8; 32],
+        ) -> Result<Option<[u8; 32]>, StoreError> {
+            self.inner.seen_token(c, d).await
+        }
+        async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+            self.inner.commit(commit).await
+        }
+        async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
+            self.inner.index_site(b, c).await
+        }
+        async fn client_keys_for_site(&self, b: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.client_keys_for_site(b).await
+        }
+        async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.list_client_keys().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    /// An unsigned legacy install decided on a stale "no record" must not be written over the
+    /// install that committed in between: after the conflict it is authenticated again, against
+    /// the record that now exists, and refused.
+    #[tokio::test]
+    async fn a_decision_is_never_applied_to_a_record_it_was_not_made_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StaleFirstLoad {
+            inner: EmbeddedStore::open(dir.path()).unwrap(),
+            stale_once: AtomicBool::new(false),
+        };
+        let settings = settings(&[("WARDEN_INSTALL_AUTH", "legacy")]);
+        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let ctx = LifecycleContext {
+            settings: &settings,
+            store: &store,
+            keys: &keys,
+        };
+
+        let genuine = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body("ck-race", "genuine-secret"),
+            "connect-warden",
+        )
+        .unwrap();
+        process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &genuine)
+            .await
+            .unwrap();
+
+        store.stale_once.store(true, Ordering::SeqCst);
+        let attacker = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body("ck-race", "attacker-secret"),
+            "connect-warden",
+        )
+        .unwrap();
+        let refused = process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &attacker).await;
+        assert!(
+            matches!(refused, Err(ApiError::Unauthenticated(_))),
+            "{refused:?}"
+        );
+        let stored = store.load(&genuine.client_key).await.unwrap().unwrap();
+        assert_eq!(stored.current_secret().secret.expose(), "genuine-secret");
+        assert_eq!(stored.secrets.len(), 1);
+    }
+
+    /// An accepted token is remembered past the last second in which it still passes the
+    /// time check, so a replay with another body can never slip through at that boundary.
+    #[tokio::test]
+    async fn replay_memory_outlives_token_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let settings = settings(&[("WARDEN_INSTALL_AUTH", "legacy")]);
+        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let ctx = LifecycleContext {
+            settings: &settings,
+            store: &store,
+            keys: &keys,
+        };
+        let first = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body("ck-replay", "one"),
+            "connect-warden",
+        )
+        .unwrap();
+        process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &first)
+            .await
+            .unwrap();
+        let existing = store.load(&first.client_key).await.unwrap();
+
+        let now = jwt::now();
+        let exp = now + 10;
+        let claims = jwt::Claims {
+            iss: Some("ck-replay".into()),
+            iat: Some(now),
+            exp: Some(exp),
+            qsh: Some(CanonicalRequest::new("POST", "/installed", "", "").qsh()),
+            ..Default::default()
+        };
+        let token = jwt::sign_hs256(&claims, &SharedSecret::parse("one").unwrap());
+        let reinstall = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body("ck-replay", "two"),
+            "connect-warden",
+        )
+        .unwrap();
+        let header = format!("JWT {token}");
+        let auth = authenticate(
+            &ctx,
+            LifecycleEvent::Installed,
+            &INSTALLED,
+            Some(&header),
+            &reinstall,
+            existing.as_ref(),
+        )
+        .await
+        .unwrap();
+        let last_accepted_second = exp + jwt::LEEWAY_SECONDS;
+        assert!(claims.check_times(last_accepted_second).is_ok());
+        assert!(auth.seen.unwrap().expires_at > last_accepted_second);
+    }
+
+    #[test]
+    fn payload_debug_never_shows_the_secret() {
+        let payload = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body("ck-debug", "very-secret-value"),
+            "connect-warden",
+        )
+        .unwrap();
+        let shown = format!("{payload:?}");
+        assert!(shown.contains("ck-debug"));
+        assert!(!shown.contains("very-secret-value"), "{shown}");
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_naming_the_field() {
+        let mut value: serde_json::Value = serde_json::from_slice(&body("ck-big", "s")).unwrap();
+        value["description"] = serde_json::json!("d".repeat(MAX_FIELD_CHARS + 1));
+        let err = LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &serde_json::to_vec(&value).unwrap(),
+            "connect-warden",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ApiError::BadRequest(m) if m.contains("description")),
+            "{err:?}"
+        );
+        value["description"] = serde_json::json!("d".repeat(MAX_FIELD_CHARS));
+        assert!(LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &serde_json::to_vec(&value).unwrap(),
+            "connect-warden"
+        )
+        .is_ok());
+    }
 }

@@ -195,6 +195,7 @@ mod tests {
             BaseUrl::parse("https://acme.atlassian.net").unwrap(),
             "jira",
             SharedSecret::parse("s").unwrap(),
+            true,
             0,
         );
         installation.version = version;

@@ -28,10 +28,10 @@ fn installation(
         base_url.clone(),
         "jira",
         SharedSecret::parse(secret).unwrap(),
+        true,
         0,
     );
     installation.oauth_client_id = oauth_client_id.map(str::to_owned);
-    installation.signed_install = true;
     installation.version = 1;
     installation
 }

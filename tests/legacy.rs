@@ -165,6 +165,57 @@ async fn unsigned_install_from_a_foreign_host_is_refused(backend: Backend) {
     assert_eq!(app.stored_count().await, 0);
 }
 
+/// A squatter registers a clientKey with an unsigned install before the site really installs
+/// the app; Atlassian's signed install then takes over. The squatter's secret stays in the
+/// history but proves nothing any more: no HS256 reinstall signed with it, and no grace for
+/// product requests signed with it.
+async fn a_squatted_secret_is_worthless_after_the_signed_install(backend: Backend) {
+    let app = spawn_app_with(
+        Options::new(backend)
+            .legacy()
+            .set("WARDEN_SECRET_GRACE_SECONDS", "180"),
+    )
+    .await;
+    let mut site = Site::new();
+    let genuine_secret = site.secret.clone();
+    site.secret = "squatter-secret".into();
+    let squatted_at = connect_warden::jwt::now();
+    assert_eq!(unsigned_install(&app, &site).await.status(), 204);
+
+    site.secret = genuine_secret.clone();
+    app.install(&site).await; // Atlassian's RS256 install with the genuine secret
+    assert_eq!(app.tenant_status(&site, &genuine_secret).await, 200);
+
+    // Grace: a token "issued before the roll" with the squatter's secret.
+    let old = app.product_token(
+        &site.client_key,
+        "squatter-secret",
+        "GET",
+        "/api/tenant",
+        squatted_at - 5,
+    );
+    assert_eq!(app.get_with_token("/api/tenant", &old).await.status(), 401);
+
+    // Reinstall signed with the squatter's secret, carrying yet another secret.
+    let mut takeover = site.clone();
+    takeover.secret = "squatter-second-secret".into();
+    let response = signed_reinstall(&app, &takeover, "squatter-secret").await;
+    assert_eq!(response.status(), 401);
+    let stored = app.stored(&site.client_key).await.unwrap();
+    assert_eq!(stored.current_secret().secret.expose(), genuine_secret);
+
+    // The genuine secret still signs a legacy reinstall.
+    let mut roll = site.clone();
+    roll.secret = "genuine-rolled".into();
+    assert_eq!(
+        signed_reinstall(&app, &roll, &genuine_secret)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(app.tenant_status(&roll, "genuine-rolled").await, 200);
+}
+
 both_stores!(
     unsigned_first_install_is_accepted,
     unsigned_install_for_a_known_client_key_is_refused,
@@ -174,4 +225,5 @@ both_stores!(
     reinstall_signed_with_an_older_secret_from_history_is_accepted,
     signed_install_is_still_verified_in_legacy_mode,
     unsigned_install_from_a_foreign_host_is_refused,
+    a_squatted_secret_is_worthless_after_the_signed_install,
 );

@@ -571,6 +571,26 @@ async fn hundred_concurrent_installs_fetch_the_key_once(backend: Backend) {
     assert_eq!(app.stored_count().await, 100);
 }
 
+/// The install key server is chosen by the body's baseUrl, which the token does not cover: a
+/// clientKey may not move between production and staging sites.
+async fn a_tenant_cannot_move_to_a_staging_site(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut site = Site::new();
+    app.install(&site).await;
+    let before = app.stored(&site.client_key).await.unwrap();
+    site.base_url = "https://acme.jira-dev.com".into();
+    site.secret = "staging-signed-secret".into();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(response.status(), 403);
+    assert!(error_of(response).await.contains("production and staging"));
+    let after = app.stored(&site.client_key).await.unwrap();
+    assert_eq!(after.version, before.version);
+    assert_eq!(after.base_url, before.base_url);
+}
+
 both_stores!(
     signed_install_then_product_request,
     unsigned_install_is_refused,
@@ -595,4 +615,5 @@ both_stores!(
     disabled_and_uninstalled_milliseconds_apart,
     key_server_outage_is_503_and_stores_nothing,
     hundred_concurrent_installs_fetch_the_key_once,
+    a_tenant_cannot_move_to_a_staging_site,
 );

@@ -117,9 +117,79 @@ async fn tenants_on_other_sites_are_untouched(backend: Backend) {
     assert_eq!(app.tenant_status(&b, &b.secret).await, 200);
 }
 
+/// A host retry of the import's install, after the old site was reinstalled by Atlassian and
+/// the imported one uninstalled, must not retire the old site again.
+async fn a_retried_import_install_does_not_supersede_again(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let old = Site::new();
+    app.install(&old).await;
+    let new = imported(&old);
+    let import_token = app.install_token(&new.client_key, "/installed");
+    let import_body = new.body("installed");
+    assert_eq!(
+        app.post_lifecycle("/installed", Some(&import_token), &import_body)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(app.tenant_status(&old, &old.secret).await, 403);
+
+    let uninstall = app.install_token(&new.client_key, "/uninstalled");
+    assert_eq!(
+        app.post_lifecycle("/uninstalled", Some(&uninstall), &new.body("uninstalled"))
+            .await
+            .status(),
+        204
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // a later iat
+    app.install(&old).await;
+    assert_eq!(app.tenant_status(&old, &old.secret).await, 200);
+
+    // The same token and body again (a retry, or a captured request).
+    assert_eq!(
+        app.post_lifecycle("/installed", Some(&import_token), &import_body)
+            .await
+            .status(),
+        204
+    );
+    assert_eq!(
+        app.tenant_status(&old, &old.secret).await,
+        200,
+        "the old site was knocked out again"
+    );
+}
+
+/// Two new clientKeys installed on one site at once: exactly one of them stays active.
+async fn racing_imports_never_retire_each_other(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let first = Site::new();
+    let second = imported(&first);
+    let (a, b) = (first.body("installed"), second.body("installed"));
+    let (ta, tb) = (
+        app.install_token(&first.client_key, "/installed"),
+        app.install_token(&second.client_key, "/installed"),
+    );
+    let (ra, rb) = tokio::join!(
+        app.post_lifecycle("/installed", Some(&ta), &a),
+        app.post_lifecycle("/installed", Some(&tb), &b),
+    );
+    assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (204, 204));
+    let active = [
+        app.tenant_status(&first, &first.secret).await,
+        app.tenant_status(&second, &second.secret).await,
+    ];
+    assert_eq!(
+        active.iter().filter(|s| **s == 200).count(),
+        1,
+        "{active:?}"
+    );
+}
+
 both_stores!(
     import_supersedes_the_old_tenant_and_links_it,
     unsigned_legacy_install_never_supersedes,
     reinstall_with_a_new_oauth_client_id_replaces_it,
     tenants_on_other_sites_are_untouched,
+    a_retried_import_install_does_not_supersede_again,
+    racing_imports_never_retire_each_other,
 );

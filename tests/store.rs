@@ -66,6 +66,7 @@ fn secret(s: &str, since: i64) -> SecretVersion {
     SecretVersion {
         secret: SharedSecret::parse(s).unwrap(),
         since,
+        signed: false,
     }
 }
 
@@ -96,7 +97,10 @@ fn installation(client_key: &str) -> Installation {
         secrets: vec![
             secret("first-secret", 1_700_000_000),
             secret("second \"secret\" with quotes", 1_700_000_001),
-            secret("third-secret-ü", 1_700_000_002),
+            SecretVersion {
+                signed: true,
+                ..secret("third-secret-ü", 1_700_000_002)
+            },
         ],
         version: 42,
     }
@@ -109,6 +113,7 @@ fn minimal(client_key: &str) -> Installation {
         url("https://minimal.atlassian.net"),
         "jira",
         SharedSecret::parse("only").unwrap(),
+        false,
         0,
     );
     installation.secrets[0].since = 5;

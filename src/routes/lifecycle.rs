@@ -8,8 +8,8 @@ use futures_util::StreamExt as _;
 
 use crate::error::ApiError;
 use crate::lifecycle::{
-    apply, authenticate, supersede_previous_tenants, LifecycleContext, LifecycleEvent,
-    LifecyclePayload, Outcome, RequestLine, MAX_BODY_BYTES,
+    process, LifecycleContext, LifecycleEvent, LifecyclePayload, Outcome, RequestLine,
+    MAX_BODY_BYTES,
 };
 use crate::startup::AppState;
 
@@ -53,7 +53,6 @@ async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, body, MAX_BODY_BYTES).await?;
     let payload = LifecyclePayload::parse(event, &body, &state.settings.app_key)?;
-    let existing = state.store.load(&payload.client_key).await?;
     let ctx = LifecycleContext {
         settings: &state.settings,
         store: state.store.as_ref(),
@@ -73,43 +72,23 @@ async fn handle(
             })
         })
         .transpose()?;
-    let auth = authenticate(
-        &ctx,
-        event,
-        &request,
-        authorization,
-        &payload,
-        existing.as_ref(),
-    )
-    .await?;
-    let applied = apply(state.store.as_ref(), event, &payload, &auth, existing).await?;
+    let processed = process(&ctx, event, &request, authorization, &payload).await?;
+    let applied = &processed.applied;
 
-    if applied.outcome == Outcome::Applied {
-        match &applied.installation {
-            Some(installation) => state.tenants.put(installation.clone()).await,
-            None => state.tenants.invalidate(&payload.client_key).await,
-        }
+    // This instance's cache; other instances hear of the write through Redis.
+    if applied.outcome == Outcome::Applied || !processed.superseded.is_empty() {
+        state.tenants.invalidate(&payload.client_key).await;
     }
-    if event == LifecycleEvent::Installed {
-        // Also on a retry: if the first attempt stopped before linking, the retry finishes it.
-        if let Some(installation) = &applied.installation {
-            let superseded =
-                supersede_previous_tenants(state.store.as_ref(), installation, auth.proof).await?;
-            if !superseded.is_empty() {
-                // The new record gained its `supersedes` links after it was cached above.
-                state.tenants.invalidate(&installation.client_key).await;
-            }
-            for old in superseded {
-                state.tenants.invalidate(&old).await;
-            }
-        }
+    for old in &processed.superseded {
+        state.tenants.invalidate(old).await;
     }
     tracing::info!(
         event = event.name(),
         client_key = %payload.client_key,
         base_url = %payload.base_url,
-        proof = ?auth.proof,
+        proof = ?processed.proof,
         outcome = ?applied.outcome,
+        superseded = ?processed.superseded,
         "lifecycle callback accepted"
     );
     Ok(HttpResponse::NoContent().finish())

@@ -40,11 +40,14 @@ pub enum InstallState {
     Uninstalled,
 }
 
-/// One shared secret and the moment (Unix seconds) it became current.
+/// One shared secret, the moment (Unix seconds) it became current, and whether it arrived
+/// with an install proven by Atlassian's RS256 signature.
 #[derive(Debug, Clone)]
 pub struct SecretVersion {
     pub secret: SharedSecret,
     pub since: i64,
+    /// Secrets from unsigned (legacy) installs are never trusted past a signed one.
+    pub signed: bool,
 }
 
 // Storage format only: the secret is written out in clear because the store must hold it.
@@ -53,6 +56,8 @@ pub struct SecretVersion {
 struct SecretVersionRepr {
     secret: String,
     since: i64,
+    #[serde(default)]
+    signed: bool,
 }
 
 impl Serialize for SecretVersion {
@@ -60,6 +65,7 @@ impl Serialize for SecretVersion {
         SecretVersionRepr {
             secret: self.secret.expose().to_owned(),
             since: self.since,
+            signed: self.signed,
         }
         .serialize(s)
     }
@@ -71,6 +77,7 @@ impl<'de> Deserialize<'de> for SecretVersion {
         Ok(Self {
             secret: SharedSecret::parse(&repr.secret).map_err(serde::de::Error::custom)?,
             since: repr.since,
+            signed: repr.signed,
         })
     }
 }
@@ -130,6 +137,7 @@ impl Installation {
         base_url: BaseUrl,
         product_type: impl Into<String>,
         secret: SharedSecret,
+        signed: bool,
         now: i64,
     ) -> Self {
         Self {
@@ -150,11 +158,15 @@ impl Installation {
             enabled: true,
             superseded_by: None,
             supersedes: Vec::new(),
-            signed_install: false,
+            signed_install: signed,
             last_event_iat: 0,
             installed_at: now,
             updated_at: now,
-            secrets: vec![SecretVersion { secret, since: now }],
+            secrets: vec![SecretVersion {
+                secret,
+                since: now,
+                signed,
+            }],
             version: 0,
         }
     }
@@ -170,17 +182,37 @@ impl Installation {
         self.secrets.len().checked_sub(2).map(|i| &self.secrets[i])
     }
 
-    /// Makes `secret` current unless it already is; the history stays bounded.
-    pub fn roll_secret(&mut self, secret: SharedSecret, now: i64) -> bool {
+    /// Makes `secret` current unless it already is; the history stays bounded. `signed`: it
+    /// arrived with an install proven by Atlassian's signature.
+    pub fn roll_secret(&mut self, secret: SharedSecret, signed: bool, now: i64) -> bool {
         if self.current_secret().secret.same_as(&secret) {
+            // The same secret, now also proven by a signed install.
+            if signed {
+                if let Some(current) = self.secrets.last_mut() {
+                    current.signed = true;
+                }
+            }
             return false;
         }
-        self.secrets.push(SecretVersion { secret, since: now });
+        self.secrets.push(SecretVersion {
+            secret,
+            since: now,
+            signed,
+        });
         if self.secrets.len() > SECRET_HISTORY_LEN {
             let excess = self.secrets.len() - SECRET_HISTORY_LEN;
             self.secrets.drain(..excess);
         }
         true
+    }
+
+    /// The secrets a legacy HS256 reinstall may be signed with, newest first: the history back
+    /// to, and including, the newest secret that came with a signed install. Older ones may
+    /// have been planted by an unsigned install (squatting) before Atlassian's own install
+    /// replaced them, so they prove nothing.
+    pub fn secrets_for_reinstall(&self) -> impl Iterator<Item = &SecretVersion> {
+        let newest_signed = self.secrets.iter().rposition(|s| s.signed).unwrap_or(0);
+        self.secrets[newest_signed..].iter().rev()
     }
 
     /// Whether product requests for this installation may be served.
