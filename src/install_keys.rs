@@ -4,10 +4,15 @@
 //! cached. Misses for one `kid` are coalesced into a single request; an unknown `kid` is
 //! remembered for a minute so that a flood of made-up kids does not turn into a flood of
 //! requests for the same URL; an outage is never cached, so the next install retries.
+//!
+//! Anyone can make a miss (an install callback with any body and a fresh random `kid` needs no
+//! credential), so the requests that actually go to a key server are also limited globally,
+//! for all kids together, by a token bucket ([`FETCHES_PER_SECOND`], [`FETCH_BURST`]). A miss
+//! over that budget is answered [`KeyFetchError::Unavailable`] (503, retry) without a request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::DecodingKey;
 use moka::future::Cache;
@@ -28,12 +33,18 @@ const MAX_CACHED_MISSES: u64 = 10_000;
 const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
 /// Upper bound of the TCP/TLS connect phase (never more than the whole fetch timeout).
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Sustained rate of requests to key servers, all kids together (cache misses only).
+pub const FETCHES_PER_SECOND: u32 = 10;
+/// Requests to key servers allowed at once after a quiet period.
+pub const FETCH_BURST: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFetchError {
     #[error("the install-key server does not know kid {kid}")]
     NotFound { kid: String },
-    #[error("the install-key server is unavailable")]
+    /// The key server failed or could not be reached, or the request was not made because the
+    /// global fetch budget is spent ([`KeyFetchError::is_over_budget`]). Never cached.
+    #[error("{}", unavailable_message(.0.as_ref()))]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the install-key server returned a key that is not an RSA public key in PEM form")]
     InvalidKey,
@@ -43,6 +54,94 @@ impl KeyFetchError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, KeyFetchError::Unavailable(_))
     }
+
+    /// Whether this is a miss refused by the global fetch budget (no request was made).
+    pub fn is_over_budget(&self) -> bool {
+        match self {
+            KeyFetchError::Unavailable(cause) => is_budget_cause(cause.as_ref()),
+            _ => false,
+        }
+    }
+}
+
+fn unavailable_message(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> &'static str {
+    if is_budget_cause(cause) {
+        "too many install-key fetches; retry"
+    } else {
+        "the install-key server is unavailable"
+    }
+}
+
+/// Whether `cause` is, or shares, a [`FetchBudgetExhausted`].
+fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    cause.is::<FetchBudgetExhausted>()
+        || cause
+            .downcast_ref::<SharedCause>()
+            .and_then(SharedCause::cause)
+            .is_some_and(is_budget_cause)
+}
+
+/// The cause of a [`KeyFetchError::Unavailable`] refused by the global fetch budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the global limit on requests to install-key servers is reached")]
+pub struct FetchBudgetExhausted;
+
+/// How many requests to key servers may be made: [`FETCH_BURST`] at once, refilled at
+/// [`FETCHES_PER_SECOND`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FetchBudget {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Default for FetchBudget {
+    fn default() -> Self {
+        Self {
+            per_second: f64::from(FETCHES_PER_SECOND),
+            burst: FETCH_BURST,
+        }
+    }
+}
+
+/// A token bucket: starts full, holds at most `burst` tokens, gains `per_second` per second.
+#[derive(Debug)]
+struct TokenBucket {
+    budget: FetchBudget,
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(budget: FetchBudget) -> Self {
+        Self {
+            budget,
+            state: Mutex::new(BucketState {
+                tokens: f64::from(budget.burst),
+                refilled_at: Instant::now(),
+            }),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn try_take(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(state.refilled_at).as_secs_f64();
+        state.tokens =
+            (state.tokens + elapsed * self.budget.per_second).min(f64::from(self.budget.burst));
+        state.refilled_at = now;
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The install-key server's public keys, cached by URL.
@@ -51,7 +150,9 @@ pub struct InstallKeys {
     client: reqwest::Client,
     keys: Cache<String, Arc<DecodingKey>>,
     not_found: Cache<String, ()>,
+    budget: TokenBucket,
     fetches: AtomicU64,
+    over_budget: AtomicU64,
 }
 
 impl std::fmt::Debug for InstallKeys {
@@ -60,6 +161,8 @@ impl std::fmt::Debug for InstallKeys {
             .field("keys_url", &self.keys_url)
             .field("cached_keys", &self.keys.entry_count())
             .field("fetches", &self.fetches())
+            .field("over_budget", &self.over_budget())
+            .field("budget", &self.budget.budget)
             .finish()
     }
 }
@@ -67,7 +170,18 @@ impl std::fmt::Debug for InstallKeys {
 impl InstallKeys {
     /// `keys_url` overrides the key server for every host (`WARDEN_KEYS_URL`); without it the
     /// production or staging CDN is chosen per host. `fetch_timeout` bounds one whole fetch.
+    /// Requests to key servers are limited to [`FETCH_BURST`] at once and
+    /// [`FETCHES_PER_SECOND`] sustained.
     pub fn new(keys_url: Option<BaseUrl>, fetch_timeout: Duration) -> Self {
+        Self::with_fetch_budget(keys_url, fetch_timeout, FetchBudget::default())
+    }
+
+    /// Like [`new`](Self::new), with another global limit on requests to key servers.
+    pub fn with_fetch_budget(
+        keys_url: Option<BaseUrl>,
+        fetch_timeout: Duration,
+        budget: FetchBudget,
+    ) -> Self {
         let client = reqwest::Client::builder()
             .timeout(fetch_timeout)
             .connect_timeout(fetch_timeout.min(MAX_CONNECT_TIMEOUT))
@@ -88,7 +202,9 @@ impl InstallKeys {
                 .max_capacity(MAX_CACHED_MISSES)
                 .time_to_live(NOT_FOUND_TTL)
                 .build(),
+            budget: TokenBucket::new(budget),
             fetches: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
         }
     }
 
@@ -116,6 +232,11 @@ impl InstallKeys {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// Number of misses refused by the global fetch budget so far (no request made).
+    pub fn over_budget(&self) -> u64 {
+        self.over_budget.load(Ordering::Relaxed)
+    }
+
     fn key_url(&self, kid: &KeyId, host: &BaseUrl) -> String {
         let base = match &self.keys_url {
             Some(url) => url.as_str(),
@@ -126,8 +247,17 @@ impl InstallKeys {
         format!("{}/{kid}", base.trim_end_matches('/'))
     }
 
-    /// One request; only the caller that won the cache's init race runs this.
+    /// One request; only the caller that won the cache's init race runs this, so concurrent
+    /// misses for one kid spend one unit of the budget. Over budget: no request, and the
+    /// error is not cached (moka keeps no failed init), so a later install retries.
     async fn fetch(&self, kid: &KeyId, url: &str) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        if !self.budget.try_take() {
+            let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused == 1 || refused.is_power_of_two() {
+                tracing::warn!(%kid, refused, "install-key fetch refused: global fetch budget exhausted");
+            }
+            return Err(unavailable(FetchBudgetExhausted));
+        }
         self.fetches.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%kid, %url, "fetching install key");
         let result = self.fetch_uncounted(kid, url).await;
@@ -325,5 +455,35 @@ mod tests {
             ErrorChain(&owned).to_string(),
             "the install-key server is unavailable: boom"
         );
+        assert!(!owned.is_over_budget());
+    }
+
+    #[test]
+    fn over_budget_is_unavailable_and_says_so_also_when_shared() {
+        let own = unavailable(FetchBudgetExhausted);
+        let shared = unshare(&kid(), Arc::new(unavailable(FetchBudgetExhausted)));
+        for err in [own, shared] {
+            assert!(err.is_unavailable() && err.is_over_budget(), "{err:?}");
+            assert_eq!(err.to_string(), "too many install-key fetches; retry");
+            assert_eq!(
+                ErrorChain(&err).to_string(),
+                "too many install-key fetches; retry: \
+                 the global limit on requests to install-key servers is reached"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_refills() {
+        let bucket = TokenBucket::new(FetchBudget {
+            per_second: 20.0,
+            burst: 3,
+        });
+        assert!((0..3).all(|_| bucket.try_take()));
+        assert!(!bucket.try_take());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(bucket.try_take(), "one token back after 1/20 s");
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!((0..10).filter(|_| bucket.try_take()).count(), 3, "never more than the burst");
     }
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use connect_warden::devtenant::{install_claims, sign_rs256, KeyRing, KeyServer, SigningKey};
 use connect_warden::domain::{BaseUrl, KeyId};
-use connect_warden::install_keys::{InstallKeys, KeyFetchError};
+use connect_warden::install_keys::{
+    FetchBudget, InstallKeys, KeyFetchError, FETCHES_PER_SECOND, FETCH_BURST,
+};
 use connect_warden::jwt::{now, CanonicalRequest, Token};
 
 /// Keys made once for this test binary: RSA key generation is slow in debug builds.
@@ -207,4 +209,106 @@ async fn slow_server_times_out_as_unavailable() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// An attacker needs no credential to make a miss: an install callback with any JSON body and
+/// an RS256 header naming a fresh random kid. `count` such kids at once.
+async fn flood(keys: &Arc<InstallKeys>, count: usize) -> (usize, usize) {
+    let calls: Vec<_> = (0..count)
+        .map(|_| {
+            let keys = keys.clone();
+            tokio::spawn(async move { keys.key(&unknown_kid(), &host()).await })
+        })
+        .collect();
+    let (mut not_found, mut over_budget) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Err(KeyFetchError::NotFound { .. }) => not_found += 1,
+            Err(e) if e.is_over_budget() => {
+                assert!(e.is_unavailable(), "over budget must be a retryable 503");
+                assert_eq!(e.to_string(), "too many install-key fetches; retry");
+                over_budget += 1;
+            }
+            other => panic!("unexpected answer for a random kid: {other:?}"),
+        }
+    }
+    (not_found, over_budget)
+}
+
+/// Most requests the budget allows within `elapsed` (the burst plus the refill).
+fn allowed(burst: u32, per_second: f64, elapsed: Duration) -> u64 {
+    u64::from(burst) + (elapsed.as_secs_f64() * per_second).ceil() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_kids_cannot_hammer_the_key_server() {
+    let (server, keys) = setup(Duration::from_secs(5)).await;
+    let keys = Arc::new(keys);
+    let count = 3 * FETCH_BURST as usize;
+
+    let started = Instant::now();
+    let (not_found, over_budget) = flood(&keys, count).await;
+    let elapsed = started.elapsed();
+
+    let requests = server.total_fetches();
+    assert!(
+        requests <= allowed(FETCH_BURST, f64::from(FETCHES_PER_SECOND), elapsed),
+        "{requests} requests to the key server for {count} random kids in {elapsed:?}"
+    );
+    assert!(requests >= u64::from(FETCH_BURST), "the burst is allowed");
+    assert_eq!(not_found as u64, requests);
+    assert_eq!(not_found + over_budget, count);
+    assert_eq!(keys.fetches(), requests);
+    assert_eq!(keys.over_budget(), over_budget as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_budget_misses_make_no_request_and_the_budget_refills() {
+    let ring = Arc::new(RwLock::new(KeyRing::with_key(test_keys()[0].clone())));
+    let server = KeyServer::start("127.0.0.1:0", ring).await.unwrap();
+    let budget = FetchBudget {
+        per_second: 4.0,
+        burst: 5,
+    };
+    let keys = Arc::new(InstallKeys::with_fetch_budget(
+        Some(server.base_url()),
+        Duration::from_secs(5),
+        budget,
+    ));
+
+    let started = Instant::now();
+    let (not_found, over_budget) = flood(&keys, 50).await;
+    let elapsed = started.elapsed();
+    let requests = server.total_fetches();
+    assert!(
+        requests <= allowed(budget.burst, budget.per_second, elapsed),
+        "{requests} requests for 50 random kids in {elapsed:?}"
+    );
+    assert_eq!(not_found as u64, requests);
+    assert_eq!(not_found + over_budget, 50);
+    assert!(over_budget > 0);
+
+    // Once the budget is spent, a miss is refused without a request, and the refusal is
+    // not remembered: after the refill, a genuine kid works and a refused kid is asked for.
+    let refused = loop {
+        let kid = unknown_kid();
+        match keys.key(&kid, &host()).await {
+            Err(e) if e.is_over_budget() => break kid,
+            Err(KeyFetchError::NotFound { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never refused");
+    };
+    assert_eq!(server.fetches(&refused.to_string()), 0);
+
+    tokio::time::sleep(Duration::from_secs_f64(2.5 / budget.per_second)).await;
+    let genuine = kid(&test_keys()[0]);
+    keys.key(&genuine, &host())
+        .await
+        .expect("a genuine kid works after the refill");
+    assert_eq!(server.fetches(&test_keys()[0].kid), 1);
+    let err = keys.key(&refused, &host()).await.unwrap_err();
+    assert!(matches!(err, KeyFetchError::NotFound { .. }), "{err:?}");
+    assert_eq!(server.fetches(&refused.to_string()), 1);
+    assert_eq!(keys.fetches(), server.total_fetches());
 }

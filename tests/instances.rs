@@ -9,13 +9,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::app::Site;
 use common::process::{eventually, Cluster, WardenProcess};
+use connect_warden::domain::ClientKey;
+use connect_warden::invalidation::{Invalidation, Listener};
 use connect_warden::jwt;
+use connect_warden::store::redis::RedisStore;
+use connect_warden::tenants::TenantCache;
 
 /// The requirement: every instance honours a write within one second.
 const WITHIN: Duration = Duration::from_secs(1);
@@ -231,6 +235,181 @@ async fn the_listener_recovers_from_a_lost_connection() {
         || b.tenant_status(&second, &second.secret),
     )
     .await;
+}
+
+/// A TCP proxy whose existing connections can be made silent: bytes are dropped both ways but
+/// the sockets stay open (no FIN, no RST), as in a network partition. New connections pass.
+struct PartitionProxy {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    silenced_below: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PartitionProxy {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let silenced_below = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (accepted, silenced_below) = (accepted.clone(), silenced_below.clone());
+            async move {
+                loop {
+                    let (client, _) = listener.accept().await.unwrap();
+                    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                        .await
+                        .unwrap();
+                    let id = accepted.fetch_add(1, Ordering::SeqCst);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, id, silenced_below.clone()));
+                    tokio::spawn(pump(server_read, client_write, id, silenced_below.clone()));
+                }
+            }
+        });
+        Self {
+            port,
+            accepted,
+            silenced_below,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Every connection made so far goes silent.
+    fn partition_existing(&self) {
+        self.silenced_below
+            .store(self.accepted(), Ordering::SeqCst);
+    }
+}
+
+impl Drop for PartitionProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    id: usize,
+    silenced_below: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if id < silenced_below.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits up to `within` for an announcement `wanted` accepts; returns how long it took.
+async fn announced(
+    events: &mut tokio::sync::broadcast::Receiver<Invalidation>,
+    within: Duration,
+    what: &str,
+    wanted: impl Fn(&Invalidation) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let left = within.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(event)) if wanted(&event) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("announcements failed while waiting for {what}: {e}"),
+            Err(_) => panic!("{what}: nothing within {within:?}"),
+        }
+    }
+}
+
+/// A partition that leaves the listener's connection half-open (no reset, messages silently
+/// dropped) while a write is published: the listener must notice within about 2 s (PING every
+/// second, answered within a second) and drop its cache, not after the 12 s of a 10 s ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_subscription_is_noticed_within_two_seconds() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = common::redis_server::server();
+    let prefix = common::redis_server::unique_prefix();
+    let channel = connect_warden::invalidation::channel(&prefix);
+    let store = RedisStore::connect(&redis.url, &prefix).await.unwrap();
+    let tenants = TenantCache::new(Arc::new(store), Duration::from_secs(3600));
+    let mut events = tenants.invalidations().subscribe();
+    let proxy = PartitionProxy::start(redis.port).await;
+    let _listener = Listener::start(&proxy.url(), channel.clone(), tenants.clone()).unwrap();
+    let publisher = redis::Client::open(redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let publish = |key: &'static str| {
+        let (mut publisher, channel) = (publisher.clone(), channel.clone());
+        async move {
+            let receivers: i64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(key)
+                .query_async(&mut publisher)
+                .await
+                .unwrap();
+            receivers
+        }
+    };
+    let tenant = |key: &'static str| {
+        let key = ClientKey::parse(key).unwrap();
+        move |event: &Invalidation| *event == Invalidation::Tenant(key.clone())
+    };
+    let all = |event: &Invalidation| *event == Invalidation::All;
+
+    announced(&mut events, RECOVERY_WITHIN * 5, "first subscription", all).await;
+    assert_eq!(publish("ck-before").await, 1);
+    announced(&mut events, WITHIN, "a message through the proxy", tenant("ck-before")).await;
+
+    // The partition: the write is published, Redis hands it to the silent connection, and it
+    // never arrives. Only noticing the dead connection can make the listener honour it.
+    proxy.partition_existing();
+    let partitioned_at = Instant::now();
+    assert_eq!(publish("ck-lost").await, 1, "Redis still sees the subscriber");
+    let took = announced(
+        &mut events,
+        Duration::from_secs(3),
+        "the listener drops its cache after its connection went silent",
+        all,
+    )
+    .await;
+    eprintln!("half-open subscription noticed {took:?} after the partition");
+    assert!(partitioned_at.elapsed() < Duration::from_secs(3));
+
+    // It subscribes again through a new connection, and messages flow again.
+    let deadline = Instant::now() + RECOVERY_WITHIN * 2;
+    while proxy.accepted() < 2 {
+        assert!(Instant::now() < deadline, "the listener did not reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + RECOVERY_WITHIN * 2;
+    loop {
+        // Until the new subscription has registered, the message may reach only the silent one.
+        publish("ck-after").await;
+        let event = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+        if matches!(event, Ok(Ok(Invalidation::Tenant(ref k))) if k.as_str() == "ck-after") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages do not flow after the reconnect");
+    }
 }
 
 /// Waits (bounded) until exactly `count` connections are subscribed to `channel`.

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::{Digest, Sha256};
 
 /// The literal `qsh` carried by context tokens (`AP.context.getToken`).
@@ -99,14 +99,19 @@ fn push_canonical_path(out: &mut String, path: &str, base_path: &str) {
         Some(rest) if !base_path.is_empty() && (rest.is_empty() || rest.starts_with('/')) => rest,
         _ => path,
     };
-    let trimmed = relative.trim_end_matches('/');
-    if trimmed.is_empty() {
+    if relative.is_empty() {
         out.push('/');
         return;
     }
-    if !trimmed.starts_with('/') {
+    if !relative.starts_with('/') {
         out.push('/');
     }
+    // Like Atlassian: exactly one trailing `/` goes, unless the path is `/` itself. `/a//` is
+    // `/a/`, not `/a`: stripping them all would give two different paths one signature.
+    let trimmed = match relative.strip_suffix('/') {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => relative,
+    };
     for (i, part) in trimmed.split('&').enumerate() {
         if i > 0 {
             out.push_str("%26");
@@ -121,13 +126,10 @@ fn push_canonical_query(out: &mut String, query: &str) {
     }
     // (encoded name, encoded value) pairs; `jwt` is the token itself and never hashed.
     // Borrowed where decoding and encoding change nothing, which is most parameters.
-    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = query_pairs(query)
+        .filter_map(|(name, value)| {
             let name = decode_component(name);
-            if name == "jwt" {
+            if *name == *TOKEN_PARAMETER {
                 return None;
             }
             Some((encode(name), encode(decode_component(value))))
@@ -157,20 +159,43 @@ fn push_canonical_query(out: &mut String, query: &str) {
     }
 }
 
-/// Query components arrive form-encoded: `+` is a space, `%XX` a byte.
-fn decode_component(raw: &str) -> Cow<'_, str> {
-    if !raw.contains(['+', '%']) {
-        return Cow::Borrowed(raw);
-    }
-    let spaced = raw.replace('+', " ");
-    Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
+/// The decoded name of the query parameter that carries the token; never part of the qsh.
+const TOKEN_PARAMETER: &[u8] = b"jwt";
+
+/// The raw `(name, value)` pairs of a query string, as the qsh sees them: split on `&`, empty
+/// pieces skipped, a piece without `=` is a name with an empty value.
+pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
-fn encode(decoded: Cow<'_, str>) -> Cow<'_, str> {
+/// Whether a raw (still encoded) parameter name is the token parameter once decoded, as the
+/// qsh decides it: `jwt`, `j%77t`, `%6A%77%74`... are all left out of the hash.
+pub(crate) fn is_token_parameter(raw_name: &str) -> bool {
+    *decode_component(raw_name) == *TOKEN_PARAMETER
+}
+
+/// Query components arrive form-encoded: `+` is a space, `%XX` a byte. Decoded to bytes, never
+/// through (lossy) UTF-8: `%FF`, `%FE` and `%EF%BF%BD` must stay three different values.
+fn decode_component(raw: &str) -> Cow<'_, [u8]> {
+    if !raw.contains(['+', '%']) {
+        return Cow::Borrowed(raw.as_bytes());
+    }
+    let spaced = raw.replace('+', " ");
+    Cow::Owned(percent_decode_str(&spaced).collect())
+}
+
+/// The bytes with everything but RFC 3986 unreserved characters as `%XX` (upper-case hex;
+/// non-ASCII bytes are always escaped, so the result is ASCII).
+fn encode(decoded: Cow<'_, [u8]>) -> Cow<'_, str> {
     match decoded {
-        Cow::Borrowed(raw) => utf8_percent_encode(raw, RFC3986).into(),
-        Cow::Owned(raw) => match Cow::from(utf8_percent_encode(&raw, RFC3986)) {
-            Cow::Borrowed(_) => Cow::Owned(raw),
+        Cow::Borrowed(raw) => percent_encode(raw, RFC3986).into(),
+        Cow::Owned(raw) => match Cow::from(percent_encode(&raw, RFC3986)) {
+            Cow::Borrowed(_) => Cow::Owned(
+                String::from_utf8(raw).expect("bytes that need no escaping are unreserved ASCII"),
+            ),
             Cow::Owned(encoded) => Cow::Owned(encoded),
         },
     }
@@ -228,6 +253,86 @@ mod tests {
             "GET&/a/b&"
         );
         assert_eq!(CanonicalRequest::new("GET", "/", "", "").as_str(), "GET&/&");
+        assert_eq!(CanonicalRequest::new("GET", "//", "", "").as_str(), "GET&/&");
+        assert_eq!(CanonicalRequest::new("GET", "a/", "", "").as_str(), "GET&/a&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "/app/", "", "/app").as_str(),
+            "GET&/&"
+        );
+    }
+
+    #[test]
+    fn only_one_trailing_slash_is_dropped() {
+        // A token for `/a` must not be replayable on `/a//` (another resource to the app).
+        assert_eq!(
+            CanonicalRequest::new("GET", "/a//", "", "").as_str(),
+            "GET&/a/&"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "/a///", "", "").as_str(),
+            "GET&/a//&"
+        );
+        assert_ne!(qsh("GET", "/a//", ""), qsh("GET", "/a", ""));
+        assert_ne!(qsh("GET", "/a//", ""), qsh("GET", "/a/", ""));
+        assert_eq!(qsh("GET", "/a/", ""), qsh("GET", "/a", ""));
+        assert_eq!(
+            CanonicalRequest::new("GET", "/app/x//", "", "/app").as_str(),
+            "GET&/x/&"
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_do_not_collide() {
+        // With a lossy UTF-8 decode all three were `id=%EF%BF%BD`: one token, three requests.
+        let canonical = |q| CanonicalRequest::new("GET", "/p", q, "").as_str().to_owned();
+        assert_eq!(canonical("id=%FF"), "GET&/p&id=%FF");
+        assert_eq!(canonical("id=%fe"), "GET&/p&id=%FE");
+        assert_eq!(canonical("id=%EF%BF%BD"), "GET&/p&id=%EF%BF%BD");
+        let hashes = [
+            qsh("GET", "/p", "id=%FF"),
+            qsh("GET", "/p", "id=%FE"),
+            qsh("GET", "/p", "id=%EF%BF%BD"),
+            qsh("GET", "/p", "id=%C3%28"),
+            qsh("GET", "/p", "id=%C3"),
+        ];
+        for (i, a) in hashes.iter().enumerate() {
+            for b in &hashes[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // In names too, and a truncated sequence stays what it is.
+        assert_eq!(canonical("%FF=1&%FE=2"), "GET&/p&%FE=2&%FF=1");
+        assert_eq!(canonical("n=%E2%82"), "GET&/p&n=%E2%82");
+        // Valid UTF-8 is unchanged: the same bytes, upper-case hex.
+        assert_eq!(canonical("n=%e2%82%ac"), "GET&/p&n=%E2%82%AC");
+        // Raw (unescaped) non-ASCII is its UTF-8 bytes.
+        assert_eq!(canonical("n=\u{20ac}"), "GET&/p&n=%E2%82%AC");
+        // A `%` not followed by two hex digits is a literal `%`.
+        assert_eq!(canonical("n=%zz&m=%"), "GET&/p&m=%25&n=%25zz");
+    }
+
+    #[test]
+    fn components_that_need_no_work_stay_borrowed() {
+        assert!(matches!(
+            encode(decode_component("plain-Value_1.2~")),
+            Cow::Borrowed("plain-Value_1.2~")
+        ));
+        assert!(matches!(encode(decode_component("a%41")), Cow::Owned(s) if s == "aA"));
+    }
+
+    #[test]
+    fn the_token_parameter_is_recognised_by_its_decoded_name() {
+        for name in ["jwt", "j%77t", "%6A%77%74", "%6a%77%74"] {
+            assert!(is_token_parameter(name), "{name}");
+            assert_eq!(
+                CanonicalRequest::new("GET", "/p", &format!("{name}=x&a=1"), "").as_str(),
+                "GET&/p&a=1",
+                "{name}"
+            );
+        }
+        for name in ["JWT", "jwt%00", "j+wt", "jwt ", "xjwt", ""] {
+            assert!(!is_token_parameter(name), "{name}");
+        }
     }
 
     #[test]
