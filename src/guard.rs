@@ -76,10 +76,17 @@ pub fn extract_token(req: &HttpRequest) -> Result<&str, ApiError> {
                 })
         })
         .transpose()?;
-    let query = req
-        .query_string()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("jwt="));
+    // Every parameter the qsh leaves out as the token (decoded name `jwt`, so `j%77t` too):
+    // one that is not the token checked here would ride along unsigned.
+    let mut in_query = crate::jwt::qsh::query_pairs(req.query_string())
+        .filter(|(name, _)| crate::jwt::qsh::is_token_parameter(name))
+        .map(|(_, value)| value);
+    let query = in_query.next();
+    if in_query.next().is_some() {
+        return Err(ApiError::BadRequest(
+            "the query carries more than one jwt parameter; send the token once".into(),
+        ));
+    }
     match (header, query) {
         (Some(_), Some(_)) => Err(ApiError::BadRequest(
             "the token is given both in the Authorization header and as ?jwt=; send it once".into(),

@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{BaseUrl, ClientKey, SharedSecret};
 use crate::error::{error_chain, ApiError};
 use crate::jwt::{self, Audience, CanonicalRequest, Claims};
-use crate::store::Installation;
+use crate::store::{InstallState, Installation};
 
 /// `grant_type` of the impersonation request (RFC 7523).
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -107,6 +107,19 @@ pub enum HostClientError {
          a reinstall of the app on that site sends one"
     )]
     NoOauthClientId { client_key: ClientKey },
+    /// A site import replaced the installation: its `oauthClientId` (and shared secret) belong
+    /// to a site that no longer exists and are never used again. No request is made.
+    #[error(
+        "installation {client_key} was superseded by {successor} (site import); its credentials \
+         are never used again: call the host through installation {successor}"
+    )]
+    Superseded {
+        client_key: ClientKey,
+        successor: ClientKey,
+    },
+    /// The app was uninstalled from the site: no impersonation token is requested for it.
+    #[error("installation {client_key} is uninstalled; the app cannot act as a user on it")]
+    Uninstalled { client_key: ClientKey },
     #[error(
         "the authorization server refused an impersonation token for clientKey {client_key} \
          (400 {}); likely cause: the installation's oauthClientId {oauth_client_id} is outdated \
@@ -324,15 +337,21 @@ impl HostClient {
         &self.app_key
     }
 
-    /// Requests to `installation`'s site signed as the app (fresh JWT per request).
+    /// Requests to `installation`'s site signed as the app (fresh JWT per request). For an
+    /// installation superseded by a site import, every request fails to build and send with
+    /// [`HostClientError::Superseded`], without a request.
     pub fn as_app(&self, installation: &Installation) -> HostRequests {
-        HostRequests {
-            http: self.http.clone(),
-            base_url: installation.base_url.clone(),
-            auth: Auth::App {
+        let auth = match superseded(installation) {
+            Some(refusal) => Auth::Refused(refusal),
+            None => Auth::App {
                 app_key: self.app_key.clone(),
                 secret: installation.current_secret().secret.clone(),
             },
+        };
+        HostRequests {
+            http: self.http.clone(),
+            base_url: installation.base_url.clone(),
+            auth,
         }
     }
 
@@ -354,6 +373,9 @@ impl HostClient {
     /// An impersonation access token for `account_id` on `installation`'s site, from the cache
     /// or the authorization server. `scopes` are case-insensitive (`["read", "WRITE"]` asks
     /// for `READ WRITE`).
+    /// An installation superseded by a site import ([`HostClientError::Superseded`]) or
+    /// uninstalled ([`HostClientError::Uninstalled`]) is refused before the cache and the
+    /// authorization server: its `oauthClientId` is never used again.
     pub async fn as_user(
         &self,
         installation: &Installation,
@@ -361,6 +383,14 @@ impl HostClient {
         scopes: &[&str],
     ) -> Result<AccessToken, HostClientError> {
         let client_key = &installation.client_key;
+        if let Some(refusal) = superseded(installation) {
+            return Err(refusal);
+        }
+        if installation.state == InstallState::Uninstalled {
+            return Err(HostClientError::Uninstalled {
+                client_key: client_key.clone(),
+            });
+        }
         let oauth_client_id = installation
             .oauth_client_id
             .as_deref()
@@ -557,6 +587,17 @@ fn normalize_scopes(scopes: &[&str]) -> Result<String, HostClientError> {
     Ok(words.join(" "))
 }
 
+/// [`HostClientError::Superseded`] if a site import replaced `installation`.
+fn superseded(installation: &Installation) -> Option<HostClientError> {
+    installation
+        .superseded_by
+        .as_ref()
+        .map(|successor| HostClientError::Superseded {
+            client_key: installation.client_key.clone(),
+            successor: successor.clone(),
+        })
+}
+
 fn check_account_id(account_id: &str) -> Result<(), HostClientError> {
     let ok = !account_id.is_empty()
         && account_id.len() <= 128
@@ -618,6 +659,8 @@ enum Auth {
         secret: SharedSecret,
     },
     Bearer(AccessToken),
+    /// Nothing may be sent with this identity (a superseded installation).
+    Refused(HostClientError),
 }
 
 /// Requests to one installation's site with one identity (the app, or a user's token).
@@ -635,6 +678,7 @@ impl fmt::Debug for HostRequests {
         let identity = match &self.auth {
             Auth::App { app_key, .. } => format!("app {app_key}"),
             Auth::Bearer(_) => "user (bearer token)".into(),
+            Auth::Refused(_) => "nobody (refused)".into(),
         };
         f.debug_struct("HostRequests")
             .field("base_url", &self.base_url)
@@ -665,9 +709,12 @@ impl HostRequests {
     }
 
     pub fn request(&self, method: Method, path: &str) -> HostRequest {
-        let builder = self
-            .url_for(path)
-            .map(|url| self.http.request(method.clone(), url));
+        let builder = match &self.auth {
+            Auth::Refused(refusal) => Err(refusal.clone()),
+            _ => self
+                .url_for(path)
+                .map(|url| self.http.request(method.clone(), url)),
+        };
         HostRequest {
             http: self.http.clone(),
             method,
@@ -805,6 +852,8 @@ impl HostRequest {
                 format!("Bearer {}", token.expose_secret()),
                 vec![token.expose_secret().to_owned()],
             ),
+            // `request` already made the builder this error, so `builder?` returned it.
+            Auth::Refused(refusal) => return Err(refusal.clone()),
         };
         let mut value = HeaderValue::from_str(&value).map_err(|_| {
             HostClientError::Build("the access token is not a valid header value".into())

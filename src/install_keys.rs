@@ -131,7 +131,9 @@ impl TokenBucket {
     fn try_take(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let elapsed = now.saturating_duration_since(state.refilled_at).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(state.refilled_at)
+            .as_secs_f64();
         state.tokens =
             (state.tokens + elapsed * self.budget.per_second).min(f64::from(self.budget.burst));
         state.refilled_at = now;
@@ -484,6 +486,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(120));
         assert!(bucket.try_take(), "one token back after 1/20 s");
         std::thread::sleep(Duration::from_millis(1000));
-        assert_eq!((0..10).filter(|_| bucket.try_take()).count(), 3, "never more than the burst");
+        assert_eq!(
+            (0..10).filter(|_| bucket.try_take()).count(),
+            3,
+            "never more than the burst"
+        );
     }
 }

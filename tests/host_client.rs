@@ -9,7 +9,7 @@ use connect_warden::devtenant::{FakeHost, HostRoute, TenantRecord};
 use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_warden::error::ApiError;
 use connect_warden::host_client::{HostClient, HostClientError};
-use connect_warden::store::Installation;
+use connect_warden::store::{InstallState, Installation};
 use serde_json::{json, Value};
 
 use common::app::{spawn_app_with, Backend, Options, Site};
@@ -537,6 +537,120 @@ async fn no_oauth_client_id_fails_without_a_request() {
         .unwrap_err();
     assert!(matches!(err, HostClientError::NoOauthClientId { .. }));
     assert_eq!(f.token_requests(), 0);
+}
+
+/// After a site import the old installation's oauthClientId is obsolete and must never be used
+/// again, even though the (fake) authorization server would still honour it and a token for it
+/// may still be cached.
+#[tokio::test]
+async fn a_superseded_installation_never_gets_a_user_token() {
+    let f = Fixture::new("").await;
+    f.client.as_user(&f.inst, "acct", &["READ"]).await.unwrap();
+    assert_eq!(f.token_requests(), 1);
+
+    let successor = ClientKey::parse("ck-imported-site").unwrap();
+    let mut superseded = f.inst.clone();
+    superseded.superseded_by = Some(successor.clone());
+    for account in ["acct", "other-acct"] {
+        let err = f
+            .client
+            .as_user(&superseded, account, &["READ"])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, HostClientError::Superseded { client_key, successor: s }
+                if *client_key == f.inst.client_key && *s == successor),
+            "{account}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("superseded by ck-imported-site"),
+            "{message}"
+        );
+        assert_eq!(err.status(), None);
+        assert!(
+            matches!(ApiError::from(err.clone()), ApiError::Upstream(m) if m.contains("superseded"))
+        );
+        assert_no_secrets(&err, &[&f.secret]);
+    }
+    let err = f
+        .client
+        .as_user_requests(&superseded, "acct", &["READ"])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HostClientError::Superseded { .. }), "{err:?}");
+    assert_eq!(
+        f.token_requests(),
+        1,
+        "a superseded installation reached the token endpoint"
+    );
+    assert_eq!(f.host.requests(HostRoute::Rest), 0);
+}
+
+#[tokio::test]
+async fn an_uninstalled_installation_never_gets_a_user_token() {
+    let f = Fixture::new("").await;
+    let mut uninstalled = f.inst.clone();
+    uninstalled.state = InstallState::Uninstalled;
+    let err = f
+        .client
+        .as_user(&uninstalled, "acct", &["READ"])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HostClientError::Uninstalled { client_key } if *client_key == f.inst.client_key),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("uninstalled"), "{err}");
+    assert!(f
+        .client
+        .as_user_requests(&uninstalled, "acct", &["READ"])
+        .await
+        .is_err());
+    assert_eq!(f.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn a_superseded_installation_sends_nothing_as_the_app() {
+    let f = Fixture::new("/wiki").await;
+    let mut superseded = f.inst.clone();
+    superseded.superseded_by = Some(ClientKey::parse("ck-imported-site").unwrap());
+    let app = f.client.as_app(&superseded);
+    let refused = |result: Result<_, HostClientError>, what: &str| match result {
+        Err(HostClientError::Superseded { .. }) => {}
+        Err(e) => panic!("{what}: wrong error {e:?}"),
+        Ok(_) => panic!("{what}: not refused"),
+    };
+    refused(app.get(ADDON_PATH).build().map(drop), "build");
+    refused(app.get(ADDON_PATH).send().await.map(drop), "send");
+    refused(
+        app.get(ADDON_PATH).send_checked().await.map(drop),
+        "send_checked",
+    );
+    refused(
+        app.post("/rest/api/content")
+            .json(&json!({"title": "x"}))
+            .query(&[("a", "1")])
+            .send_json::<Value>()
+            .await
+            .map(drop),
+        "send_json",
+    );
+    refused(
+        app.delete("/../../escape").send().await.map(drop),
+        "a bad path too",
+    );
+    assert_eq!(f.host.requests(HostRoute::Addon), 0);
+    assert_eq!(f.host.requests(HostRoute::Rest), 0);
+    // The same installation before the import was served: only the import stops it.
+    let answer: Value = f
+        .client
+        .as_app(&f.inst)
+        .get(ADDON_PATH)
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(answer["state"], "ENABLED");
 }
 
 #[tokio::test]

@@ -286,8 +286,7 @@ impl PartitionProxy {
 
     /// Every connection made so far goes silent.
     fn partition_existing(&self) {
-        self.silenced_below
-            .store(self.accepted(), Ordering::SeqCst);
+        self.silenced_below.store(self.accepted(), Ordering::SeqCst);
     }
 }
 
@@ -377,13 +376,23 @@ async fn a_half_open_subscription_is_noticed_within_two_seconds() {
 
     announced(&mut events, RECOVERY_WITHIN * 5, "first subscription", all).await;
     assert_eq!(publish("ck-before").await, 1);
-    announced(&mut events, WITHIN, "a message through the proxy", tenant("ck-before")).await;
+    announced(
+        &mut events,
+        WITHIN,
+        "a message through the proxy",
+        tenant("ck-before"),
+    )
+    .await;
 
     // The partition: the write is published, Redis hands it to the silent connection, and it
     // never arrives. Only noticing the dead connection can make the listener honour it.
     proxy.partition_existing();
     let partitioned_at = Instant::now();
-    assert_eq!(publish("ck-lost").await, 1, "Redis still sees the subscriber");
+    assert_eq!(
+        publish("ck-lost").await,
+        1,
+        "Redis still sees the subscriber"
+    );
     let took = announced(
         &mut events,
         Duration::from_secs(3),
@@ -408,7 +417,10 @@ async fn a_half_open_subscription_is_noticed_within_two_seconds() {
         if matches!(event, Ok(Ok(Invalidation::Tenant(ref k))) if k.as_str() == "ck-after") {
             break;
         }
-        assert!(Instant::now() < deadline, "messages do not flow after the reconnect");
+        assert!(
+            Instant::now() < deadline,
+            "messages do not flow after the reconnect"
+        );
     }
 }
 

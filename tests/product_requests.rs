@@ -44,6 +44,72 @@ async fn token_in_query_works_and_both_places_is_400(backend: Backend) {
     assert!(error_of(response).await.contains("no token"));
 }
 
+/// The qsh leaves out every parameter whose decoded name is `jwt`. A second one, or one next
+/// to the header, would be an unsigned parameter riding along a valid token (the handler reads
+/// `jwt` through the decoded query): refused, however the name is spelled.
+async fn jwt_parameters_by_decoded_name_are_counted(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let site = Site::new();
+    app.install(&site).await;
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
+    let get = |query: String, header: bool| {
+        let mut request = app.client.get(app.url(&format!("/api/tenant?{query}")));
+        if header {
+            request = request.header("authorization", format!("JWT {token}"));
+        }
+        request.send()
+    };
+
+    // An encoded name next to the header.
+    for name in ["j%77t", "%6A%77%74", "%6awt"] {
+        let response = get(format!("{name}={token}"), true).await.unwrap();
+        assert_eq!(response.status(), 400, "?{name}= plus the header");
+        assert!(error_of(response).await.contains("both"));
+    }
+    let response = get("j%77t=smuggled".into(), true).await.unwrap();
+    assert_eq!(
+        response.status(),
+        400,
+        "an unsigned j%77t next to the header"
+    );
+    let response = get("jwt".into(), true).await.unwrap();
+    assert_eq!(response.status(), 400, "a bare ?jwt next to the header");
+
+    // Two token parameters, with or without the header.
+    for query in [
+        format!("jwt={token}&jwt={token}"),
+        format!("jwt={token}&jwt=smuggled"),
+        format!("jwt={token}&j%77t=smuggled"),
+        format!("j%77t=smuggled&jwt={token}"),
+    ] {
+        let response = get(query.clone(), false).await.unwrap();
+        assert_eq!(response.status(), 400, "?{query}");
+        assert!(error_of(response).await.contains("more than one jwt"));
+        assert_eq!(
+            get(query.clone(), true).await.unwrap().status(),
+            400,
+            "?{query} plus the header"
+        );
+    }
+
+    // The token under an encoded name alone is the token, as the qsh sees it.
+    assert_eq!(
+        get(format!("j%77t={token}"), false).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get(format!("jwt={token}"), false).await.unwrap().status(),
+        200
+    );
+    assert_eq!(get(String::new(), true).await.unwrap().status(), 200);
+}
+
 async fn forged_and_mismatched_tokens_are_401(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
@@ -243,6 +309,7 @@ async fn base_url_with_a_path(backend: Backend) {
 
 both_stores!(
     token_in_query_works_and_both_places_is_400,
+    jwt_parameters_by_decoded_name_are_counted,
     forged_and_mismatched_tokens_are_401,
     context_tokens_only_on_opted_in_routes,
     previous_secret_stops_working_after_the_grace_window,

@@ -27,7 +27,7 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 pub enum JwtError {
     #[error("the token is malformed: {0}")]
     Malformed(&'static str),
-    #[error("the token's alg {found} is not accepted here; expected {expected}")]
+    #[error("the token's alg {found:?} is not accepted here; expected {expected}")]
     WrongAlgorithm {
         found: String,
         expected: &'static str,
@@ -350,6 +350,10 @@ mod tests {
             parsed.verify_hs256(&secret("s")),
             Err(JwtError::WrongAlgorithm { .. })
         ));
+        assert_eq!(
+            parsed.require_alg("HS256").unwrap_err().to_string(),
+            r#"the token's alg "none" is not accepted here; expected HS256"#
+        );
 
         let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"iss":"b"}"#);
         let tampered = format!(
@@ -504,6 +508,25 @@ mod tests {
         assert_eq!(
             Claims::default().check_qsh(&req, true),
             Err(JwtError::MissingClaim("qsh"))
+        );
+    }
+
+    #[test]
+    fn an_attacker_alg_cannot_forge_log_lines() {
+        // The header's alg is the attacker's: its message is logged and answered. Quoted and
+        // escaped, it cannot end the line or pass for another field.
+        let forged =
+            "RS256\n2025-01-01T00:00:00Z  INFO warden: install accepted client_key=victim\u{1b}[2K";
+        let header = URL_SAFE_NO_PAD.encode(serde_json::json!({ "alg": forged }).to_string());
+        let claims = URL_SAFE_NO_PAD.encode(br#"{"iss":"a"}"#);
+        let raw = format!("{header}.{claims}.sig");
+        let token = Token::parse(&raw).unwrap();
+        assert_eq!(token.alg(), forged);
+        let message = token.require_alg("HS256").unwrap_err().to_string();
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+        assert!(
+            message.contains(r#"alg "RS256\n2025-01-01T00:00:00Z  INFO"#),
+            "{message}"
         );
     }
 }

@@ -192,12 +192,16 @@ fn decode_component(raw: &str) -> Cow<'_, [u8]> {
 fn encode(decoded: Cow<'_, [u8]>) -> Cow<'_, str> {
     match decoded {
         Cow::Borrowed(raw) => percent_encode(raw, RFC3986).into(),
-        Cow::Owned(raw) => match Cow::from(percent_encode(&raw, RFC3986)) {
-            Cow::Borrowed(_) => Cow::Owned(
-                String::from_utf8(raw).expect("bytes that need no escaping are unreserved ASCII"),
-            ),
-            Cow::Owned(encoded) => Cow::Owned(encoded),
-        },
+        Cow::Owned(raw) => {
+            // `Cow::Borrowed` here does not mean "unchanged": a single escaped byte comes back
+            // as a borrowed static `%XX`. Escaping lengthens, so equal length means unchanged.
+            let encoded = Cow::from(percent_encode(&raw, RFC3986));
+            if encoded.len() == raw.len() {
+                Cow::Owned(String::from_utf8(raw).expect("unescaped bytes are unreserved ASCII"))
+            } else {
+                Cow::Owned(encoded.into_owned())
+            }
+        }
     }
 }
 
@@ -253,8 +257,14 @@ mod tests {
             "GET&/a/b&"
         );
         assert_eq!(CanonicalRequest::new("GET", "/", "", "").as_str(), "GET&/&");
-        assert_eq!(CanonicalRequest::new("GET", "//", "", "").as_str(), "GET&/&");
-        assert_eq!(CanonicalRequest::new("GET", "a/", "", "").as_str(), "GET&/a&");
+        assert_eq!(
+            CanonicalRequest::new("GET", "//", "", "").as_str(),
+            "GET&/&"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "a/", "", "").as_str(),
+            "GET&/a&"
+        );
         assert_eq!(
             CanonicalRequest::new("GET", "/app/", "", "/app").as_str(),
             "GET&/&"
@@ -284,7 +294,11 @@ mod tests {
     #[test]
     fn bytes_that_are_not_utf8_do_not_collide() {
         // With a lossy UTF-8 decode all three were `id=%EF%BF%BD`: one token, three requests.
-        let canonical = |q| CanonicalRequest::new("GET", "/p", q, "").as_str().to_owned();
+        let canonical = |q| {
+            CanonicalRequest::new("GET", "/p", q, "")
+                .as_str()
+                .to_owned()
+        };
         assert_eq!(canonical("id=%FF"), "GET&/p&id=%FF");
         assert_eq!(canonical("id=%fe"), "GET&/p&id=%FE");
         assert_eq!(canonical("id=%EF%BF%BD"), "GET&/p&id=%EF%BF%BD");
@@ -309,6 +323,19 @@ mod tests {
         assert_eq!(canonical("n=\u{20ac}"), "GET&/p&n=%E2%82%AC");
         // A `%` not followed by two hex digits is a literal `%`.
         assert_eq!(canonical("n=%zz&m=%"), "GET&/p&m=%25&n=%25zz");
+    }
+
+    #[test]
+    fn a_value_that_is_one_escaped_byte_stays_escaped() {
+        let canonical = |q| {
+            CanonicalRequest::new("GET", "/p", q, "")
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(canonical("q=%20"), "GET&/p&q=%20");
+        assert_eq!(canonical("q=+"), "GET&/p&q=%20");
+        assert_eq!(canonical("r=%2F"), "GET&/p&r=%2F");
+        assert_eq!(canonical("%26=1"), "GET&/p&%26=1");
     }
 
     #[test]
