@@ -18,7 +18,7 @@ use jsonwebtoken::DecodingKey;
 use moka::future::Cache;
 use reqwest::StatusCode;
 
-use crate::configuration::{PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
+use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
 use crate::domain::{BaseUrl, KeyId};
 
 /// Largest response body read from the key server; a 4096-bit key in PEM is under 1 KiB.
@@ -242,7 +242,7 @@ impl InstallKeys {
     fn key_url(&self, kid: &KeyId, host: &BaseUrl) -> String {
         let base = match &self.keys_url {
             Some(url) => url.as_str(),
-            None if host.host().ends_with(".jira-dev.com") => STAGING_KEYS_URL,
+            None if is_staging_host(&host.host()) => STAGING_KEYS_URL,
             None => PRODUCTION_KEYS_URL,
         };
         // `kid` is a parsed UUID: hex digits and hyphens only, nothing that can steer the URL.

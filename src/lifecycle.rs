@@ -653,14 +653,15 @@ fn fill_from_payload(record: &mut Installation, payload: &LifecyclePayload) {
 }
 
 /// Site import (seed 003): a new clientKey installed, with Atlassian's signature, on a site
-/// whose `baseUrl` belongs to other active installations. The most recent install event on a
-/// site wins: those whose latest event is older than this install (`install_iat`) are marked
-/// superseded by the new one and linked from it; should another active one be newer (two
-/// imports racing), this installation is the one superseded. A tie in the same second goes to
-/// the greater clientKey, so exactly one installation of a site stays active whatever the
-/// order the writes land in. The caller decides that this install may supersede at all
-/// ([`links_site`]): an unsigned install never does, it could be forged to knock a real
-/// tenant out. Returns the clientKeys superseded (possibly this installation's own).
+/// whose `baseUrl` belongs to other active installations. The most recent install on a site
+/// wins: installations are ranked by their latest lifecycle event (`iat`), then by the order
+/// in which the site index first saw them, which every instance reads alike. Those ranked
+/// below this install are marked superseded by it and linked from it; should another active
+/// one rank above it (two imports racing), this installation is the one superseded. So
+/// exactly one installation of a site stays active, whatever order the writes land in. The
+/// caller decides that this install may supersede at all ([`links_site`]): an unsigned
+/// install never does, it could be forged to knock a real tenant out. Returns the clientKeys
+/// superseded (possibly this installation's own).
 pub async fn supersede_previous_tenants(
     store: &dyn InstallationStore,
     installed: &Installation,
@@ -669,18 +670,20 @@ pub async fn supersede_previous_tenants(
     store
         .index_site(&installed.base_url, &installed.client_key)
         .await?;
-    let this = (install_iat, &installed.client_key);
+    let site_order = store.client_keys_for_site(&installed.base_url).await?;
+    let position = |key: &ClientKey| site_order.iter().position(|k| k == key);
+    let this = (install_iat, position(&installed.client_key));
     let mut superseded = Vec::new();
-    for other in store.client_keys_for_site(&installed.base_url).await? {
-        if other == installed.client_key {
+    for other in &site_order {
+        if *other == installed.client_key {
             continue;
         }
         let mut other_is_newer = false;
-        let marked = update_with_retry(store, &other, |old| {
+        let marked = update_with_retry(store, other, |old| {
             if !old.is_active() || old.base_url != installed.base_url {
                 return None;
             }
-            if (old.last_event_iat, &old.client_key) > this {
+            if (old.last_event_iat, position(other)) > this {
                 other_is_newer = true;
                 return None;
             }
@@ -691,8 +694,8 @@ pub async fn supersede_previous_tenants(
         if marked {
             tracing::warn!(old_client_key = %other, new_client_key = %installed.client_key, base_url = %installed.base_url,
                 "site import: installation superseded by a new clientKey on the same site");
-            link(store, &installed.client_key, &other).await?;
-            superseded.push(other);
+            link(store, &installed.client_key, other).await?;
+            superseded.push(other.clone());
         } else if other_is_newer {
             let own = update_with_retry(store, &installed.client_key, |own| {
                 own.is_active()
@@ -702,7 +705,7 @@ pub async fn supersede_previous_tenants(
             if own {
                 tracing::warn!(old_client_key = %installed.client_key, new_client_key = %other, base_url = %installed.base_url,
                     "site import: a newer installation on the same site supersedes this one");
-                link(store, &other, &installed.client_key).await?;
+                link(store, other, &installed.client_key).await?;
                 superseded.push(installed.client_key.clone());
                 break;
             }

@@ -6,13 +6,14 @@
 //! - `installations`: clientKey -> JSON of the whole [`Installation`], secrets included.
 //! - `tokens`: (clientKey, token digest) -> (body digest, expires_at); expired entries of a
 //!   clientKey are pruned by its commits, and never reported by [`InstallationStore::seen_token`].
-//! - `sites`: baseUrl -> clientKeys (multimap).
+//! - `site_installs`: (baseUrl, clientKey) -> the order in which the clientKey was first
+//!   indexed on that site (from the `meta` counter `site_seq`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, MultimapTableDefinition, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{Commit, CommitOutcome, Installation, InstallationStore, StoreError};
 use crate::domain::{BaseUrl, ClientKey};
@@ -25,7 +26,10 @@ type TokenKey = (&'static str, &'static [u8; 32]);
 /// (body digest, expires_at)
 type TokenValue = (&'static [u8; 32], i64);
 const TOKENS: TableDefinition<TokenKey, TokenValue> = TableDefinition::new("tokens");
-const SITES: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("sites");
+/// (baseUrl, clientKey) -> order of first indexing
+const SITE_INSTALLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("site_installs");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SITE_SEQ: &str = "site_seq";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the embedded installation store at {path}: {source}")]
@@ -99,8 +103,9 @@ impl EmbeddedStore {
             txn.open_table(INSTALLATIONS)
                 .map_err(|e| fail(Box::new(e)))?;
             txn.open_table(TOKENS).map_err(|e| fail(Box::new(e)))?;
-            txn.open_multimap_table(SITES)
+            txn.open_table(SITE_INSTALLS)
                 .map_err(|e| fail(Box::new(e)))?;
+            txn.open_table(META).map_err(|e| fail(Box::new(e)))?;
         }
         txn.commit().map_err(|e| fail(Box::new(e)))?;
         Ok(EmbeddedStore {
@@ -237,10 +242,15 @@ impl InstallationStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(io)?;
             {
-                let mut sites = txn.open_multimap_table(SITES).map_err(io)?;
-                sites
-                    .insert(base_url.as_str(), client_key.as_str())
-                    .map_err(io)?;
+                let mut sites = txn.open_table(SITE_INSTALLS).map_err(io)?;
+                let key = (base_url.as_str(), client_key.as_str());
+                // The first indexing fixes the position; a retry keeps it.
+                if sites.get(key).map_err(io)?.is_none() {
+                    let mut meta = txn.open_table(META).map_err(io)?;
+                    let seq = meta.get(SITE_SEQ).map_err(io)?.map_or(0, |v| v.value()) + 1;
+                    meta.insert(SITE_SEQ, seq).map_err(io)?;
+                    sites.insert(key, seq).map_err(io)?;
+                }
             }
             txn.commit().map_err(io)?;
             Ok(())
@@ -252,18 +262,23 @@ impl InstallationStore for EmbeddedStore {
         let base_url = base_url.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(io)?;
-            let sites = txn.open_multimap_table(SITES).map_err(io)?;
-            let mut keys = Vec::new();
-            for entry in sites.get(base_url.as_str()).map_err(io)? {
-                let entry = entry.map_err(io)?;
-                keys.push(ClientKey::parse(entry.value()).map_err(|_| {
+            let sites = txn.open_table(SITE_INSTALLS).map_err(io)?;
+            let mut entries = Vec::new();
+            for entry in sites.range((base_url.as_str(), "")..).map_err(io)? {
+                let (key, seq) = entry.map_err(io)?;
+                let (site, client_key) = key.value();
+                if site != base_url {
+                    break;
+                }
+                let client_key = ClientKey::parse(client_key).map_err(|_| {
                     StoreError::Corrupt(format!(
                         "the site index of {base_url} holds an invalid clientKey"
                     ))
-                })?);
+                })?;
+                entries.push((seq.value(), client_key));
             }
-            keys.sort();
-            Ok(keys)
+            entries.sort();
+            Ok(entries.into_iter().map(|(_, key)| key).collect())
         })
         .await
     }

@@ -259,14 +259,16 @@ pub trait InstallationStore: Send + Sync + 'static {
 
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError>;
 
-    /// Records that `client_key` was installed on the site at `base_url` (idempotent).
+    /// Records that `client_key` was installed on the site at `base_url`. Idempotent: the
+    /// first call fixes its position in the site's order.
     async fn index_site(
         &self,
         base_url: &BaseUrl,
         client_key: &ClientKey,
     ) -> Result<(), StoreError>;
 
-    /// Every clientKey ever installed on the site at `base_url`.
+    /// Every clientKey ever installed on the site at `base_url`, in the order they were first
+    /// indexed (oldest first); every reader sees the same order.
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError>;
 
     /// Every installation's clientKey (Redis: `SCAN`, never `KEYS`).

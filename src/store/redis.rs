@@ -10,7 +10,8 @@
 //! - `P:{CK}:secrets`: a LIST of JSON [`SecretVersion`](super::SecretVersion) entries, oldest first.
 //! - `P:{CK}:token:<hex token digest>`: a STRING holding the hex body digest, expiring at the
 //!   token's `exp` (`EXAT`).
-//! - `P:site:{<baseUrl>}`: a SET of the clientKeys installed on that site.
+//! - `P:site:{<baseUrl>}`: a sorted SET of the clientKeys installed on that site, scored by
+//!   when each was first indexed (milliseconds), so every instance sees the same order.
 //! - `P:invalidate`: the channel on which every commit publishes the clientKey it wrote, so that
 //!   other instances drop what they cached.
 
@@ -340,8 +341,14 @@ impl InstallationStore for RedisStore {
         client_key: &ClientKey,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let _: i64 = redis::cmd("SADD")
+        // The first indexing fixes the position (NX); ties sort by clientKey, the same for all.
+        let first_indexed_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let _: i64 = redis::cmd("ZADD")
             .arg(self.site_key(base_url))
+            .arg("NX")
+            .arg(first_indexed_ms)
             .arg(client_key.as_str())
             .query_async(&mut conn)
             .await
@@ -351,12 +358,14 @@ impl InstallationStore for RedisStore {
 
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
         let mut conn = self.conn().await?;
-        let members: Vec<String> = redis::cmd("SMEMBERS")
+        let members: Vec<String> = redis::cmd("ZRANGE")
             .arg(self.site_key(base_url))
+            .arg(0)
+            .arg(-1)
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let mut keys = members
+        let keys = members
             .iter()
             .map(|m| {
                 ClientKey::parse(m).map_err(|_| {
@@ -366,7 +375,6 @@ impl InstallationStore for RedisStore {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        keys.sort();
         Ok(keys)
     }
 
