@@ -773,6 +773,21 @@ mod tests {
         Settings::from_sources(None, env).unwrap()
     }
 
+    /// Legacy-mode settings and a key cache that is never asked (no RS256 token here).
+    fn legacy_mode() -> (Settings, InstallKeys) {
+        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        (settings(&[("WARDEN_INSTALL_AUTH", "legacy")]), keys)
+    }
+
+    fn installed(client_key: &str, secret: &str) -> LifecyclePayload {
+        LifecyclePayload::parse(
+            LifecycleEvent::Installed,
+            &body(client_key, secret),
+            "connect-warden",
+        )
+        .unwrap()
+    }
+
     fn body(client_key: &str, secret: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "key": "connect-warden",
@@ -839,31 +854,20 @@ mod tests {
             inner: EmbeddedStore::open(dir.path()).unwrap(),
             stale_once: AtomicBool::new(false),
         };
-        let settings = settings(&[("WARDEN_INSTALL_AUTH", "legacy")]);
-        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let (settings, keys) = legacy_mode();
         let ctx = LifecycleContext {
             settings: &settings,
             store: &store,
             keys: &keys,
         };
 
-        let genuine = LifecyclePayload::parse(
-            LifecycleEvent::Installed,
-            &body("ck-race", "genuine-secret"),
-            "connect-warden",
-        )
-        .unwrap();
+        let genuine = installed("ck-race", "genuine-secret");
         process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &genuine)
             .await
             .unwrap();
 
         store.stale_once.store(true, Ordering::SeqCst);
-        let attacker = LifecyclePayload::parse(
-            LifecycleEvent::Installed,
-            &body("ck-race", "attacker-secret"),
-            "connect-warden",
-        )
-        .unwrap();
+        let attacker = installed("ck-race", "attacker-secret");
         let refused = process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &attacker).await;
         assert!(
             matches!(refused, Err(ApiError::Unauthenticated(_))),
@@ -880,19 +884,13 @@ mod tests {
     async fn replay_memory_outlives_token_acceptance() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        let settings = settings(&[("WARDEN_INSTALL_AUTH", "legacy")]);
-        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let (settings, keys) = legacy_mode();
         let ctx = LifecycleContext {
             settings: &settings,
             store: &store,
             keys: &keys,
         };
-        let first = LifecyclePayload::parse(
-            LifecycleEvent::Installed,
-            &body("ck-replay", "one"),
-            "connect-warden",
-        )
-        .unwrap();
+        let first = installed("ck-replay", "one");
         process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &first)
             .await
             .unwrap();
@@ -908,12 +906,7 @@ mod tests {
             ..Default::default()
         };
         let token = jwt::sign_hs256(&claims, &SharedSecret::parse("one").unwrap());
-        let reinstall = LifecyclePayload::parse(
-            LifecycleEvent::Installed,
-            &body("ck-replay", "two"),
-            "connect-warden",
-        )
-        .unwrap();
+        let reinstall = installed("ck-replay", "two");
         let header = format!("JWT {token}");
         let auth = authenticate(
             &ctx,
@@ -932,12 +925,7 @@ mod tests {
 
     #[test]
     fn payload_debug_never_shows_the_secret() {
-        let payload = LifecyclePayload::parse(
-            LifecycleEvent::Installed,
-            &body("ck-debug", "very-secret-value"),
-            "connect-warden",
-        )
-        .unwrap();
+        let payload = installed("ck-debug", "very-secret-value");
         let shown = format!("{payload:?}");
         assert!(shown.contains("ck-debug"));
         assert!(!shown.contains("very-secret-value"), "{shown}");

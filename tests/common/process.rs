@@ -1,7 +1,6 @@
 //! Real `warden` processes (the built binary) for tests about several instances sharing one
 //! Redis. Each [`WardenProcess`] is killed when dropped, so a failing test leaves none behind.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -41,7 +40,7 @@ impl Cluster {
         let data_dir = tempfile::tempdir().unwrap();
         let log_path = data_dir.path().join("warden.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let port = free_port();
+        let port = redis_server::free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_warden"));
         for (var, _) in std::env::vars() {
             if var.starts_with("WARDEN_") {
@@ -87,14 +86,6 @@ impl Cluster {
         process.wait_ready().await;
         process
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One running `warden`; killed on drop.
@@ -181,45 +172,27 @@ impl WardenProcess {
 
     /// A signed `installed` of `site` (a roll when the clientKey is known); asserts 204.
     pub async fn install(&self, keys: &KeyServer, site: &Site) {
-        let token = tokens::sign_install(
-            keys,
-            &tokens::install_claims(
-                &self.base_url,
-                &self.base_path,
-                &site.client_key,
-                "/installed",
-            ),
-        );
-        let response = self
-            .post_lifecycle("/installed", Some(&token), &site.body("installed"))
-            .await;
-        assert_eq!(
-            response.status(),
-            204,
-            "install on {} failed: {}",
-            self.name,
-            response.text().await.unwrap()
-        );
+        self.signed_callback(keys, site, "installed").await;
     }
 
     /// A signed `uninstalled` of `site`; asserts 204.
     pub async fn uninstall(&self, keys: &KeyServer, site: &Site) {
-        let token = tokens::sign_install(
-            keys,
-            &tokens::install_claims(
-                &self.base_url,
-                &self.base_path,
-                &site.client_key,
-                "/uninstalled",
-            ),
-        );
+        self.signed_callback(keys, site, "uninstalled").await;
+    }
+
+    /// `POST /<event>` for `site` with Atlassian's RS256 token; asserts 204.
+    async fn signed_callback(&self, keys: &KeyServer, site: &Site, event: &str) {
+        let path = format!("/{event}");
+        let claims =
+            tokens::install_claims(&self.base_url, &self.base_path, &site.client_key, &path);
+        let token = tokens::sign_install(keys, &claims);
         let response = self
-            .post_lifecycle("/uninstalled", Some(&token), &site.body("uninstalled"))
+            .post_lifecycle(&path, Some(&token), &site.body(event))
             .await;
         assert_eq!(
             response.status(),
             204,
-            "uninstall on {} failed: {}",
+            "{event} on {} failed: {}",
             self.name,
             response.text().await.unwrap()
         );
