@@ -85,7 +85,9 @@ pub async fn main() -> anyhow::Result<()> {
 async fn serve() -> anyhow::Result<()> {
     crate::telemetry::init("info");
     let settings = Settings::load()?;
-    let store = if settings.redis_url.is_some() {
+    let store = if settings.redis_url.is_some() && settings.redis_cluster {
+        "redis cluster".to_owned()
+    } else if settings.redis_url.is_some() {
         "redis".to_owned()
     } else {
         format!("embedded ({})", settings.data_dir.display())

@@ -41,7 +41,10 @@ pub struct Settings {
     pub base_url: BaseUrl,
     pub allowed_base_urls: Vec<BaseUrl>,
     pub app_key: String,
+    /// With Redis: the Redis URL, or in cluster mode one or more comma-separated seed node URLs.
     pub redis_url: Option<SecretString>,
+    /// `WARDEN_REDIS_URL` names a Redis Cluster (its seed nodes), not one Redis.
+    pub redis_cluster: bool,
     /// Prefix of every Redis key and the invalidation channel; lets several apps share a Redis.
     pub redis_prefix: String,
     pub data_dir: PathBuf,
@@ -113,6 +116,7 @@ struct Raw {
     allowed_base_urls: Option<List>,
     app_key: Option<String>,
     redis_url: Option<String>,
+    redis_cluster: Option<String>,
     redis_prefix: Option<String>,
     data_dir: Option<String>,
     keys_url: Option<String>,
@@ -267,15 +271,38 @@ impl Settings {
                 "must be non-empty, without braces or spaces",
             ));
         }
+        let redis_url = raw
+            .redis_url
+            .filter(|u| !u.trim().is_empty())
+            .map(SecretString::from);
+        let redis_cluster = match raw
+            .redis_cluster
+            .as_deref()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("") | Some("false") | Some("0") | Some("no") => false,
+            Some("true") | Some("1") | Some("yes") => true,
+            Some(other) => {
+                return Err(bad(
+                    "WARDEN_REDIS_CLUSTER",
+                    format!("{other:?} is neither \"true\" nor \"false\""),
+                ))
+            }
+        };
+        if redis_cluster && redis_url.is_none() {
+            return Err(bad(
+                "WARDEN_REDIS_CLUSTER",
+                "a Redis Cluster needs its seed node URLs in WARDEN_REDIS_URL",
+            ));
+        }
         Ok(Self {
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
             allowed_base_urls,
             app_key,
-            redis_url: raw
-                .redis_url
-                .filter(|u| !u.trim().is_empty())
-                .map(SecretString::from),
+            redis_url,
+            redis_cluster,
             redis_prefix,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
             keys_url,
@@ -323,6 +350,7 @@ mod tests {
         assert_eq!(s.base_url.as_str(), "http://localhost:8080");
         assert!(s.allowed_base_urls.is_empty());
         assert!(s.redis_url.is_none());
+        assert!(!s.redis_cluster);
         assert_eq!(s.data_dir, PathBuf::from("./data"));
         assert!(s.keys_url.is_none());
         assert_eq!(s.install_auth, InstallAuth::Signed);
@@ -367,10 +395,32 @@ mod tests {
             ("WARDEN_SECRET_GRACE_SECONDS", "soon"),
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),
+            ("WARDEN_REDIS_CLUSTER", "maybe"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");
         }
+    }
+
+    #[test]
+    fn redis_cluster_is_a_boolean_and_needs_seed_urls() {
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_REDIS_CLUSTER", "true"),
+                (
+                    "WARDEN_REDIS_URL",
+                    "redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(s.redis_cluster);
+        let s = Settings::from_sources(None, env(&[("WARDEN_REDIS_CLUSTER", "false")])).unwrap();
+        assert!(!s.redis_cluster);
+        let err =
+            Settings::from_sources(None, env(&[("WARDEN_REDIS_CLUSTER", "true")])).unwrap_err();
+        assert_eq!(err.name, "WARDEN_REDIS_CLUSTER", "{err}");
     }
 
     #[test]

@@ -115,6 +115,10 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
     let mut installation = state.tenants.get(&client_key).await?.ok_or_else(unknown)?;
     if verify_signature(&token, &installation, grace, now).is_err() {
         // The cached secret may be stale (a roll on another instance): read the store once.
+        // Forged tokens must not turn this into a store read each: `reload` shares one read
+        // among concurrent callers and answers from an entry read after the key's last
+        // invalidation less than `tenants::FRESH_FOR` ago. A roll invalidates the key (here,
+        // or through pub/sub), so a brand-new secret still leads to a fresh read.
         installation = state
             .tenants
             .reload(&client_key)

@@ -139,10 +139,30 @@ impl Listener {
     /// `tenants`. Fails only if `url` is not a valid Redis URL; an unreachable Redis is
     /// retried in the background. Must be called within a tokio runtime.
     pub fn start(url: &str, channel: String, tenants: TenantCache) -> anyhow::Result<Self> {
-        // The URL may hold a password: the error names only its kind.
-        let client = redis::Client::open(url)
-            .map_err(|e| anyhow::anyhow!("the Redis URL is not valid ({:?})", e.kind()))?;
-        let task = tokio::spawn(listen(client, channel, tenants));
+        Self::start_on_any(&[url], channel, tenants)
+    }
+
+    /// Like [`start`](Self::start), for a Redis Cluster known by its seed node URLs: `PUBLISH`
+    /// reaches every node of a cluster, so one subscription on any node hears every commit.
+    /// Subscribes to the first seed that answers; after a loss, tries the seeds in order again,
+    /// starting with the one that worked last.
+    pub fn start_on_any(
+        urls: &[&str],
+        channel: String,
+        tenants: TenantCache,
+    ) -> anyhow::Result<Self> {
+        if urls.is_empty() {
+            anyhow::bail!("no Redis URL given");
+        }
+        let clients = urls
+            .iter()
+            .map(|url| {
+                // The URL may hold a password: the error names only its kind.
+                redis::Client::open(*url)
+                    .map_err(|e| anyhow::anyhow!("the Redis URL is not valid ({:?})", e.kind()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let task = tokio::spawn(listen(clients, channel, tenants));
         Ok(Self { task })
     }
 
@@ -158,11 +178,13 @@ impl Drop for Listener {
     }
 }
 
-async fn listen(client: redis::Client, channel: String, tenants: TenantCache) {
+async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCache) {
     let mut backoff = INITIAL_BACKOFF;
     let mut failures: u32 = 0;
+    // The seed tried first: the one that worked last.
+    let mut first = 0;
     loop {
-        match subscribe(&client, &channel).await {
+        match subscribe_any(&clients, &mut first, &channel).await {
             Ok(pubsub) => {
                 // Whatever was published while we were not subscribed is lost.
                 tenants.invalidate_all();
@@ -211,6 +233,27 @@ enum SubscribeError {
     Timeout(Duration),
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
+}
+
+/// Subscribes through the first of `clients` that answers, starting at `first` (updated to
+/// the one that did); the error of the last one tried otherwise.
+async fn subscribe_any(
+    clients: &[redis::Client],
+    first: &mut usize,
+    channel: &str,
+) -> Result<redis::aio::PubSub, SubscribeError> {
+    let mut last_error = None;
+    for i in 0..clients.len() {
+        let index = (*first + i) % clients.len();
+        match subscribe(&clients[index], channel).await {
+            Ok(pubsub) => {
+                *first = index;
+                return Ok(pubsub);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or(SubscribeError::Timeout(Duration::ZERO)))
 }
 
 async fn subscribe(

@@ -42,6 +42,14 @@ pub struct AppState {
 impl AppState {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store: SharedStore = match &settings.redis_url {
+            Some(urls) if settings.redis_cluster => Arc::new(
+                RedisStore::connect_cluster(
+                    &crate::store::redis::seed_urls(urls.expose_secret()),
+                    &settings.redis_prefix,
+                )
+                .await
+                .context("cannot set up the Redis Cluster store (WARDEN_REDIS_URL)")?,
+            ),
             Some(url) => Arc::new(
                 RedisStore::connect(url.expose_secret(), &settings.redis_prefix)
                     .await
@@ -124,13 +132,23 @@ impl Application {
         };
         if let Some(url) = &app.state.settings.redis_url {
             let channel = invalidation::channel(&app.state.settings.redis_prefix);
-            app.invalidation = Some(
+            let listener = if app.state.settings.redis_cluster {
+                // PUBLISH reaches every node of a cluster: one subscription on any seed node
+                // hears every commit.
+                invalidation::Listener::start_on_any(
+                    &crate::store::redis::seed_urls(url.expose_secret()),
+                    channel,
+                    app.state.tenants.clone(),
+                )
+            } else {
                 invalidation::Listener::start(
                     url.expose_secret(),
                     channel,
                     app.state.tenants.clone(),
                 )
-                .context("cannot subscribe to Redis invalidations (WARDEN_REDIS_URL)")?,
+            };
+            app.invalidation = Some(
+                listener.context("cannot subscribe to Redis invalidations (WARDEN_REDIS_URL)")?,
             );
         }
         Ok(app)

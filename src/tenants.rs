@@ -11,12 +11,27 @@
 //! otherwise serve the old record until the TTL. Each invalidation therefore bumps an epoch
 //! (one per stripe of clientKeys, plus one for "everything"), and a reload inserts only if no
 //! epoch of its key moved while it read.
+//!
+//! Unauthenticated requests must not buy store round trips:
+//!
+//! - Reads of one clientKey are single-flight: whoever needs the store while a read of that key
+//!   is under way waits for it, unless an invalidation of the key happened since that read
+//!   began (then it starts a new one, so a write is always seen by the next read).
+//! - A [`reload`](TenantCache::reload) is answered from the cache when the cached entry was
+//!   read from the store less than [`FRESH_FOR`] ago: an entry survives only if no invalidation
+//!   came after its read, so it is as new as a read would be, but for writes whose
+//!   invalidation is still on its way.
+//! - A clientKey the store does not know is remembered as unknown for [`UNKNOWN_FOR`], under
+//!   the same invalidations and the same epoch rule: an install, here or on another instance,
+//!   invalidates its clientKey and is found by the next request.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
 
 use crate::domain::ClientKey;
@@ -26,16 +41,80 @@ use crate::store::{Installation, SharedStore, StoreError};
 /// Upper bound of cached installations; one entry is a few hundred bytes.
 const MAX_CACHED_TENANTS: u64 = 200_000;
 
+/// Upper bound of clientKeys remembered as unknown, in a cache of their own so that a flood of
+/// made-up clientKeys cannot evict real tenants.
+const MAX_UNKNOWN_TENANTS: u64 = 100_000;
+
 /// Number of invalidation epochs. Two clientKeys sharing a stripe only cost each other a
 /// skipped cache insert, never a stale one.
 const EPOCH_STRIPES: usize = 1024;
 
+/// A [`TenantCache::reload`] does not read the store again when the cached entry was read less
+/// than this ago (and no invalidation of its key came since).
+pub const FRESH_FOR: Duration = Duration::from_millis(100);
+
+/// How long a clientKey the store does not hold is answered as unknown without reading the
+/// store (unless an invalidation of the key comes first).
+pub const UNKNOWN_FOR: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct TenantCache {
     store: SharedStore,
-    cache: Cache<ClientKey, Arc<Installation>>,
+    cache: Cache<ClientKey, Cached>,
+    unknown: Cache<ClientKey, ()>,
     epochs: Arc<Epochs>,
+    flights: Arc<Flights>,
+    fresh_for: Duration,
     invalidations: Invalidations,
+}
+
+/// A cached installation and when the read that found it began.
+#[derive(Clone)]
+struct Cached {
+    installation: Arc<Installation>,
+    read_at: Instant,
+}
+
+/// What a store read hands to everyone waiting for it.
+type Read = Result<Option<Arc<Installation>>, Arc<StoreError>>;
+
+/// Store reads under way, at most one per clientKey that its readers may join.
+#[derive(Default)]
+struct Flights {
+    next_id: AtomicU64,
+    by_key: Mutex<HashMap<ClientKey, Flight>>,
+}
+
+struct Flight {
+    id: u64,
+    /// The epochs of the key when the read began: only a reader seeing the same epochs may
+    /// join, since a read that began before an invalidation may miss the write behind it.
+    epoch: EpochSnapshot,
+    read: Shared<BoxFuture<'static, Read>>,
+}
+
+/// Removes a flight from [`Flights`] when its read ends, however it ends (also on panic or
+/// cancellation), unless a newer flight of the key replaced it.
+struct Landing {
+    flights: Arc<Flights>,
+    client_key: ClientKey,
+    id: u64,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        let mut by_key = self
+            .flights
+            .by_key
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if by_key
+            .get(&self.client_key)
+            .is_some_and(|f| f.id == self.id)
+        {
+            by_key.remove(&self.client_key);
+        }
+    }
 }
 
 /// Invalidation counters: `all` moves on [`TenantCache::invalidate_all`], `stripes[h(key)]` on
@@ -80,6 +159,33 @@ impl Epochs {
     }
 }
 
+/// A store error shared by the readers of one flight: each gets a [`StoreError`] of the same
+/// kind (what decides the HTTP status), with the original as its cause.
+#[derive(Debug)]
+struct SharedCause(Arc<StoreError>);
+
+impl std::fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::error::Error::source(&*self.0) {
+            Some(cause) => write!(f, "{cause}"),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for SharedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0).and_then(|cause| cause.source())
+    }
+}
+
+fn unshare(error: Arc<StoreError>) -> StoreError {
+    match &*error {
+        StoreError::Unavailable(_) => StoreError::unavailable(SharedCause(error)),
+        StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
+    }
+}
+
 impl TenantCache {
     pub fn new(store: SharedStore, ttl: Duration) -> Self {
         Self::with_invalidations(store, ttl, Invalidations::new())
@@ -91,14 +197,31 @@ impl TenantCache {
         ttl: Duration,
         invalidations: Invalidations,
     ) -> Self {
+        Self::with_windows(store, ttl, invalidations, FRESH_FOR, UNKNOWN_FOR)
+    }
+
+    fn with_windows(
+        store: SharedStore,
+        ttl: Duration,
+        invalidations: Invalidations,
+        fresh_for: Duration,
+        unknown_for: Duration,
+    ) -> Self {
         let cache = Cache::builder()
             .max_capacity(MAX_CACHED_TENANTS)
             .time_to_live(ttl)
             .build();
+        let unknown = Cache::builder()
+            .max_capacity(MAX_UNKNOWN_TENANTS)
+            .time_to_live(unknown_for.min(ttl))
+            .build();
         Self {
             store,
             cache,
+            unknown,
             epochs: Arc::new(Epochs::new()),
+            flights: Arc::new(Flights::default()),
+            fresh_for,
             invalidations,
         }
     }
@@ -108,30 +231,112 @@ impl TenantCache {
         &self.invalidations
     }
 
-    /// The installation, from the cache or the store. Unknown clientKeys are not cached, so a
-    /// tenant installed a moment ago is found at once.
+    /// The installation, from the cache or the store. A clientKey the store does not hold is
+    /// answered as unknown for [`UNKNOWN_FOR`] without reading the store again; an install
+    /// invalidates its clientKey, so it is found at once all the same.
     pub async fn get(
         &self,
         client_key: &ClientKey,
     ) -> Result<Option<Arc<Installation>>, StoreError> {
         if let Some(hit) = self.cache.get(client_key).await {
-            return Ok(Some(hit));
+            return Ok(Some(hit.installation));
         }
-        self.reload(client_key).await
+        if self.unknown.get(client_key).await.is_some() {
+            return Ok(None);
+        }
+        self.read(client_key).await
     }
 
-    /// Reads the store, bypassing and refreshing the cache. What was read is returned in any
-    /// case, but cached only if no invalidation of this key happened while reading.
+    /// What the store holds now, for a caller that found the cached entry wanting (a signature
+    /// that fails against a secret which may have been rolled elsewhere). The store is read,
+    /// and the cache refreshed, unless the cached entry (or unknown) was itself read after
+    /// every invalidation of the key and less than [`FRESH_FOR`] ago; concurrent reads of one
+    /// key share one store round trip. What was read is returned in any case, but cached only
+    /// if no invalidation of this key happened while reading.
     pub async fn reload(
         &self,
         client_key: &ClientKey,
     ) -> Result<Option<Arc<Installation>>, StoreError> {
-        let before = self.epochs.snapshot(client_key);
-        match self.store.load(client_key).await? {
+        if let Some(hit) = self.cache.get(client_key).await {
+            if hit.read_at.elapsed() < self.fresh_for {
+                return Ok(Some(hit.installation));
+            }
+        } else if self.unknown.get(client_key).await.is_some() {
+            return Ok(None);
+        }
+        self.read(client_key).await
+    }
+
+    /// Joins the read of `client_key` under way if it began after the last invalidation of
+    /// the key, or starts one. The read runs in a task of its own, so that readers giving up
+    /// (a client hanging up) do not abort it for the others.
+    async fn read(&self, client_key: &ClientKey) -> Result<Option<Arc<Installation>>, StoreError> {
+        let read = {
+            let mut by_key = self
+                .flights
+                .by_key
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Taken under the lock, and the read is only spawned once the flight is registered,
+            // so its `Landing` cannot run before the insert below.
+            let epoch = self.epochs.snapshot(client_key);
+            match by_key.get(client_key) {
+                Some(flight) if flight.epoch == epoch && flight.read.peek().is_none() => {
+                    flight.read.clone()
+                }
+                _ => {
+                    let id = self.flights.next_id.fetch_add(1, Ordering::Relaxed);
+                    let landing = Landing {
+                        flights: self.flights.clone(),
+                        client_key: client_key.clone(),
+                        id,
+                    };
+                    let flight = {
+                        let this = self.clone();
+                        let client_key = client_key.clone();
+                        async move {
+                            let _landing = landing;
+                            this.read_store(&client_key, epoch).await
+                        }
+                    };
+                    // Spawned on first poll, after the lock is released: a task the runtime
+                    // refuses (shutting down) drops its `Landing` at once, which takes the lock.
+                    let read = async move {
+                        tokio::spawn(flight)
+                            .await
+                            .unwrap_or_else(|e| Err(Arc::new(StoreError::unavailable(e))))
+                    }
+                    .boxed()
+                    .shared();
+                    by_key.insert(
+                        client_key.clone(),
+                        Flight {
+                            id,
+                            epoch,
+                            read: read.clone(),
+                        },
+                    );
+                    read
+                }
+            }
+        };
+        read.await.map_err(unshare)
+    }
+
+    /// One store read, cached (found or unknown) only if the epochs of the key are still
+    /// `before`.
+    async fn read_store(&self, client_key: &ClientKey, before: EpochSnapshot) -> Read {
+        let read_at = Instant::now();
+        match self.store.load(client_key).await.map_err(Arc::new)? {
             Some(found) => {
                 let found = Arc::new(found);
+                self.unknown.invalidate(client_key).await;
                 if self.epochs.snapshot(client_key) == before {
-                    self.cache.insert(client_key.clone(), found.clone()).await;
+                    let cached = Cached {
+                        installation: found.clone(),
+                        read_at,
+                    };
+                    self.cache.insert(client_key.clone(), cached).await;
                     // An invalidation may have slipped in between the check and the insert:
                     // it bumped the epoch before dropping the entry, so if it is not seen
                     // here its drop comes after the insert; if it is seen, undo the insert.
@@ -143,6 +348,14 @@ impl TenantCache {
             }
             None => {
                 self.cache.invalidate(client_key).await;
+                // The same rule for "unknown": an install whose invalidation arrived while
+                // reading must be found by the next request.
+                if self.epochs.snapshot(client_key) == before {
+                    self.unknown.insert(client_key.clone(), ()).await;
+                    if self.epochs.snapshot(client_key) != before {
+                        self.unknown.invalidate(client_key).await;
+                    }
+                }
                 Ok(None)
             }
         }
@@ -156,10 +369,11 @@ impl TenantCache {
         self.invalidate(&installation.client_key).await;
     }
 
-    /// Drops the cached entry of `client_key` and announces it.
+    /// Drops the cached entry of `client_key` (an installation or "unknown") and announces it.
     pub async fn invalidate(&self, client_key: &ClientKey) {
         self.epochs.bump(client_key);
         self.cache.invalidate(client_key).await;
+        self.unknown.invalidate(client_key).await;
         self.invalidations
             .notify(Invalidation::Tenant(client_key.clone()));
     }
@@ -169,12 +383,13 @@ impl TenantCache {
     pub fn invalidate_all(&self) {
         self.epochs.bump_all();
         self.cache.invalidate_all();
+        self.unknown.invalidate_all();
         self.invalidations.notify(Invalidation::All);
     }
 
     /// The cached entry, without reading the store.
     pub async fn cached(&self, client_key: &ClientKey) -> Option<Arc<Installation>> {
-        self.cache.get(client_key).await
+        self.cache.get(client_key).await.map(|hit| hit.installation)
     }
 }
 
@@ -327,5 +542,287 @@ mod tests {
         );
         tenants.invalidate_all();
         assert_eq!(events.recv().await.unwrap(), Invalidation::All);
+    }
+
+    /// Counts the `load` calls that reach the store: what an attacker's requests cost.
+    struct CountingStore {
+        inner: Arc<GatedStore>,
+        loads: AtomicU64,
+    }
+
+    impl CountingStore {
+        fn new(inner: Arc<GatedStore>) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                loads: AtomicU64::new(0),
+            })
+        }
+
+        fn loads(&self) -> u64 {
+            self.loads.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl InstallationStore for CountingStore {
+        async fn load(&self, key: &ClientKey) -> Result<Option<Installation>, StoreError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            self.inner.load(key).await
+        }
+        async fn seen_token(
+            &self,
+            key: &ClientKey,
+            hash: &[u8; 32],
+        ) -> Result<Option<[u8; 32]>, StoreError> {
+            self.inner.seen_token(key, hash).await
+        }
+        async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+            self.inner.commit(commit).await
+        }
+        async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
+            self.inner.index_site(b, c).await
+        }
+        async fn client_keys_for_site(&self, b: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.client_keys_for_site(b).await
+        }
+        async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.list_client_keys().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+
+    /// A cache over a counting, gated store holding `record`, with the production windows
+    /// unless the test needs others.
+    fn counted(
+        record: Option<Installation>,
+        fresh_for: Duration,
+        unknown_for: Duration,
+    ) -> (TenantCache, Arc<CountingStore>, Arc<GatedStore>) {
+        let gated = Arc::new(GatedStore::default());
+        *gated.record.lock().unwrap() = record;
+        let store = CountingStore::new(gated.clone());
+        let tenants = TenantCache::with_windows(
+            store.clone(),
+            Duration::from_secs(60),
+            Invalidations::new(),
+            fresh_for,
+            unknown_for,
+        );
+        (tenants, store, gated)
+    }
+
+    fn random_client_key() -> ClientKey {
+        ClientKey::parse(&format!("ck-attacker-{}", uuid::Uuid::new_v4())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unknown_client_key_costs_one_store_read_per_negative_window() {
+        let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
+        let key = random_client_key();
+        let started = Instant::now();
+        for _ in 0..1000 {
+            assert!(tenants.get(&key).await.unwrap().is_none());
+            assert!(tenants.reload(&key).await.unwrap().is_none());
+        }
+        assert!(
+            started.elapsed() < UNKNOWN_FOR,
+            "the lookups took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(store.loads(), 1, "1,000 lookups, one store read");
+
+        // The tenant installs (here or on another instance): the commit is followed by an
+        // invalidation of its clientKey, and the next lookup reads the new record.
+        *gated.record.lock().unwrap() = Some(installation(key.as_str(), 1));
+        tenants.invalidate(&key).await;
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_expires_after_the_negative_window_and_on_invalidate_all() {
+        let window = Duration::from_millis(100);
+        let (tenants, store, gated) = counted(None, FRESH_FOR, window);
+        let key = random_client_key();
+        assert!(tenants.get(&key).await.unwrap().is_none());
+        assert!(tenants.get(&key).await.unwrap().is_none());
+        assert_eq!(store.loads(), 1);
+        tokio::time::sleep(window * 2).await;
+        assert!(tenants.get(&key).await.unwrap().is_none());
+        assert_eq!(
+            store.loads(),
+            2,
+            "unknown is remembered only for the window"
+        );
+
+        *gated.record.lock().unwrap() = Some(installation(key.as_str(), 1));
+        tenants.invalidate_all();
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_found_nothing_before_an_install_does_not_cache_unknown() {
+        let (tenants, store, gated) = counted(None, FRESH_FOR, Duration::from_secs(60));
+        let key = ClientKey::parse("ck-1").unwrap();
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let reading = {
+            let (tenants, key) = (tenants.clone(), key.clone());
+            tokio::spawn(async move { tenants.get(&key).await })
+        };
+        gated.entered.notified().await;
+        // The install commits and its invalidation arrives while the read is in flight.
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 1));
+        tenants.invalidate(&key).await;
+        release.send(()).unwrap();
+        assert!(reading.await.unwrap().unwrap().is_none(), "it read nothing");
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reloads_of_one_key_share_one_store_read() {
+        let fresh_for = Duration::from_millis(50);
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), fresh_for, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        tenants.get(&key).await.unwrap().unwrap();
+        tokio::time::sleep(fresh_for * 2).await;
+        assert_eq!(store.loads(), 1);
+
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let reloads: Vec<_> = (0..100)
+            .map(|_| {
+                let (tenants, key) = (tenants.clone(), key.clone());
+                tokio::spawn(async move { tenants.reload(&key).await })
+            })
+            .collect();
+        gated.entered.notified().await;
+        // Every reload has started and is waiting for the one read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        for reload in reloads {
+            assert_eq!(reload.await.unwrap().unwrap().unwrap().version, 2);
+        }
+        assert_eq!(store.loads(), 2, "100 concurrent reloads, one store read");
+        assert_eq!(tenants.cached(&key).await.unwrap().version, 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_of_an_unknown_key_share_one_store_read() {
+        let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
+        let key = random_client_key();
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let lookups: Vec<_> = (0..100)
+            .map(|_| {
+                let (tenants, key) = (tenants.clone(), key.clone());
+                tokio::spawn(async move { tenants.get(&key).await })
+            })
+            .collect();
+        gated.entered.notified().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        for lookup in lookups {
+            assert!(lookup.await.unwrap().unwrap().is_none());
+        }
+        assert_eq!(store.loads(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reload_right_after_a_fresh_read_is_skipped_but_not_after_an_invalidation() {
+        let fresh_for = Duration::from_millis(100);
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), fresh_for, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        for _ in 0..200 {
+            assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 1);
+        }
+        assert_eq!(
+            store.loads(),
+            1,
+            "reloads within the fresh window are skipped"
+        );
+
+        // A roll elsewhere: its invalidation drops the entry, so the next reload reads.
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
+        tenants.invalidate(&key).await;
+        assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 2);
+        assert_eq!(store.loads(), 2);
+        assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 2);
+        assert_eq!(store.loads(), 2);
+
+        // Past the window a reload reads again (a roll whose invalidation is still on its way).
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 3));
+        tokio::time::sleep(fresh_for * 2).await;
+        assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 3);
+        assert_eq!(store.loads(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_production_window_skips_a_reload_right_after_a_read() {
+        let (tenants, store, _gated) =
+            counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        tenants.get(&key).await.unwrap().unwrap();
+        tenants.reload(&key).await.unwrap().unwrap();
+        assert_eq!(store.loads(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_begun_before_an_invalidation_is_not_joined() {
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let first = {
+            let (tenants, key) = (tenants.clone(), key.clone());
+            tokio::spawn(async move { tenants.reload(&key).await })
+        };
+        gated.entered.notified().await;
+        // A roll commits and is announced while the first read is in flight: a request with
+        // the new secret must not wait for (and be refused with) that read.
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
+        tenants.invalidate(&key).await;
+        assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 2);
+        assert_eq!(store.loads(), 2);
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().unwrap().version, 1);
+        assert_eq!(
+            tenants.cached(&key).await.unwrap().version,
+            2,
+            "the stale read does not replace the new one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_giving_up_does_not_fail_the_others() {
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let leader = {
+            let (tenants, key) = (tenants.clone(), key.clone());
+            tokio::spawn(async move { tenants.get(&key).await })
+        };
+        gated.entered.notified().await;
+        let follower = {
+            let (tenants, key) = (tenants.clone(), key.clone());
+            tokio::spawn(async move { tenants.get(&key).await })
+        };
+        tokio::task::yield_now().await;
+        leader.abort();
+        release.send(()).unwrap();
+        assert_eq!(follower.await.unwrap().unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 1);
+        assert!(tenants.flights.by_key.lock().unwrap().is_empty());
     }
 }

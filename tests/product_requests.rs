@@ -307,6 +307,58 @@ async fn base_url_with_a_path(backend: Backend) {
     assert_eq!(descriptor["baseUrl"], "https://warden.example.com/app");
 }
 
+/// From the attacker's side: floods of forged tokens for a real tenant, and of tokens naming a
+/// tenant that does not exist, are refused without starving genuine requests, and the
+/// negative answer does not outlive an install.
+async fn token_floods_are_refused_and_do_not_hide_genuine_tenants(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let site = Site::new();
+    app.install(&site).await;
+    assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
+
+    let forged = (0..200).map(|i| {
+        let token = app.product_token(
+            &site.client_key,
+            &format!("guessed-{i}"),
+            "GET",
+            "/api/tenant",
+            jwt::now(),
+        );
+        let app = &app;
+        async move { app.get_with_token("/api/tenant", &token).await }
+    });
+    for response in futures_util::future::join_all(forged).await {
+        assert_eq!(response.status(), 401);
+        assert!(error_of(response).await.contains("signature"));
+    }
+    assert_eq!(
+        app.tenant_status(&site, &site.secret).await,
+        200,
+        "the genuine tenant right after the flood"
+    );
+
+    // A clientKey nobody installed yet, hammered, then installed: found at once.
+    let newcomer = Site::new();
+    let unknown = (0..200).map(|_| app.tenant_status(&newcomer, &newcomer.secret));
+    for status in futures_util::future::join_all(unknown).await {
+        assert_eq!(status, 401);
+    }
+    app.install(&newcomer).await;
+    assert_eq!(
+        app.tenant_status(&newcomer, &newcomer.secret).await,
+        200,
+        "an install is found at once, unknown or not a moment ago"
+    );
+
+    // A roll on this instance is honoured at once, even right after forged tokens.
+    let mut rolled = site.clone();
+    rolled.secret = format!("{}-rolled", site.secret);
+    app.install(&rolled).await;
+    assert_eq!(app.tenant_status(&rolled, &rolled.secret).await, 200);
+    assert_eq!(app.tenant_status(&rolled, "guessed").await, 401);
+    assert_eq!(app.tenant_status(&rolled, &rolled.secret).await, 200);
+}
+
 both_stores!(
     token_in_query_works_and_both_places_is_400,
     jwt_parameters_by_decoded_name_are_counted,
@@ -315,4 +367,5 @@ both_stores!(
     previous_secret_stops_working_after_the_grace_window,
     secrets_older_than_the_previous_never_verify,
     base_url_with_a_path,
+    token_floods_are_refused_and_do_not_hide_genuine_tenants,
 );

@@ -1,6 +1,7 @@
-//! One behavioural suite for both installation stores: every test in `both!` runs once against
-//! a `RedisStore` (a private redis-server, a unique key prefix per test) and once against an
-//! `EmbeddedStore` (a fresh temporary directory per test). Store-specific tests follow.
+//! One behavioural suite for every installation store: every test in `both!` runs against a
+//! `RedisStore` (a private redis-server, a unique key prefix per test), a cluster `RedisStore`
+//! (a private three-primary Redis Cluster, a unique prefix per test) and an `EmbeddedStore` (a
+//! fresh temporary directory per test). Store-specific tests follow.
 
 mod common;
 
@@ -32,6 +33,18 @@ async fn redis_harness() -> Harness {
     )
     .await
     .expect("connect");
+    Harness {
+        store: Arc::new(store),
+        _guard: Box::new(()),
+    }
+}
+
+async fn cluster_harness() -> Harness {
+    let cluster = common::redis_server::cluster();
+    let seeds: Vec<&str> = cluster.urls.iter().map(String::as_str).collect();
+    let store = RedisStore::connect_cluster(&seeds, &common::redis_server::unique_prefix())
+        .await
+        .expect("connect");
     Harness {
         store: Arc::new(store),
         _guard: Box::new(()),
@@ -412,6 +425,15 @@ macro_rules! both {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let h = super::redis_harness().await;
+                    super::$name(h.store.clone()).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let h = super::cluster_harness().await;
                     super::$name(h.store.clone()).await;
                 }
             )*

@@ -14,13 +14,22 @@
 //!   when each was first indexed (milliseconds), so every instance sees the same order.
 //! - `P:invalidate`: the channel on which every commit publishes the clientKey it wrote, so that
 //!   other instances drop what they cached.
+//!
+//! With a Redis Cluster ([`RedisStore::connect_cluster`]) the same keys are used: every command
+//! touches one slot (a tenant's keys share one; a site index is a key of its own), so the
+//! commit script and the `load` transaction stay single-slot. `PUBLISH` reaches every node of
+//! a cluster, so a subscriber on any node hears every commit. Listings `SCAN` every primary.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{AsyncConnectionConfig, RedisError, Script};
+use redis::aio::ConnectionLike;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::{Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, StoreError};
 use crate::domain::{BaseUrl, ClientKey};
@@ -76,9 +85,95 @@ return 1
 struct ConfigError(String);
 
 pub struct RedisStore {
-    pool: Pool,
+    backend: Backend,
     prefix: String,
     commit_script: Script,
+}
+
+/// Where commands go: one Redis (a pool of connections) or a Redis Cluster.
+enum Backend {
+    Single(Pool),
+    Cluster(Box<ClusterBackend>),
+}
+
+/// A Redis Cluster: one multiplexed [`ClusterConnection`] (it keeps a connection to every
+/// node and routes each command by slot), opened on first use and opened again after a
+/// connection-level failure, so the service starts while the cluster is down.
+struct ClusterBackend {
+    client: ClusterClient,
+    connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+}
+
+impl ClusterBackend {
+    async fn get(&self) -> Result<ClusterConnection, StoreError> {
+        let attempt = async {
+            let mut cached = self.connection.lock().await;
+            if let Some(connection) = cached.as_ref() {
+                return Ok(connection.clone());
+            }
+            let connection = self
+                .client
+                .get_async_connection()
+                .await
+                .map_err(StoreError::unavailable)?;
+            *cached = Some(connection.clone());
+            Ok(connection)
+        };
+        tokio::time::timeout(TIMEOUT, attempt).await.map_err(|_| {
+            StoreError::unavailable(ConfigError(format!(
+                "no connection to the Redis Cluster within {TIMEOUT:?}"
+            )))
+        })?
+    }
+
+    /// After a connection-level failure the next command opens a fresh cluster connection.
+    fn forget_connection(&self) {
+        if let Ok(mut cached) = self.connection.try_lock() {
+            *cached = None;
+        }
+    }
+}
+
+/// A connection of either backend; commands and scripts are written once against it.
+enum Conn {
+    Single(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The seed node URLs of a comma-separated `WARDEN_REDIS_URL` (cluster mode).
+pub fn seed_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -93,11 +188,7 @@ impl RedisStore {
     /// Builds the connection pool. Nothing is sent to Redis yet: the service starts while Redis
     /// is down and answers `503` until it is back. Fails only on a malformed URL or prefix.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
-        if prefix.is_empty() || prefix.contains(['{', '}']) {
-            return Err(StoreError::unavailable(ConfigError(format!(
-                "the Redis key prefix {prefix:?} must be non-empty and must not contain braces (they are hash tags)"
-            ))));
-        }
+        check_prefix(prefix)?;
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
@@ -117,10 +208,58 @@ impl RedisStore {
             .build()
             .map_err(StoreError::unavailable)?;
         Ok(RedisStore {
-            pool,
+            backend: Backend::Single(pool),
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
         })
+    }
+
+    /// Like [`connect`](Self::connect), for a Redis Cluster known by one or more seed node
+    /// URLs. Nothing is sent yet: the cluster may be down at start-up. Fails only on no or a
+    /// malformed URL, or a bad prefix.
+    pub async fn connect_cluster(seeds: &[&str], prefix: &str) -> Result<RedisStore, StoreError> {
+        check_prefix(prefix)?;
+        if seeds.is_empty() {
+            return Err(StoreError::unavailable(ConfigError(
+                "no Redis Cluster seed node URL given".into(),
+            )));
+        }
+        let mut infos = Vec::with_capacity(seeds.len());
+        for seed in seeds {
+            // The URL may carry a password: never echo it.
+            let info = redis::IntoConnectionInfo::into_connection_info(*seed).map_err(|e| {
+                StoreError::unavailable(ConfigError(format!(
+                    "a Redis Cluster seed URL is not valid ({:?})",
+                    e.kind()
+                )))
+            })?;
+            infos.push(info);
+        }
+        let client = ClusterClientBuilder::new(infos)
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            // A failing node must turn into a quick 503, not a long series of retries.
+            .retries(2)
+            .build()
+            .map_err(|e| {
+                StoreError::unavailable(ConfigError(format!(
+                    "the Redis Cluster seed URLs are not valid ({:?})",
+                    e.kind()
+                )))
+            })?;
+        Ok(RedisStore {
+            backend: Backend::Cluster(Box::new(ClusterBackend {
+                client,
+                connection: tokio::sync::Mutex::new(None),
+            })),
+            prefix: prefix.to_owned(),
+            commit_script: Script::new(COMMIT_SCRIPT),
+        })
+    }
+
+    /// Whether this store speaks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// The channel every commit publishes the written clientKey on.
@@ -149,9 +288,123 @@ impl RedisStore {
         format!("{}:site:{{{}}}", self.prefix, base_url.as_str())
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        self.pool.get().await.map_err(StoreError::unavailable)
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        match &self.backend {
+            Backend::Single(pool) => pool
+                .get()
+                .await
+                .map(Conn::Single)
+                .map_err(StoreError::unavailable),
+            Backend::Cluster(cluster) => cluster.get().await.map(Conn::Cluster),
+        }
     }
+
+    /// Classifies a command's error; in cluster mode a connection-level failure also drops
+    /// the cluster connection, so the next command starts afresh.
+    fn redis_error(&self, e: RedisError) -> StoreError {
+        if let Backend::Cluster(cluster) = &self.backend {
+            if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.is_unrecoverable_error()
+            {
+                cluster.forget_connection();
+            }
+        }
+        redis_error(e)
+    }
+
+    /// Every clientKey whose installation hash a `SCAN` of `conn` finds, added to `found`. In
+    /// a cluster the `SCAN` goes to the primary serving `slot`.
+    async fn scan_into(
+        &self,
+        conn: &mut Conn,
+        slot: Option<u16>,
+        found: &mut BTreeSet<ClientKey>,
+    ) -> Result<(), StoreError> {
+        let head = format!("{}:{{", self.prefix);
+        const TAIL: &str = "}:installation";
+        let pattern = format!("{}*{TAIL}", glob_escape(&head));
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let reply = match (slot, &mut *conn) {
+                (Some(slot), Conn::Cluster(c)) => c
+                    .route_command(
+                        scan,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                            slot,
+                            SlotAddr::Master,
+                        ))),
+                    )
+                    .await
+                    .map_err(|e| self.redis_error(e))?,
+                _ => scan
+                    .query_async::<Value>(&mut *conn)
+                    .await
+                    .map_err(|e| self.redis_error(e))?,
+            };
+            let (next, keys): (u64, Vec<Vec<u8>>) =
+                redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
+            for key in keys {
+                // Keys of other applications sharing the server are skipped, not reported.
+                let Ok(key) = std::str::from_utf8(&key) else {
+                    continue;
+                };
+                let Some(inner) = key.strip_prefix(&head).and_then(|k| k.strip_suffix(TAIL)) else {
+                    continue;
+                };
+                if let Ok(client_key) = ClientKey::parse(inner) {
+                    found.insert(client_key);
+                }
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(StoreError::unavailable(ConfigError(format!(
+            "the Redis key prefix {prefix:?} must be non-empty and must not contain braces (they are hash tags)"
+        ))));
+    }
+    Ok(())
+}
+
+/// One slot served by each primary of a cluster, from a `CLUSTER NODES` reply: routing a
+/// command by that slot reaches that primary, whatever address the nodes announce. Primaries
+/// without slots hold no keys and are left out.
+fn slot_per_primary(cluster_nodes: &str) -> Vec<u16> {
+    let mut out = Vec::new();
+    for line in cluster_nodes.lines() {
+        // `<id> <ip:port@cport> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...`
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(flags) = fields.get(2) else {
+            continue;
+        };
+        if !flags.split(',').any(|f| f == "master") {
+            continue;
+        }
+        // A slot is `n` or `from-to`; `[n->-id]`/`[n-<-id]` are migrations, not ownership.
+        let first_slot = fields
+            .iter()
+            .skip(8)
+            .filter(|f| !f.starts_with('['))
+            .find_map(|f| f.split('-').next().and_then(|n| n.parse::<u16>().ok()));
+        if let Some(slot) = first_slot {
+            out.push(slot);
+        }
+    }
+    out
 }
 
 fn redis_error(e: RedisError) -> StoreError {
@@ -234,7 +487,7 @@ impl InstallationStore for RedisStore {
             .lrange(self.secrets_key(client_key), 0, -1)
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -251,7 +504,7 @@ impl InstallationStore for RedisStore {
             .arg(self.token_key(client_key, token_digest))
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         let Some(stored) = stored else {
             return Ok(None);
         };
@@ -327,7 +580,7 @@ impl InstallationStore for RedisStore {
         let written: i64 = invocation
             .invoke_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         Ok(if written == 1 {
             CommitOutcome::Committed
         } else {
@@ -352,7 +605,7 @@ impl InstallationStore for RedisStore {
             .arg(client_key.as_str())
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         Ok(())
     }
 
@@ -364,7 +617,7 @@ impl InstallationStore for RedisStore {
             .arg(-1)
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         let keys = members
             .iter()
             .map(|m| {
@@ -379,48 +632,68 @@ impl InstallationStore for RedisStore {
     }
 
     async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
-        let head = format!("{}:{{", self.prefix);
-        const TAIL: &str = "}:installation";
-        let pattern = format!("{}*{TAIL}", glob_escape(&head));
         let mut conn = self.conn().await?;
         let mut found = BTreeSet::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            for key in keys {
-                // Keys of other applications sharing the server are skipped, not reported.
-                let Ok(key) = std::str::from_utf8(&key) else {
-                    continue;
-                };
-                let Some(inner) = key.strip_prefix(&head).and_then(|k| k.strip_suffix(TAIL)) else {
-                    continue;
-                };
-                if let Ok(client_key) = ClientKey::parse(inner) {
-                    found.insert(client_key);
+        match &mut conn {
+            Conn::Single(_) => self.scan_into(&mut conn, None, &mut found).await?,
+            Conn::Cluster(cluster) => {
+                // Every primary holds its own slots: SCAN each of them.
+                let reply = cluster
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("NODES").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    )
+                    .await
+                    .map_err(|e| self.redis_error(e))?;
+                let nodes: String =
+                    redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
+                let slots = slot_per_primary(&nodes);
+                if slots.is_empty() {
+                    return Err(StoreError::unavailable(ConfigError(
+                        "CLUSTER NODES names no primary serving a slot".into(),
+                    )));
+                }
+                for slot in slots {
+                    self.scan_into(&mut conn, Some(slot), &mut found).await?;
                 }
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         Ok(found.into_iter().collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        let _: String = redis::cmd("PING")
+        // A cluster answers from every node.
+        let _: Value = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(redis_error)?;
+            .map_err(|e| self.redis_error(e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_slot_per_primary_serving_slots() {
+        let nodes = "\
+07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004,host-4 slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+292f8b365bb7edb5e285caf0b7e6ddc7265d2f4f 127.0.0.1:30003@31003 master - 0 1426238318243 3 connected [10923->-67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1] 10923-16383
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0 2-5460
+6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 master - 0 1426238316232 5 connected
+";
+        assert_eq!(slot_per_primary(nodes), vec![5461, 10923, 0]);
+        assert!(slot_per_primary("").is_empty());
+    }
+
+    #[test]
+    fn seed_urls_split_on_commas() {
+        assert_eq!(
+            seed_urls(" redis://a:1 ,redis://b:2,,"),
+            vec!["redis://a:1", "redis://b:2"]
+        );
     }
 }

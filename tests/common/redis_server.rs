@@ -103,3 +103,153 @@ fn ping(port: u16) -> bool {
     let mut buf = [0u8; 7];
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
+
+/// A private Redis Cluster of three primaries (no replicas) for the tests of one test binary:
+/// started on first use on free loopback ports, stopped when the test process exits (as
+/// [`server`]'s: the wrapper shell stops every node when its stdin closes).
+pub struct RedisCluster {
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub urls: Vec<String>,
+    pub ports: Vec<u16>,
+    // Never dropped: closing its stdin at process exit is what stops the nodes.
+    _child: Mutex<Child>,
+}
+
+impl RedisCluster {
+    /// The nodes' URLs, comma-separated, as `WARDEN_REDIS_URL` takes them in cluster mode.
+    pub fn seeds(&self) -> String {
+        self.urls.join(",")
+    }
+}
+
+static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+
+/// This binary's private Redis Cluster, starting it on first call.
+pub fn cluster() -> &'static RedisCluster {
+    CLUSTER.get_or_init(|| {
+        let mut last_error = String::new();
+        for _ in 0..2 {
+            match start_cluster() {
+                Ok(c) => return c,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start a private Redis Cluster (redis-server and redis-cli must be installed): {last_error}");
+    })
+}
+
+/// `count` distinct free loopback ports.
+fn free_ports(count: usize) -> Vec<u16> {
+    // Held together so that no port is handed out twice.
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+fn start_cluster() -> Result<RedisCluster, String> {
+    // A data port and a cluster-bus port per node.
+    let all = free_ports(6);
+    let (ports, bus_ports) = all.split_at(3);
+    let dir = std::env::temp_dir().join(format!(
+        "warden-test-redis-cluster-{}-{}",
+        std::process::id(),
+        ports[0]
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // $1: the directory, then pairs of port and bus port.
+    let script = r#"dir="$1"; shift
+pids=""
+while [ $# -gt 0 ]; do
+  redis-server --port "$1" --cluster-port "$2" --bind 127.0.0.1 --cluster-enabled yes \
+    --cluster-config-file "$dir/nodes-$1.conf" --save "" --appendonly no --dir "$dir" \
+    --logfile "$dir/redis-$1.log" &
+  pids="$pids $!"
+  shift 2
+done
+cat >/dev/null
+kill $pids 2>/dev/null
+wait $pids 2>/dev/null
+rm -rf "$dir""#;
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(script).arg("sh").arg(&dir);
+    for (port, bus) in ports.iter().zip(bus_ports) {
+        command.arg(port.to_string()).arg(bus.to_string());
+    }
+    let child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    // From here on, a failure drops `child`, closing its stdin: the nodes stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ports.iter().all(|p| ping(*p)) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the cluster nodes on {ports:?} did not answer PING within 10 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let output = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if ports.iter().all(|p| cluster_state_ok(*p)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the cluster on {ports:?} did not reach cluster_state:ok within 15 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(RedisCluster {
+        urls: ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect(),
+        ports: ports.to_vec(),
+        _child: Mutex::new(child),
+    })
+}
+
+/// Whether the node on `port` says `cluster_state:ok` and knows every slot and three nodes.
+fn cluster_state_ok(port: u16) -> bool {
+    let Ok(output) = Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "cluster",
+            "info",
+        ])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return false;
+    };
+    let info = String::from_utf8_lossy(&output.stdout);
+    info.lines().any(|l| l.trim() == "cluster_state:ok")
+        && info.lines().any(|l| l.trim() == "cluster_slots_ok:16384")
+        && info.lines().any(|l| l.trim() == "cluster_known_nodes:3")
+}
