@@ -73,7 +73,8 @@ async fn a_roll_on_one_instance_is_honoured_by_the_other() {
     let (cluster, a, b) = two_instances("1").await;
 
     // The new secret works on B with the first request after the roll, whether B already
-    // heard of the roll or still holds the old secret (then it re-reads the store once).
+    // heard of the roll or still holds the old secret (then it re-reads the store once, unless
+    // its entry was read from the store less than 100 ms ago: see `tenants::FRESH_FOR`).
     let x = installed_on_a_cached_on_b(&cluster, &a, &b).await;
     let (x, _) = rolled(&x);
     a.install(&cluster.keys, &x).await;
