@@ -764,9 +764,7 @@ async fn update_with_retry(
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::StoreError;
-    use async_trait::async_trait;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use crate::store::testing::LoadSpy;
 
     fn settings(pairs: &[(&str, &str)]) -> Settings {
         let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
@@ -805,59 +803,17 @@ mod tests {
         query: "",
     };
 
-    /// A store whose first `load` answers "no record" although one exists: the view of a
-    /// request that read just before a concurrent first install committed.
-    struct StaleFirstLoad {
-        inner: EmbeddedStore,
-        stale_once: AtomicBool,
-    }
-
-    #[async_trait]
-    impl InstallationStore for StaleFirstLoad {
-        async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
-            if self.stale_once.swap(false, Ordering::SeqCst) {
-                return Ok(None);
-            }
-            self.inner.load(client_key).await
-        }
-        async fn seen_token(
-            &self,
-            c: &ClientKey,
-            d: &[u8; 32],
-        ) -> Result<Option<[u8; 32]>, StoreError> {
-            self.inner.seen_token(c, d).await
-        }
-        async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
-            self.inner.commit(commit).await
-        }
-        async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
-            self.inner.index_site(b, c).await
-        }
-        async fn client_keys_for_site(&self, b: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
-            self.inner.client_keys_for_site(b).await
-        }
-        async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
-            self.inner.list_client_keys().await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-    }
-
     /// An unsigned legacy install decided on a stale "no record" must not be written over the
     /// install that committed in between: after the conflict it is authenticated again, against
     /// the record that now exists, and refused.
     #[tokio::test]
     async fn a_decision_is_never_applied_to_a_record_it_was_not_made_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StaleFirstLoad {
-            inner: EmbeddedStore::open(dir.path()).unwrap(),
-            stale_once: AtomicBool::new(false),
-        };
+        let store = LoadSpy::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
         let (settings, keys) = legacy_mode();
         let ctx = LifecycleContext {
             settings: &settings,
-            store: &store,
+            store: store.as_ref(),
             keys: &keys,
         };
 
@@ -866,7 +822,7 @@ mod tests {
             .await
             .unwrap();
 
-        store.stale_once.store(true, Ordering::SeqCst);
+        store.answer_none_once();
         let attacker = installed("ck-race", "attacker-secret");
         let refused = process(&ctx, LifecycleEvent::Installed, &INSTALLED, None, &attacker).await;
         assert!(

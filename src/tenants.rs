@@ -402,6 +402,7 @@ mod tests {
 
     use super::*;
     use crate::domain::{BaseUrl, SharedSecret};
+    use crate::store::testing::LoadSpy;
     use crate::store::{Commit, CommitOutcome, InstallationStore};
 
     fn installation(client_key: &str, version: u64) -> Installation {
@@ -545,64 +546,16 @@ mod tests {
     }
 
     /// Counts the `load` calls that reach the store: what an attacker's requests cost.
-    struct CountingStore {
-        inner: Arc<GatedStore>,
-        loads: AtomicU64,
-    }
-
-    impl CountingStore {
-        fn new(inner: Arc<GatedStore>) -> Arc<Self> {
-            Arc::new(Self {
-                inner,
-                loads: AtomicU64::new(0),
-            })
-        }
-
-        fn loads(&self) -> u64 {
-            self.loads.load(Ordering::SeqCst)
-        }
-    }
-
-    #[async_trait]
-    impl InstallationStore for CountingStore {
-        async fn load(&self, key: &ClientKey) -> Result<Option<Installation>, StoreError> {
-            self.loads.fetch_add(1, Ordering::SeqCst);
-            self.inner.load(key).await
-        }
-        async fn seen_token(
-            &self,
-            key: &ClientKey,
-            hash: &[u8; 32],
-        ) -> Result<Option<[u8; 32]>, StoreError> {
-            self.inner.seen_token(key, hash).await
-        }
-        async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
-            self.inner.commit(commit).await
-        }
-        async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
-            self.inner.index_site(b, c).await
-        }
-        async fn client_keys_for_site(&self, b: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
-            self.inner.client_keys_for_site(b).await
-        }
-        async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
-            self.inner.list_client_keys().await
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping().await
-        }
-    }
-
     /// A cache over a counting, gated store holding `record`, with the production windows
     /// unless the test needs others.
     fn counted(
         record: Option<Installation>,
         fresh_for: Duration,
         unknown_for: Duration,
-    ) -> (TenantCache, Arc<CountingStore>, Arc<GatedStore>) {
+    ) -> (TenantCache, Arc<LoadSpy>, Arc<GatedStore>) {
         let gated = Arc::new(GatedStore::default());
         *gated.record.lock().unwrap() = record;
-        let store = CountingStore::new(gated.clone());
+        let store = LoadSpy::new(gated.clone());
         let tenants = TenantCache::with_windows(
             store.clone(),
             Duration::from_secs(60),

@@ -279,3 +279,71 @@ pub trait InstallationStore: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
+
+/// Test doubles shared by the unit tests of the modules above the store.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::*;
+
+    /// Delegates to `inner`, counting `load`s, and can answer one `load` with "no record"
+    /// (the view of a reader that read just before a concurrent write committed).
+    pub(crate) struct LoadSpy {
+        inner: SharedStore,
+        loads: AtomicU64,
+        stale_once: AtomicBool,
+    }
+
+    impl LoadSpy {
+        pub(crate) fn new(inner: SharedStore) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                loads: AtomicU64::new(0),
+                stale_once: AtomicBool::new(false),
+            })
+        }
+
+        pub(crate) fn loads(&self) -> u64 {
+            self.loads.load(Ordering::SeqCst)
+        }
+
+        /// The next `load` answers "no record" whatever is stored.
+        pub(crate) fn answer_none_once(&self) {
+            self.stale_once.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl InstallationStore for LoadSpy {
+        async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            if self.stale_once.swap(false, Ordering::SeqCst) {
+                return Ok(None);
+            }
+            self.inner.load(client_key).await
+        }
+        async fn seen_token(
+            &self,
+            c: &ClientKey,
+            d: &[u8; 32],
+        ) -> Result<Option<[u8; 32]>, StoreError> {
+            self.inner.seen_token(c, d).await
+        }
+        async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+            self.inner.commit(commit).await
+        }
+        async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
+            self.inner.index_site(b, c).await
+        }
+        async fn client_keys_for_site(&self, b: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.client_keys_for_site(b).await
+        }
+        async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.list_client_keys().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+    }
+}
