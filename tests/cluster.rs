@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::store::commit;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use common::redis_server::{self, RedisCluster};
 use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
-    Commit, CommitOutcome, Installation, InstallationStore, SeenToken, StoreError,
+    CommitOutcome, Installation, InstallationStore, SeenToken, StoreError,
 };
 use futures_util::StreamExt as _;
 
@@ -45,22 +47,6 @@ fn record(client_key: &str) -> Installation {
         true,
         1_700_000_000,
     )
-}
-
-async fn commit(
-    store: &RedisStore,
-    record: &Installation,
-    expected_version: u64,
-    token: Option<SeenToken>,
-) -> CommitOutcome {
-    store
-        .commit(Commit {
-            record,
-            expected_version,
-            token,
-        })
-        .await
-        .expect("commit")
 }
 
 /// A plain connection to one node (not cluster-aware).
@@ -347,7 +333,7 @@ async fn the_listener_skips_a_dead_seed_and_hears_every_node() {
     let keys: Vec<String> = (0..6).map(|n| format!("jira:heard-{n}")).collect();
     for key in &keys {
         assert_eq!(
-            commit(&store, &record(key), 0, None).await,
+            commit(store.as_ref(), &record(key), 0, None).await,
             CommitOutcome::Committed
         );
     }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::store::commit;
+
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -144,22 +146,6 @@ fn with_version(i: &Installation, version: u64) -> serde_json::Value {
     let mut i = i.clone();
     i.version = version;
     snapshot(&i)
-}
-
-async fn commit(
-    store: &dyn InstallationStore,
-    record: &Installation,
-    expected_version: u64,
-    token: Option<SeenToken>,
-) -> CommitOutcome {
-    store
-        .commit(Commit {
-            record,
-            expected_version,
-            token,
-        })
-        .await
-        .expect("commit")
 }
 
 // ---------------------------------------------------------------------------------------------

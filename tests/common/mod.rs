@@ -3,4 +3,5 @@
 pub mod app;
 pub mod process;
 pub mod redis_server;
+pub mod store;
 pub mod tokens;
