@@ -17,7 +17,9 @@ pub fn env_filter(default_filter: &str) -> EnvFilter {
 /// Installs the global subscriber: text lines, or JSON lines with `WARDEN_LOG_FORMAT=json`.
 pub fn init(default_filter: &str) {
     let json = std::env::var("WARDEN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    init_with_writer(env_filter(default_filter), json, std::io::stderr);
+    // Colours only for a person at a terminal, never in files or log collectors.
+    let ansi = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    install(env_filter(default_filter), json, ansi, std::io::stderr);
 }
 
 /// Like [`init`] with an explicit filter and sink (tests capture logs this way).
@@ -25,8 +27,16 @@ pub fn init_with_writer<W>(filter: EnvFilter, json: bool, writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    install(filter, json, false, writer);
+}
+
+fn install<W>(filter: EnvFilter, json: bool, ansi: bool, writer: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer)
         .with_span_events(FmtSpan::CLOSE)
         .with_target(true);
