@@ -54,24 +54,10 @@ async fn app_key_setting_overrides_the_descriptor_and_checks_bodies() {
 async fn health_and_readiness() {
     for backend in [Backend::Embedded, Backend::Redis] {
         let app = spawn_app(backend).await;
-        assert_eq!(
-            app.client
-                .get(app.url("/healthz"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-        assert_eq!(
-            app.client
-                .get(app.url("/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        for route in ["/healthz", "/readyz"] {
+            let response = app.client.get(app.url(route)).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{route} on {backend:?}");
+        }
     }
 }
 

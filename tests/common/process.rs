@@ -186,16 +186,7 @@ impl WardenProcess {
         let claims =
             tokens::install_claims(&self.base_url, &self.base_path, &site.client_key, &path);
         let token = tokens::sign_install(keys, &claims);
-        let response = self
-            .post_lifecycle(&path, Some(&token), &site.body(event))
-            .await;
-        assert_eq!(
-            response.status(),
-            204,
-            "{event} on {} failed: {}",
-            self.name,
-            response.text().await.unwrap()
-        );
+        self.accepted(site, event, &token).await;
     }
 
     /// `enabled` or `disabled` (`event`), signed with the site's current secret; asserts 204.
@@ -203,8 +194,13 @@ impl WardenProcess {
         let path = format!("/{event}");
         let token =
             tokens::tenant_lifecycle_token(&self.base_path, &site.client_key, &site.secret, &path);
+        self.accepted(site, event, &token).await;
+    }
+
+    /// `POST /<event>` for `site` with `token`; asserts 204.
+    async fn accepted(&self, site: &Site, event: &str, token: &str) {
         let response = self
-            .post_lifecycle(&path, Some(&token), &site.body(event))
+            .post_lifecycle(&format!("/{event}"), Some(token), &site.body(event))
             .await;
         assert_eq!(
             response.status(),
