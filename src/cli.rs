@@ -3,8 +3,8 @@
 use clap::{Parser, Subcommand};
 
 use crate::configuration::Settings;
-use crate::domain::BaseUrl;
-use crate::jwt::CanonicalRequest;
+use connect_protocol::domain::BaseUrl;
+use connect_protocol::qsh::CanonicalRequest;
 use crate::startup::Application;
 
 #[derive(Debug, Parser)]
@@ -124,7 +124,7 @@ pub fn decode_report(token: &str) -> anyhow::Result<String> {
     };
     let header = decode(parts[0], "header")?;
     let claims = decode(parts[1], "claims")?;
-    let now = crate::jwt::now();
+    let now = connect_protocol::jwt::now();
     let mut notes = Vec::new();
     if let Some(exp) = claims.get("exp").and_then(|v| v.as_i64()) {
         notes.push(if exp < now {

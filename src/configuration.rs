@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::domain::{BaseUrl, HostPattern};
+use connect_protocol::domain::{BaseUrl, HostPattern};
 
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";

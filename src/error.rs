@@ -6,8 +6,12 @@ use std::fmt::Write as _;
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 
+use connect_protocol::authorization::AuthorizationError;
+use connect_protocol::domain::ParseError;
+use connect_protocol::jwt::JwtError;
+
 use crate::install_keys::KeyFetchError;
-use crate::jwt::JwtError;
+use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,41 @@ pub enum ApiError {
     /// 502: a call to the host or its authorization server failed.
     #[error("{0}")]
     Upstream(String),
+}
+
+/// A value from outside that does not parse: the request is malformed.
+impl From<ParseError> for ApiError {
+    fn from(e: ParseError) -> Self {
+        ApiError::BadRequest(e.0)
+    }
+}
+
+/// A token sent twice is malformed; a missing or non-JWT one is unauthenticated.
+impl From<AuthorizationError> for ApiError {
+    fn from(e: AuthorizationError) -> Self {
+        if e.is_malformed() {
+            ApiError::BadRequest(e.to_string())
+        } else {
+            ApiError::Unauthenticated(e.to_string())
+        }
+    }
+}
+
+/// The lifecycle policy's refusals, each with its status.
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Malformed(e) => e.into(),
+            LifecycleError::Authorization(e) => e.into(),
+            LifecycleError::Token(e) => ApiError::Token(e),
+            LifecycleError::InstallKey(e) => ApiError::InstallKey(e),
+            LifecycleError::Store(e) => ApiError::Store(e),
+            LifecycleError::Unauthenticated(m) => ApiError::Unauthenticated(m),
+            LifecycleError::NotAllowed(m) => ApiError::Forbidden(m),
+            LifecycleError::Stale(m) => ApiError::Conflict(m),
+            e @ LifecycleError::Contention(_) => ApiError::Unavailable(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {

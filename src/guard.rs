@@ -15,11 +15,14 @@ use std::sync::Arc;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
-use crate::domain::{BaseUrl, ClientKey};
+use connect_protocol::domain::{BaseUrl, ClientKey};
+use connect_protocol::authorization::find_token;
 use crate::error::ApiError;
-use crate::jwt::{self, CanonicalRequest, Claims, JwtError, Token};
+use connect_protocol::jwt::{self, Claims, JwtError, Token};
+use connect_protocol::qsh::CanonicalRequest;
 use crate::startup::AppState;
-use crate::store::{InstallState, Installation};
+use crate::secrets::verify_product_signature;
+use crate::store::{Installation, Usability};
 
 /// A request from a host site, authenticated. Context tokens are refused.
 #[derive(Debug, Clone)]
@@ -64,38 +67,8 @@ pub fn extract_token(req: &HttpRequest) -> Result<&str, ApiError> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.strip_prefix("JWT "))
-                .map(str::trim)
-                .ok_or_else(|| {
-                    ApiError::Unauthenticated(
-                        "the Authorization header must be \"JWT <token>\"".into(),
-                    )
-                })
-        })
-        .transpose()?;
-    // Every parameter the qsh leaves out as the token (decoded name `jwt`, so `j%77t` too):
-    // one that is not the token checked here would ride along unsigned.
-    let mut in_query = crate::jwt::qsh::query_pairs(req.query_string())
-        .filter(|(name, _)| crate::jwt::qsh::is_token_parameter(name))
-        .map(|(_, value)| value);
-    let query = in_query.next();
-    if in_query.next().is_some() {
-        return Err(ApiError::BadRequest(
-            "the query carries more than one jwt parameter; send the token once".into(),
-        ));
-    }
-    match (header, query) {
-        (Some(_), Some(_)) => Err(ApiError::BadRequest(
-            "the token is given both in the Authorization header and as ?jwt=; send it once".into(),
-        )),
-        (Some(t), None) | (None, Some(t)) if !t.is_empty() => Ok(t),
-        _ => Err(ApiError::Unauthenticated(
-            "no token: send Authorization: JWT <token> or ?jwt=<token>".into(),
-        )),
-    }
+        .map(|v| v.as_bytes());
+    Ok(find_token(header, req.query_string())?)
 }
 
 async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductRequest, ApiError> {
@@ -113,7 +86,7 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
         ))
     };
     let mut installation = state.tenants.get(&client_key).await?.ok_or_else(unknown)?;
-    if verify_signature(&token, &installation, grace, now).is_err() {
+    if verify_product_signature(&token, &installation, grace, now).is_err() {
         // The cached secret may be stale (a roll on another instance): read the store once.
         // Forged tokens must not turn this into a store read each: `reload` shares one read
         // among concurrent callers and answers from an entry read after the key's last
@@ -124,7 +97,7 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
             .reload(&client_key)
             .await?
             .ok_or_else(unknown)?;
-        verify_signature(&token, &installation, grace, now)?;
+        verify_product_signature(&token, &installation, grace, now)?;
     }
 
     let line = RequestLine {
@@ -183,7 +156,7 @@ pub fn parse_product_token(raw: &str) -> Result<(Token<'_>, ClientKey), ApiError
     Ok((token, client_key))
 }
 
-/// Step 3 of the guard, after [`verify_signature`] passed: times, `qsh`, and an active
+/// Step 3 of the guard, after [`verify_product_signature`] passed: times, `qsh`, and an active
 /// installation. Returns the claims.
 pub fn check_verified_token(
     token: Token<'_>,
@@ -215,56 +188,22 @@ pub fn verify_product_token(
             installation.client_key
         )));
     }
-    verify_signature(&token, installation, grace_seconds, now)?;
+    verify_product_signature(&token, installation, grace_seconds, now)?;
     check_verified_token(token, installation, line, now)
-}
-
-/// The current secret verifies; the previous one only for a token issued before the roll,
-/// only within the grace window after it, and never when an unsigned install's secret was
-/// replaced by a signed one. Older secrets never verify a product request.
-pub fn verify_signature(
-    token: &Token<'_>,
-    installation: &Installation,
-    grace_seconds: i64,
-    now: i64,
-) -> Result<(), JwtError> {
-    let current = installation.current_secret();
-    let result = token.verify_hs256(&current.secret);
-    if result.is_ok() {
-        return result;
-    }
-    let Some(previous) = installation.previous_secret() else {
-        return result;
-    };
-    let within_grace = now - current.since <= grace_seconds;
-    let issued_before_roll = token.claims().iat.is_some_and(|iat| iat < current.since);
-    // A secret from an unsigned install that Atlassian's signed install replaced may have been
-    // planted by anyone: it gets no grace.
-    let trusted = previous.signed || !current.signed;
-    if within_grace && issued_before_roll && trusted {
-        token.verify_hs256(&previous.secret)
-    } else {
-        result
-    }
 }
 
 fn check_active(installation: &Installation) -> Result<(), ApiError> {
     let key = &installation.client_key;
-    if let Some(successor) = &installation.superseded_by {
-        return Err(ApiError::Forbidden(format!(
+    match installation.usability() {
+        Usability::Active => Ok(()),
+        Usability::Superseded { successor } => Err(ApiError::Forbidden(format!(
             "the installation {key} was superseded by {successor} (site import)"
-        )));
-    }
-    if installation.state == InstallState::Uninstalled {
-        return Err(ApiError::Forbidden(format!(
+        ))),
+        Usability::Uninstalled => Err(ApiError::Forbidden(format!(
             "the installation {key} is uninstalled"
-        )));
-    }
-    if !installation.enabled {
-        return Err(ApiError::Forbidden(format!(
+        ))),
+        Usability::Disabled => Err(ApiError::Forbidden(format!(
             "the installation {key} is disabled"
-        )));
+        ))),
     }
-    debug_assert!(installation.is_active());
-    Ok(())
 }

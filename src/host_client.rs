@@ -45,10 +45,11 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 use crate::error::{error_chain, ApiError};
-use crate::jwt::{self, Audience, CanonicalRequest, Claims};
-use crate::store::{InstallState, Installation};
+use connect_protocol::jwt::{self, Audience, Claims};
+use connect_protocol::qsh::CanonicalRequest;
+use crate::store::{Installation, Usability};
 
 /// `grant_type` of the impersonation request (RFC 7523).
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -341,7 +342,7 @@ impl HostClient {
     /// installation superseded by a site import, every request fails to build and send with
     /// [`HostClientError::Superseded`], without a request.
     pub fn as_app(&self, installation: &Installation) -> HostRequests {
-        let auth = match superseded(installation) {
+        let auth = match refusal(installation, false) {
             Some(refusal) => Auth::Refused(refusal),
             None => Auth::App {
                 app_key: self.app_key.clone(),
@@ -383,13 +384,8 @@ impl HostClient {
         scopes: &[&str],
     ) -> Result<AccessToken, HostClientError> {
         let client_key = &installation.client_key;
-        if let Some(refusal) = superseded(installation) {
+        if let Some(refusal) = refusal(installation, true) {
             return Err(refusal);
-        }
-        if installation.state == InstallState::Uninstalled {
-            return Err(HostClientError::Uninstalled {
-                client_key: client_key.clone(),
-            });
         }
         let oauth_client_id = installation
             .oauth_client_id
@@ -587,15 +583,18 @@ fn normalize_scopes(scopes: &[&str]) -> Result<String, HostClientError> {
     Ok(words.join(" "))
 }
 
-/// [`HostClientError::Superseded`] if a site import replaced `installation`.
-fn superseded(installation: &Installation) -> Option<HostClientError> {
-    installation
-        .superseded_by
-        .as_ref()
-        .map(|successor| HostClientError::Superseded {
-            client_key: installation.client_key.clone(),
-            successor: successor.clone(),
-        })
+/// [`HostClientError::Superseded`] if a site import replaced `installation`; with
+/// `as_user`, [`HostClientError::Uninstalled`] too.
+fn refusal(installation: &Installation, as_user: bool) -> Option<HostClientError> {
+    let client_key = installation.client_key.clone();
+    match installation.usability() {
+        Usability::Superseded { successor } => Some(HostClientError::Superseded {
+            client_key,
+            successor,
+        }),
+        Usability::Uninstalled if as_user => Some(HostClientError::Uninstalled { client_key }),
+        _ => None,
+    }
 }
 
 fn check_account_id(account_id: &str) -> Result<(), HostClientError> {

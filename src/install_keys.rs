@@ -19,7 +19,7 @@ use moka::future::Cache;
 use reqwest::StatusCode;
 
 use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
-use crate::domain::{BaseUrl, KeyId};
+use connect_protocol::domain::{BaseUrl, KeyId};
 
 /// Largest response body read from the key server; a 4096-bit key in PEM is under 1 KiB.
 pub const MAX_KEY_BODY_BYTES: usize = 16 * 1024;
@@ -432,7 +432,7 @@ mod tests {
         use rsa::pkcs1::EncodeRsaPublicKey as _;
         use rsa::pkcs8::DecodePublicKey as _;
 
-        let key = &crate::devtenant::keys::tests::test_keys()[0];
+        let key = &devtenant::SigningKey::generate();
         assert!(parse_public_key(key.public_pem().as_bytes()).is_ok());
         let pkcs1 = rsa::RsaPublicKey::from_public_key_pem(key.public_pem())
             .unwrap()

@@ -23,7 +23,7 @@ use rand::Rng as _;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::domain::ClientKey;
+use connect_protocol::domain::ClientKey;
 use crate::tenants::TenantCache;
 
 /// First wait before reconnecting; doubled after each failure up to [`MAX_BACKOFF`].

@@ -1,24 +1,35 @@
 //! connect-warden: the backend of an Atlassian Connect app.
 //!
-//! Building blocks, one concept each: [`domain`] (parsed newtypes), [`jwt`] (token and `qsh`
-//! rules), [`install_keys`] (Atlassian's RS256 keys through a cache), [`lifecycle`] (what each
-//! install callback may do), [`store`] (installations on Redis or embedded), [`tenants`] (the
-//! cache in front of the store), [`guard`] (product-request authentication), [`error`] (HTTP
-//! answers), [`configuration`], [`telemetry`], [`startup`] (the actix `App`), [`routes`],
-//! [`cli`]. [`devtenant`] plays the Atlassian side for tests and rehearsals.
+//! The Connect rules that need neither HTTP serving nor storage (tokens, `qsh`, lifecycle
+//! bodies, domain newtypes) are the `connect-protocol` crate. This crate serves them.
+//!
+//! Layout, one job each, in the order an install callback meets them:
+//! - [`startup`]: builds the actix `App` and binds it; [`routes`]: thin handlers that read the
+//!   request and answer;
+//! - [`lifecycle`]: what each install callback may do (a decision), and the one place that
+//!   applies a decision to the store and announces what it invalidates;
+//! - [`install_keys`]: Atlassian's RS256 install keys, fetched by `kid` through a cache;
+//! - [`secrets`]: the secret rules (roll, history, grace window, which secrets verify what);
+//! - [`store`]: installations on Redis (one or a Cluster) or embedded (redb);
+//! - [`tenants`]: the cache in front of the store; [`invalidation`]: how instances tell each
+//!   other that a cached installation is stale;
+//! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
+//! - [`host_client`]: calls from the app to a host, as the app or as a user;
+//! - [`error`]: the one place where failures become HTTP statuses;
+//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
+//!
+//! `docs/PROTOCOL.md` states each protocol rule and names its home.
 
 pub mod cli;
 pub mod configuration;
-pub mod devtenant;
-pub mod domain;
 pub mod error;
 pub mod guard;
 pub mod host_client;
 pub mod install_keys;
 pub mod invalidation;
-pub mod jwt;
 pub mod lifecycle;
 pub mod routes;
+pub mod secrets;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -14,6 +14,8 @@ use crate::configuration::Settings;
 use crate::host_client::HostClient;
 use crate::install_keys::InstallKeys;
 use crate::invalidation::{self, Invalidation, Invalidations};
+use crate::lifecycle::apply::Applier;
+use crate::lifecycle::LifecycleContext;
 use crate::routes;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
@@ -73,6 +75,18 @@ impl AppState {
                 Invalidation::All => host.forget_all(),
             });
         Ok(state)
+    }
+
+    /// Where lifecycle callbacks are applied.
+    pub fn lifecycle(&self) -> Applier<'_> {
+        Applier {
+            policy: LifecycleContext {
+                settings: &self.settings,
+                keys: &self.keys,
+            },
+            store: self.store.as_ref(),
+            tenants: &self.tenants,
+        }
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {

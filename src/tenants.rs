@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
 
-use crate::domain::ClientKey;
+use connect_protocol::domain::ClientKey;
 use crate::invalidation::{Invalidation, Invalidations};
 use crate::store::{Installation, SharedStore, StoreError};
 
@@ -401,7 +401,7 @@ mod tests {
     use tokio::sync::{oneshot, Notify};
 
     use super::*;
-    use crate::domain::{BaseUrl, SharedSecret};
+    use connect_protocol::domain::{BaseUrl, SharedSecret};
     use crate::store::testing::LoadSpy;
     use crate::store::{Commit, CommitOutcome, InstallationStore};
 

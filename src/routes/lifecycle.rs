@@ -1,16 +1,16 @@
-//! `POST /installed`, `/uninstalled`, `/enabled`, `/disabled`: read the body within its
-//! limit, then the lifecycle policy decides.
+//! `POST /installed`, `/uninstalled`, `/enabled`, `/disabled`: read and parse the body within
+//! its limit, hand the callback to the lifecycle, answer `204`.
 
 use actix_web::http::header;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::StreamExt as _;
 
+use connect_protocol::lifecycle::{LifecycleEvent, LifecyclePayload, MAX_BODY_BYTES};
+use connect_protocol::qsh::CanonicalRequest;
+
 use crate::error::ApiError;
-use crate::lifecycle::{
-    process, LifecycleContext, LifecycleEvent, LifecyclePayload, Outcome, RequestLine,
-    MAX_BODY_BYTES,
-};
+use crate::lifecycle::Callback;
 use crate::startup::AppState;
 
 pub async fn installed(
@@ -53,42 +53,28 @@ async fn handle(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, body, MAX_BODY_BYTES).await?;
     let payload = LifecyclePayload::parse(event, &body, &state.settings.app_key)?;
-    let ctx = LifecycleContext {
-        settings: &state.settings,
-        store: state.store.as_ref(),
-        keys: &state.keys,
+    let callback = Callback {
+        event,
+        payload: &payload,
+        request: CanonicalRequest::new(
+            req.method().as_str(),
+            req.path(),
+            req.query_string(),
+            state.settings.base_url.path(),
+        ),
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
     };
-    let request = RequestLine {
-        method: req.method().as_str(),
-        path: req.path(),
-        query: req.query_string(),
-    };
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| {
-            v.to_str().map_err(|_| {
-                ApiError::Unauthenticated("the Authorization header is not text".into())
-            })
-        })
-        .transpose()?;
-    let processed = process(&ctx, event, &request, authorization, &payload).await?;
-    let applied = &processed.applied;
-
-    // This instance's cache; other instances hear of the write through Redis.
-    if applied.outcome == Outcome::Applied || !processed.superseded.is_empty() {
-        state.tenants.invalidate(&payload.client_key).await;
-    }
-    for old in &processed.superseded {
-        state.tenants.invalidate(old).await;
-    }
+    let applied = state.lifecycle().apply(&callback).await?;
     tracing::info!(
         event = event.name(),
         client_key = %payload.client_key,
         base_url = %payload.base_url,
-        proof = ?processed.proof,
-        outcome = ?applied.outcome,
-        superseded = ?processed.superseded,
+        proof = ?applied.proof,
+        written = applied.written,
+        superseded = ?applied.superseded,
         "lifecycle callback accepted"
     );
     Ok(HttpResponse::NoContent().finish())

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{Commit, CommitOutcome, Installation, InstallationStore, StoreError};
-use crate::domain::{BaseUrl, ClientKey};
+use connect_protocol::domain::{BaseUrl, ClientKey};
 
 pub const FILE_NAME: &str = "warden.redb";
 

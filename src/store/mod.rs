@@ -14,10 +14,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 
-/// How many secrets an installation keeps, newest last.
-pub const SECRET_HISTORY_LEN: usize = 10;
+use crate::secrets::SecretVersion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -40,46 +39,18 @@ pub enum InstallState {
     Uninstalled,
 }
 
-/// One shared secret, the moment (Unix seconds) it became current, and whether it arrived
-/// with an install proven by Atlassian's RS256 signature.
-#[derive(Debug, Clone)]
-pub struct SecretVersion {
-    pub secret: SharedSecret,
-    pub since: i64,
-    /// Secrets from unsigned (legacy) installs are never trusted past a signed one.
-    pub signed: bool,
-}
-
-// Storage format only: the secret is written out in clear because the store must hold it.
-// `Debug` stays redacted through `SharedSecret`.
-#[derive(Serialize, Deserialize)]
-struct SecretVersionRepr {
-    secret: String,
-    since: i64,
-    #[serde(default)]
-    signed: bool,
-}
-
-impl Serialize for SecretVersion {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        SecretVersionRepr {
-            secret: self.secret.expose().to_owned(),
-            since: self.since,
-            signed: self.signed,
-        }
-        .serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretVersion {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let repr = SecretVersionRepr::deserialize(d)?;
-        Ok(Self {
-            secret: SharedSecret::parse(&repr.secret).map_err(serde::de::Error::custom)?,
-            since: repr.since,
-            signed: repr.signed,
-        })
-    }
+/// What an installation can be used for, from [`Installation::usability`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usability {
+    /// Installed and enabled: product requests are served, the app may call the site.
+    Active,
+    /// Disabled by the site's admin: product requests are refused; the app may still call the
+    /// site (as the app or a user).
+    Disabled,
+    /// Uninstalled: product requests and impersonation are refused.
+    Uninstalled,
+    /// A site import replaced it with `successor`: its credentials are never used again.
+    Superseded { successor: ClientKey },
 }
 
 /// Everything `warden` knows of one installation (one host site and this app).
@@ -171,53 +142,22 @@ impl Installation {
         }
     }
 
-    pub fn current_secret(&self) -> &SecretVersion {
-        self.secrets
-            .last()
-            .expect("an installation always has at least one secret")
-    }
-
-    /// The secret current before the last roll, if any.
-    pub fn previous_secret(&self) -> Option<&SecretVersion> {
-        self.secrets.len().checked_sub(2).map(|i| &self.secrets[i])
-    }
-
-    /// Makes `secret` current unless it already is; the history stays bounded. `signed`: it
-    /// arrived with an install proven by Atlassian's signature.
-    pub fn roll_secret(&mut self, secret: SharedSecret, signed: bool, now: i64) -> bool {
-        if self.current_secret().secret.same_as(&secret) {
-            // The same secret, now also proven by a signed install.
-            if signed {
-                if let Some(current) = self.secrets.last_mut() {
-                    current.signed = true;
-                }
-            }
-            return false;
+    /// What the installation can be used for now: the one place that reads `state`, `enabled`
+    /// and `superseded_by` together.
+    pub fn usability(&self) -> Usability {
+        match (&self.superseded_by, self.state, self.enabled) {
+            (Some(successor), _, _) => Usability::Superseded {
+                successor: successor.clone(),
+            },
+            (None, InstallState::Uninstalled, _) => Usability::Uninstalled,
+            (None, InstallState::Installed, false) => Usability::Disabled,
+            (None, InstallState::Installed, true) => Usability::Active,
         }
-        self.secrets.push(SecretVersion {
-            secret,
-            since: now,
-            signed,
-        });
-        if self.secrets.len() > SECRET_HISTORY_LEN {
-            let excess = self.secrets.len() - SECRET_HISTORY_LEN;
-            self.secrets.drain(..excess);
-        }
-        true
-    }
-
-    /// The secrets a legacy HS256 reinstall may be signed with, newest first: the history back
-    /// to, and including, the newest secret that came with a signed install. Older ones may
-    /// have been planted by an unsigned install (squatting) before Atlassian's own install
-    /// replaced them, so they prove nothing.
-    pub fn secrets_for_reinstall(&self) -> impl Iterator<Item = &SecretVersion> {
-        let newest_signed = self.secrets.iter().rposition(|s| s.signed).unwrap_or(0);
-        self.secrets[newest_signed..].iter().rev()
     }
 
     /// Whether product requests for this installation may be served.
     pub fn is_active(&self) -> bool {
-        self.state == InstallState::Installed && self.enabled && self.superseded_by.is_none()
+        self.usability() == Usability::Active
     }
 }
 

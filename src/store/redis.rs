@@ -32,7 +32,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::{Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, StoreError};
-use crate::domain::{BaseUrl, ClientKey};
+use connect_protocol::domain::{BaseUrl, ClientKey};
 
 /// How long to wait for a connection from the pool, for a new connection, or for an answer.
 /// An outage must turn into a quick `503`, not a hanging request.

@@ -17,7 +17,7 @@ use actix_web::{web, HttpResponse};
 
 use super::keys::KeyRing;
 use super::local_server::{loopback_addrs, LocalServer};
-use crate::domain::BaseUrl;
+use connect_protocol::domain::BaseUrl;
 
 /// Content type of a served key.
 pub const PEM_CONTENT_TYPE: &str = "application/x-pem-file";
@@ -233,7 +233,7 @@ impl std::fmt::Debug for KeyServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devtenant::keys::tests::test_keys;
+    use crate::keys::tests::test_keys;
     use actix_web::{http::StatusCode, test, App};
 
     #[actix_web::test]

@@ -1,7 +1,7 @@
 //! `devtenant`: plays Atlassian against a Connect app on this machine. See
-//! `devtenant --help` and [`connect_warden::devtenant::cli`].
+//! `devtenant --help` and [`devtenant::cli`].
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    connect_warden::devtenant::cli::main().await
+    devtenant::cli::main().await
 }

@@ -19,4 +19,4 @@ pub mod state;
 
 pub use host::{FakeHost, HostRoute, HostService, TenantRecord};
 pub use key_server::{KeyServer, KeyService};
-pub use keys::{install_claims, sign_rs256, sign_rs256_with_kid, KeyError, KeyRing, SigningKey};
+pub use keys::{sign_rs256, sign_rs256_with_kid, KeyError, KeyRing, SigningKey};

@@ -4,8 +4,6 @@
 //! Tokens are parsed once ([`Token::parse`]); the signature is checked against whichever key
 //! the caller selects, so the claims are never decoded twice on the hot path.
 
-pub mod qsh;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac as _};
@@ -14,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::{BaseUrl, SharedSecret};
-pub use qsh::{CanonicalRequest, CONTEXT_QSH};
+use crate::qsh::{CanonicalRequest, CONTEXT_QSH};
 
 /// Clock skew tolerated on `exp` and `iat`.
 pub const LEEWAY_SECONDS: i64 = 30;

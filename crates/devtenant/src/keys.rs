@@ -14,7 +14,6 @@ use rsa::{RsaPrivateKey, RsaPublicKey};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::jwt::{Audience, CanonicalRequest, Claims};
 
 /// Size of generated keys, as Atlassian's.
 pub const KEY_BITS: usize = 2048;
@@ -129,25 +128,6 @@ pub fn sign_rs256_with_kid<C: Serialize>(key: &SigningKey, kid: &str, claims: &C
     header.kid = Some(kid.to_owned());
     jsonwebtoken::encode(&header, claims, &key.encoding)
         .expect("RS256 signing of serializable claims with a valid key cannot fail")
-}
-
-/// The claims of an install callback: `iss` = `client_key`, `aud` = the app's base URL,
-/// `qsh` of `request`, issued at `now` and valid for `lifetime_secs`.
-pub fn install_claims(
-    client_key: &str,
-    app_base_url: &str,
-    request: &CanonicalRequest,
-    now: i64,
-    lifetime_secs: i64,
-) -> Claims {
-    Claims {
-        iss: Some(client_key.to_owned()),
-        aud: Some(Audience::One(app_base_url.to_owned())),
-        iat: Some(now),
-        exp: Some(now + lifetime_secs),
-        qsh: Some(request.qsh()),
-        ..Claims::default()
-    }
 }
 
 /// Every key made so far and the one that signs now.
@@ -386,7 +366,8 @@ pub(crate) mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::jwt::{JwtError, Token};
+    use connect_protocol::jwt::{Claims, JwtError, Token};
+    use connect_protocol::qsh::CanonicalRequest;
 
     /// Two keys made once for the whole test binary (key generation is slow in debug builds).
     pub(crate) fn test_keys() -> &'static [SigningKey; 2] {
@@ -395,19 +376,20 @@ pub(crate) mod tests {
     }
 
     fn claims() -> Claims {
-        install_claims(
+        let now = connect_protocol::jwt::now();
+        connect_protocol::claims::install_claims(
             "jira:1234",
             "https://app.example.com",
             &CanonicalRequest::new("POST", "/installed", "", ""),
-            crate::jwt::now(),
-            180,
+            now,
+            now + 180,
         )
     }
 
     #[test]
     fn generated_key_has_uuid_kid_and_standard_pems() {
         let key = &test_keys()[0];
-        assert!(crate::domain::KeyId::parse(&key.kid).is_ok(), "{}", key.kid);
+        assert!(connect_protocol::domain::KeyId::parse(&key.kid).is_ok(), "{}", key.kid);
         assert!(key.public_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
         assert!(key
             .private_pem()
@@ -434,7 +416,7 @@ pub(crate) mod tests {
         let wrong = DecodingKey::from_rsa_pem(other.public_pem().as_bytes()).unwrap();
         assert_eq!(parsed.verify_rs256(&wrong), Err(JwtError::BadSignature));
         assert!(parsed
-            .verify_hs256(&crate::domain::SharedSecret::parse("x").unwrap())
+            .verify_hs256(&connect_protocol::domain::SharedSecret::parse("x").unwrap())
             .is_err());
     }
 

@@ -43,8 +43,9 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::domain::{BaseUrl, SharedSecret};
-use crate::jwt::{self, Audience, CanonicalRequest, Token};
+use connect_protocol::domain::{BaseUrl, SharedSecret};
+use connect_protocol::jwt::{self, Audience, Token};
+use connect_protocol::qsh::CanonicalRequest;
 
 use super::local_server::{loopback_addrs, LocalServer};
 
@@ -702,7 +703,7 @@ impl std::fmt::Debug for FakeHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jwt::Claims;
+    use connect_protocol::jwt::Claims;
     use actix_web::{test, App};
     use serde::Serialize;
 

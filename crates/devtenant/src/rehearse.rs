@@ -33,8 +33,8 @@ use super::client::{
 use super::keys::{sign_rs256, sign_rs256_with_kid, KeyRing, SigningKey};
 use super::server::DevServer;
 use super::state::{new_secret, StateDir, Tenant};
-use crate::jwt::{self, Audience};
-use crate::lifecycle::LifecycleEvent;
+use connect_protocol::jwt::{self, Audience};
+use connect_protocol::lifecycle::LifecycleEvent;
 
 /// The account id of product requests unless [`Options::account_id`] says otherwise.
 pub const DEFAULT_ACCOUNT_ID: &str = "557058:devtenant-user";

@@ -15,8 +15,8 @@ use super::server::DevServer;
 use super::state::{
     fingerprint, new_secret, ServerInfo, StateDir, Tenant, DEFAULT_STATE_DIR, TENANTS_FILE,
 };
-use crate::jwt;
-use crate::lifecycle::LifecycleEvent;
+use connect_protocol::jwt;
+use connect_protocol::lifecycle::LifecycleEvent;
 
 /// The descriptor URL when neither `--descriptor` nor the tenant's record names one.
 pub const DEFAULT_DESCRIPTOR: &str = "http://127.0.0.1:8080/atlassian-connect.json";
@@ -354,7 +354,7 @@ async fn rehearse_command(options: rehearse::Options) -> anyhow::Result<ExitCode
 // ---- serve ----
 
 async fn serve(state: &StateDir, listen: &str) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init("info");
+    init_logging();
     let dir = state.clone();
     let ring = tokio::task::spawn_blocking(move || dir.keyring()).await??;
     let ring = Arc::new(RwLock::new(ring));
@@ -832,4 +832,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// Log lines on stderr, `RUST_LOG` or `info`; colours only on a terminal.
+fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

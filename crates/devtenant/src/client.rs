@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use super::keys::{install_claims, sign_rs256, SigningKey};
+use super::keys::{sign_rs256, SigningKey};
+use connect_protocol::claims;
 use super::state::{abbreviate_token, fingerprint, Tenant, TOKEN_LIFETIME_SECS};
-use crate::domain::{BaseUrl, SharedSecret};
-use crate::jwt::{self, CanonicalRequest, Claims, Token};
-use crate::lifecycle::LifecycleEvent;
+use connect_protocol::domain::{BaseUrl, SharedSecret};
+use connect_protocol::jwt::{self, Claims, Token};
+use connect_protocol::qsh::CanonicalRequest;
+use connect_protocol::lifecycle::LifecycleEvent;
 
 /// Largest response body kept for printing.
 const MAX_PRINTED_BODY: usize = 600;
@@ -283,12 +285,12 @@ impl HostClient {
         let path = self.path_of(event)?;
         let canonical = self.app.canonical("POST", path);
         let exp = tenant.next_exp(now);
-        Ok(install_claims(
+        Ok(claims::install_claims(
             &tenant.client_key,
             self.app.base_url.as_str(),
             &canonical,
             now,
-            exp - now,
+            exp,
         ))
     }
 
@@ -314,13 +316,8 @@ impl HostClient {
         let path = self.path_of(event)?;
         let canonical = self.app.canonical("POST", path);
         let now = jwt::now();
-        let claims = Claims {
-            iss: Some(tenant.client_key.clone()),
-            iat: Some(now),
-            exp: Some(tenant.next_exp(now)),
-            qsh: Some(canonical.qsh()),
-            ..Claims::default()
-        };
+        let exp = tenant.next_exp(now);
+        let claims = claims::tenant_claims(&tenant.client_key, &canonical, now, exp);
         Ok(jwt::sign_hs256(&claims, &parse_secret(secret)?))
     }
 
@@ -333,14 +330,13 @@ impl HostClient {
         account_id: &str,
         iat: i64,
     ) -> Claims {
-        Claims {
-            iss: Some(client_key.to_owned()),
-            sub: Some(account_id.to_owned()),
-            iat: Some(iat),
-            exp: Some(iat + TOKEN_LIFETIME_SECS),
-            qsh: Some(self.app.canonical(method, path_and_query).qsh()),
-            ..Claims::default()
-        }
+        claims::product_claims(
+            client_key,
+            account_id,
+            &self.app.canonical(method, path_and_query),
+            iat,
+            iat + TOKEN_LIFETIME_SECS,
+        )
     }
 
     /// An HS256 product-request token, signed with `secret`.
@@ -462,7 +458,7 @@ impl Exchange {
                 let text = response.text().await.unwrap_or_default();
                 exchange.body = shorten(&text, MAX_PRINTED_BODY);
             }
-            Err(e) => exchange.error = Some(crate::error::error_chain(&e)),
+            Err(e) => exchange.error = Some(error_chain(&e)),
         }
         exchange.elapsed = started.elapsed();
         exchange
@@ -725,4 +721,16 @@ mod tests {
             .tenant_token(&secret, &mut tenant, LifecycleEvent::Disabled)
             .is_err());
     }
+}
+
+/// `message: cause: cause`, for a transport error that reqwest reports in layers.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }

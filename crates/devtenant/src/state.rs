@@ -140,7 +140,7 @@ impl Tenant {
         Some(super::host::TenantRecord {
             client_key: self.site_key().to_owned(),
             base_path: String::new(),
-            shared_secret: crate::domain::SharedSecret::parse(&self.shared_secret).ok()?,
+            shared_secret: connect_protocol::domain::SharedSecret::parse(&self.shared_secret).ok()?,
             oauth_client_id: self.oauth_client_id.clone(),
             app_key: self.app_key.clone()?,
         })

@@ -124,15 +124,17 @@ fn push_canonical_query(out: &mut String, query: &str) {
     if query.is_empty() {
         return;
     }
-    // (encoded name, encoded value) pairs; `jwt` is the token itself and never hashed.
-    // Borrowed where decoding and encoding change nothing, which is most parameters.
-    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = query_pairs(query)
+    // (encoded name, decoded value) pairs; `jwt` is the token itself and never hashed.
+    // Names sort encoded, the values of a repeated name sort decoded (byte order) and are
+    // encoded only when written, as Atlassian's reference does: `ids=:1&ids=.1` ->
+    // `ids=.1,%3A1`. Borrowed where decoding changes nothing, which is most parameters.
+    let mut pairs: Vec<(Cow<'_, str>, Cow<'_, [u8]>)> = query_pairs(query)
         .filter_map(|(name, value)| {
             let name = decode_component(name);
             if *name == *TOKEN_PARAMETER {
                 return None;
             }
-            Some((encode(name), encode(decode_component(value))))
+            Some((encode(name), decode_component(value)))
         })
         .collect();
     pairs.sort();
@@ -152,7 +154,7 @@ fn push_canonical_query(out: &mut String, query: &str) {
             if j > i {
                 out.push(',');
             }
-            out.push_str(&pairs[j].1);
+            out.push_str(&encode(Cow::Borrowed(&pairs[j].1)));
             j += 1;
         }
         i = j;
@@ -164,7 +166,7 @@ const TOKEN_PARAMETER: &[u8] = b"jwt";
 
 /// The raw `(name, value)` pairs of a query string, as the qsh sees them: split on `&`, empty
 /// pieces skipped, a piece without `=` is a name with an empty value.
-pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
@@ -173,7 +175,7 @@ pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
 
 /// Whether a raw (still encoded) parameter name is the token parameter once decoded, as the
 /// qsh decides it: `jwt`, `j%77t`, `%6A%77%74`... are all left out of the hash.
-pub(crate) fn is_token_parameter(raw_name: &str) -> bool {
+pub fn is_token_parameter(raw_name: &str) -> bool {
     *decode_component(raw_name) == *TOKEN_PARAMETER
 }
 
@@ -242,6 +244,19 @@ mod tests {
         assert_eq!(
             CanonicalRequest::new("GET", "/test", "ids=20&ids=2&ids=-1&ids=1&ids=10", "").as_str(),
             "GET&/test&ids=-1,1,10,2,20"
+        );
+    }
+
+    #[test]
+    fn repeated_values_sort_by_their_decoded_bytes() {
+        // `.` < `:` decoded, though `%` (of `%3A`) < `.` once encoded.
+        assert_eq!(
+            CanonicalRequest::new("GET", "/test", "ids=:1&ids=.1", "").as_str(),
+            "GET&/test&ids=.1,%3A1"
+        );
+        assert_eq!(
+            CanonicalRequest::new("GET", "/test", "ids=%3A1&ids=.1", "").as_str(),
+            "GET&/test&ids=.1,%3A1"
         );
     }
 
