@@ -8,9 +8,9 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 use connect_protocol::domain::SharedSecret;
-use connect_warden::guard::{self, RequestLine};
 use connect_protocol::jwt::{self, Claims, Token};
 use connect_protocol::qsh::CanonicalRequest;
+use connect_warden::guard::{self, RequestLine};
 use connect_warden::store::Installation;
 
 const SECRET: &str = "a-shared-secret-of-realistic-length-0123456789-abcdefghij";

@@ -3,9 +3,9 @@
 use clap::{Parser, Subcommand};
 
 use crate::configuration::Settings;
+use crate::startup::Application;
 use connect_protocol::domain::BaseUrl;
 use connect_protocol::qsh::CanonicalRequest;
-use crate::startup::Application;
 
 #[derive(Debug, Parser)]
 #[command(

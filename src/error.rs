@@ -10,6 +10,8 @@ use connect_protocol::authorization::AuthorizationError;
 use connect_protocol::domain::ParseError;
 use connect_protocol::jwt::JwtError;
 
+use crate::guard::ProductAuthError;
+use crate::host_client::HostClientError;
 use crate::install_keys::KeyFetchError;
 use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
@@ -63,6 +65,31 @@ impl From<AuthorizationError> for ApiError {
         } else {
             ApiError::Unauthenticated(e.to_string())
         }
+    }
+}
+
+/// The product-request guard's refusals: unauthenticated (401) unless the token was good and
+/// the installation may not be served (403).
+impl From<ProductAuthError> for ApiError {
+    fn from(e: ProductAuthError) -> Self {
+        match e {
+            ProductAuthError::Authorization(e) => e.into(),
+            ProductAuthError::Token(e) => ApiError::Token(e),
+            ProductAuthError::Store(e) => ApiError::Store(e),
+            e @ (ProductAuthError::InvalidIssuer
+            | ProductAuthError::UnknownTenant(_)
+            | ProductAuthError::OtherTenant { .. }) => ApiError::Unauthenticated(e.to_string()),
+            e @ (ProductAuthError::Superseded { .. }
+            | ProductAuthError::Uninstalled(_)
+            | ProductAuthError::Disabled(_)) => ApiError::Forbidden(e.to_string()),
+        }
+    }
+}
+
+/// Handlers answer `502` when a call to the host fails.
+impl From<HostClientError> for ApiError {
+    fn from(e: HostClientError) -> Self {
+        ApiError::Upstream(error_chain(&e))
     }
 }
 

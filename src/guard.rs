@@ -15,14 +15,43 @@ use std::sync::Arc;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
-use connect_protocol::domain::{BaseUrl, ClientKey};
-use connect_protocol::authorization::find_token;
 use crate::error::ApiError;
+use crate::secrets::verify_product_signature;
+use crate::startup::AppState;
+use crate::store::{Installation, StoreError, Usability};
+use connect_protocol::authorization::{find_token, AuthorizationError};
+use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::jwt::{self, Claims, JwtError, Token};
 use connect_protocol::qsh::CanonicalRequest;
-use crate::startup::AppState;
-use crate::secrets::verify_product_signature;
-use crate::store::{Installation, Usability};
+
+/// Why a product request was refused. `error.rs` gives each kind its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ProductAuthError {
+    #[error(transparent)]
+    Authorization(#[from] AuthorizationError),
+    #[error(transparent)]
+    Token(#[from] JwtError),
+    #[error("the token's iss is not a valid clientKey")]
+    InvalidIssuer,
+    #[error("no installation is known for clientKey {0}")]
+    UnknownTenant(ClientKey),
+    #[error("the token is for clientKey {token}, not {installation}")]
+    OtherTenant {
+        token: ClientKey,
+        installation: ClientKey,
+    },
+    #[error("the installation {client_key} was superseded by {successor} (site import)")]
+    Superseded {
+        client_key: ClientKey,
+        successor: ClientKey,
+    },
+    #[error("the installation {0} is uninstalled")]
+    Uninstalled(ClientKey),
+    #[error("the installation {0} is disabled")]
+    Disabled(ClientKey),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// A request from a host site, authenticated. Context tokens are refused.
 #[derive(Debug, Clone)]
@@ -48,7 +77,7 @@ impl FromRequest for ProductRequest {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
-        Box::pin(async move { authenticate(&req, false).await })
+        Box::pin(async move { Ok(authenticate(&req, false).await?) })
     }
 }
 
@@ -58,20 +87,23 @@ impl FromRequest for ContextRequest {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
-        Box::pin(async move { authenticate(&req, true).await.map(ContextRequest) })
+        Box::pin(async move { Ok(ContextRequest(authenticate(&req, true).await?)) })
     }
 }
 
 /// The token from `Authorization: JWT <token>` or `?jwt=<token>`; both at once is refused.
-pub fn extract_token(req: &HttpRequest) -> Result<&str, ApiError> {
+pub fn extract_token(req: &HttpRequest) -> Result<&str, AuthorizationError> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    Ok(find_token(header, req.query_string())?)
+    find_token(header, req.query_string())
 }
 
-async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductRequest, ApiError> {
+async fn authenticate(
+    req: &HttpRequest,
+    allow_context: bool,
+) -> Result<ProductRequest, ProductAuthError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .expect("AppState is registered by startup::build_app");
@@ -80,11 +112,7 @@ async fn authenticate(req: &HttpRequest, allow_context: bool) -> Result<ProductR
 
     let now = jwt::now();
     let grace = state.settings.secret_grace.as_secs() as i64;
-    let unknown = || {
-        ApiError::Unauthenticated(format!(
-            "no installation is known for clientKey {client_key}"
-        ))
-    };
+    let unknown = || ProductAuthError::UnknownTenant(client_key.clone());
     let mut installation = state.tenants.get(&client_key).await?.ok_or_else(unknown)?;
     if verify_product_signature(&token, &installation, grace, now).is_err() {
         // The cached secret may be stale (a roll on another instance): read the store once.
@@ -142,7 +170,7 @@ pub struct RequestLine<'a> {
 }
 
 /// Step 1 of the guard: the token split and decoded, HS256, with a valid `iss`.
-pub fn parse_product_token(raw: &str) -> Result<(Token<'_>, ClientKey), ApiError> {
+pub fn parse_product_token(raw: &str) -> Result<(Token<'_>, ClientKey), ProductAuthError> {
     let token = Token::parse(raw)?;
     token.require_alg("HS256")?;
     let iss = token
@@ -150,9 +178,7 @@ pub fn parse_product_token(raw: &str) -> Result<(Token<'_>, ClientKey), ApiError
         .iss
         .as_deref()
         .ok_or(JwtError::MissingClaim("iss"))?;
-    let client_key = ClientKey::parse(iss).map_err(|_| {
-        ApiError::Unauthenticated("the token's iss is not a valid clientKey".into())
-    })?;
+    let client_key = ClientKey::parse(iss).map_err(|_| ProductAuthError::InvalidIssuer)?;
     Ok((token, client_key))
 }
 
@@ -163,7 +189,7 @@ pub fn check_verified_token(
     installation: &Installation,
     line: &RequestLine<'_>,
     now: i64,
-) -> Result<Claims, ApiError> {
+) -> Result<Claims, ProductAuthError> {
     let claims = token.into_claims();
     claims.check_times(now)?;
     let canonical = CanonicalRequest::new(line.method, line.path, line.query, line.base_path);
@@ -180,30 +206,27 @@ pub fn verify_product_token(
     line: &RequestLine<'_>,
     grace_seconds: i64,
     now: i64,
-) -> Result<Claims, ApiError> {
+) -> Result<Claims, ProductAuthError> {
     let (token, client_key) = parse_product_token(raw)?;
     if client_key != installation.client_key {
-        return Err(ApiError::Unauthenticated(format!(
-            "the token is for clientKey {client_key}, not {}",
-            installation.client_key
-        )));
+        return Err(ProductAuthError::OtherTenant {
+            token: client_key,
+            installation: installation.client_key.clone(),
+        });
     }
     verify_product_signature(&token, installation, grace_seconds, now)?;
     check_verified_token(token, installation, line, now)
 }
 
-fn check_active(installation: &Installation) -> Result<(), ApiError> {
-    let key = &installation.client_key;
+fn check_active(installation: &Installation) -> Result<(), ProductAuthError> {
+    let client_key = installation.client_key.clone();
     match installation.usability() {
         Usability::Active => Ok(()),
-        Usability::Superseded { successor } => Err(ApiError::Forbidden(format!(
-            "the installation {key} was superseded by {successor} (site import)"
-        ))),
-        Usability::Uninstalled => Err(ApiError::Forbidden(format!(
-            "the installation {key} is uninstalled"
-        ))),
-        Usability::Disabled => Err(ApiError::Forbidden(format!(
-            "the installation {key} is disabled"
-        ))),
+        Usability::Superseded { successor } => Err(ProductAuthError::Superseded {
+            client_key,
+            successor,
+        }),
+        Usability::Uninstalled => Err(ProductAuthError::Uninstalled(client_key)),
+        Usability::Disabled => Err(ProductAuthError::Disabled(client_key)),
     }
 }

@@ -45,11 +45,11 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::error::error_chain;
+use crate::store::{Installation, Usability};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
-use crate::error::{error_chain, ApiError};
 use connect_protocol::jwt::{self, Audience, Claims};
 use connect_protocol::qsh::CanonicalRequest;
-use crate::store::{Installation, Usability};
 
 /// `grant_type` of the impersonation request (RFC 7523).
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -168,13 +168,6 @@ impl HostClientError {
             HostClientError::OutdatedOauthClientId { .. } => Some(StatusCode::BAD_REQUEST),
             _ => None,
         }
-    }
-}
-
-/// Handlers answer `502` when a call to the host fails.
-impl From<HostClientError> for ApiError {
-    fn from(e: HostClientError) -> Self {
-        ApiError::Upstream(error_chain(&e))
     }
 }
 

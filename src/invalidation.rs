@@ -23,8 +23,8 @@ use rand::Rng as _;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use connect_protocol::domain::ClientKey;
 use crate::tenants::TenantCache;
+use connect_protocol::domain::ClientKey;
 
 /// First wait before reconnecting; doubled after each failure up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -41,8 +41,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// `RecvError::Lagged` and must treat it as [`Invalidation::All`].
 const ANNOUNCEMENT_CAPACITY: usize = 1024;
 
-/// The invalidation channel for a Redis key prefix; equals
-/// [`RedisStore::channel`](crate::store::redis::RedisStore::channel).
+/// The invalidation channel for a Redis key prefix: the store publishes on it, the
+/// [`Listener`] subscribes to it.
 pub fn channel(prefix: &str) -> String {
     format!("{prefix}:invalidate")
 }

@@ -103,7 +103,6 @@ impl Installation {
         let newest_signed = self.secrets.iter().rposition(|s| s.signed).unwrap_or(0);
         self.secrets[newest_signed..].iter().rev()
     }
-
 }
 
 /// The current secret verifies; the previous one only for a token issued before the roll,
@@ -137,7 +136,7 @@ pub fn verify_product_signature(
 
 /// HS256 callbacks: `enabled`/`disabled` (and legacy `uninstalled`) with the current secret;
 /// a legacy reinstall with the current secret or one kept in the history, also after an
-/// `uninstalled` (seed 001), but none older than the newest secret that came with a signed
+/// `uninstalled` (docs/PROTOCOL.md §5), but none older than the newest secret that came with a signed
 /// install ([`Installation::secrets_for_reinstall`]).
 pub fn verify_lifecycle_signature(
     token: &Token<'_>,
@@ -158,4 +157,3 @@ pub fn verify_lifecycle_signature(
     }
     Err(JwtError::BadSignature)
 }
-

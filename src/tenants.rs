@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
 
-use connect_protocol::domain::ClientKey;
 use crate::invalidation::{Invalidation, Invalidations};
 use crate::store::{Installation, SharedStore, StoreError};
+use connect_protocol::domain::ClientKey;
 
 /// Upper bound of cached installations; one entry is a few hundred bytes.
 const MAX_CACHED_TENANTS: u64 = 200_000;
@@ -361,15 +361,10 @@ impl TenantCache {
         }
     }
 
-    /// This instance just wrote `installation`. The entry is dropped rather than replaced: a
-    /// concurrent write on another instance may already have superseded this record (its
-    /// invalidation may even have arrived before this call), and the next request reads the
-    /// store anyway, once.
-    pub async fn put(&self, installation: Arc<Installation>) {
-        self.invalidate(&installation.client_key).await;
-    }
-
-    /// Drops the cached entry of `client_key` (an installation or "unknown") and announces it.
+    /// Drops the cached entry of `client_key` (an installation or "unknown") and announces it:
+    /// the one entry point for a change this instance made or heard of. After a local write the
+    /// entry is dropped rather than replaced: a concurrent write on another instance may already
+    /// have superseded the record, and the next request reads the store anyway, once.
     pub async fn invalidate(&self, client_key: &ClientKey) {
         self.epochs.bump(client_key);
         self.cache.invalidate(client_key).await;
@@ -401,9 +396,9 @@ mod tests {
     use tokio::sync::{oneshot, Notify};
 
     use super::*;
-    use connect_protocol::domain::{BaseUrl, SharedSecret};
     use crate::store::testing::LoadSpy;
     use crate::store::{Commit, CommitOutcome, InstallationStore};
+    use connect_protocol::domain::{BaseUrl, SharedSecret};
 
     fn installation(client_key: &str, version: u64) -> Installation {
         let mut installation = Installation::new(
@@ -492,7 +487,7 @@ mod tests {
         let (tenants, _store) = reload_racing_with(async |tenants, store| {
             // Another instance writes version 2 and its invalidation arrives mid-read.
             *store.record.lock().unwrap() = Some(installation("ck-1", 2));
-            tenants.invalidate(&ClientKey::parse("ck-1").unwrap()).await;
+            tenants.invalidate(&key).await;
         })
         .await;
         assert!(
@@ -532,7 +527,7 @@ mod tests {
 
         tenants.get(&key).await.unwrap();
         assert!(tenants.cached(&key).await.is_some());
-        tenants.put(Arc::new(installation("ck-1", 2))).await;
+        tenants.invalidate(&key).await;
         assert!(
             tenants.cached(&key).await.is_none(),
             "a local write drops the entry"

@@ -96,7 +96,7 @@ impl Applier<'_> {
         Err(LifecycleError::Contention(payload.client_key.clone()))
     }
 
-    /// Site import (docs/PROTOCOL.md, "Site imports"): a new clientKey installed, with
+    /// Site import (docs/PROTOCOL.md §7): a new clientKey installed, with
     /// Atlassian's signature, on a site whose `baseUrl` belongs to other active installations.
     /// The most recent install on a site wins: installations are ranked by their latest
     /// lifecycle event (`iat`), then by the order in which the site index first saw them, which

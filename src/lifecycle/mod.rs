@@ -131,7 +131,7 @@ pub async fn authenticate(
                 Proof::SharedSecret
             }
             // An app that lost (or never had) the record treats a signed reinstall as a first
-            // install (docs/PROTOCOL.md, "Legacy installs"). In legacy mode that is no weaker
+            // install (docs/PROTOCOL.md §5). In legacy mode that is no weaker
             // than the unsigned first install it already accepts.
             None if legacy && event == LifecycleEvent::Installed => {
                 check_host(ctx.settings, payload)?;
@@ -247,7 +247,12 @@ pub fn decide(
             // site link that an interrupted first attempt may not have made.
             let site = match &existing {
                 Some(installed)
-                    if links_site(event, auth, installed, auth.iat == Some(installed.last_event_iat)) =>
+                    if links_site(
+                        event,
+                        auth,
+                        installed,
+                        auth.iat == Some(installed.last_event_iat),
+                    ) =>
                 {
                     SiteStep::Import
                 }
@@ -462,7 +467,10 @@ mod tests {
         .unwrap()
     }
 
-    fn callback<'a>(payload: &'a LifecyclePayload, authorization: Option<&'a [u8]>) -> Callback<'a> {
+    fn callback<'a>(
+        payload: &'a LifecyclePayload,
+        authorization: Option<&'a [u8]>,
+    ) -> Callback<'a> {
         Callback {
             event: LifecycleEvent::Installed,
             payload,
@@ -492,7 +500,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LoadSpy::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
         let (settings, keys) = legacy_mode();
-        let tenants = TenantCache::new(store.clone() as SharedStore, std::time::Duration::from_secs(30));
+        let tenants = TenantCache::new(
+            store.clone() as SharedStore,
+            std::time::Duration::from_secs(30),
+        );
         let lifecycle = applier(&settings, &keys, store.as_ref(), &tenants);
 
         let genuine = installed("ck-race", "genuine-secret");
@@ -565,10 +576,7 @@ mod tests {
             "connect-warden",
         )
         .unwrap_err();
-        assert!(
-            err.0.contains("description"),
-            "{err:?}"
-        );
+        assert!(err.0.contains("description"), "{err:?}");
         value["description"] = serde_json::json!("d".repeat(MAX_FIELD_CHARS));
         assert!(LifecyclePayload::parse(
             LifecycleEvent::Installed,

@@ -264,7 +264,7 @@ impl RedisStore {
 
     /// The channel every commit publishes the written clientKey on.
     pub fn channel(&self) -> String {
-        format!("{}:invalidate", self.prefix)
+        crate::invalidation::channel(&self.prefix)
     }
 
     fn installation_key(&self, client_key: &ClientKey) -> String {

@@ -141,9 +141,8 @@ impl RawPayload {
 
 impl LifecyclePayload {
     pub fn parse(event: LifecycleEvent, body: &[u8], app_key: &str) -> Result<Self, ParseError> {
-        let raw: RawPayload = serde_json::from_slice(body).map_err(|e| {
-            ParseError(format!("the body is not a JSON lifecycle payload: {e}"))
-        })?;
+        let raw: RawPayload = serde_json::from_slice(body)
+            .map_err(|e| ParseError(format!("the body is not a JSON lifecycle payload: {e}")))?;
         let client_key = ClientKey::parse(
             raw.client_key
                 .as_deref()
@@ -191,4 +190,3 @@ impl LifecyclePayload {
         })
     }
 }
-

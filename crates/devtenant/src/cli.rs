@@ -137,7 +137,7 @@ pub enum Command {
         tenant: String,
     },
     /// Roll the site's secret: `installed` again carrying a new one (RS256 signed; --legacy:
-    /// HS256 signed with the previous secret, seed 001).
+    /// HS256 signed with the previous secret).
     Roll {
         #[command(flatten)]
         app: AppArgs,
@@ -146,7 +146,7 @@ pub enum Command {
         #[arg(long)]
         legacy: bool,
     },
-    /// Site import (seed 003): install a new clientKey and oauthClientId on the same baseUrl,
+    /// Site import: install a new clientKey and oauthClientId on the same baseUrl,
     /// without an uninstall for the old one.
     Import {
         #[command(flatten)]
@@ -201,7 +201,7 @@ pub enum Command {
     Rehearse {
         #[command(flatten)]
         app: AppArgs,
-        /// The app runs in legacy mode: rehearse seed 001 (unsigned install, ignored
+        /// The app runs in legacy mode: rehearse the secret migration (unsigned install, ignored
         /// uninstall, reinstall HS256 with the old secret) instead of refusing unsigned installs.
         #[arg(long)]
         legacy: bool,
@@ -790,6 +790,18 @@ fn list_tenants(state: &StateDir) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Log lines on stderr, `RUST_LOG` or `info`; colours only on a terminal.
+fn init_logging() {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -832,16 +844,4 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
-}
-
-/// Log lines on stderr, `RUST_LOG` or `info`; colours only on a terminal.
-fn init_logging() {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }

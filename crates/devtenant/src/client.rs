@@ -11,12 +11,12 @@ use anyhow::{bail, Context as _};
 use serde_json::Value;
 
 use super::keys::{sign_rs256, SigningKey};
-use connect_protocol::claims;
 use super::state::{abbreviate_token, fingerprint, Tenant, TOKEN_LIFETIME_SECS};
+use connect_protocol::claims;
 use connect_protocol::domain::{BaseUrl, SharedSecret};
 use connect_protocol::jwt::{self, Claims, Token};
-use connect_protocol::qsh::CanonicalRequest;
 use connect_protocol::lifecycle::LifecycleEvent;
+use connect_protocol::qsh::CanonicalRequest;
 
 /// Largest response body kept for printing.
 const MAX_PRINTED_BODY: usize = 600;
@@ -606,6 +606,18 @@ pub fn shorten(text: &str, max: usize) -> String {
     }
 }
 
+/// `message: cause: cause`, for a transport error that reqwest reports in layers.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -721,16 +733,4 @@ mod tests {
             .tenant_token(&secret, &mut tenant, LifecycleEvent::Disabled)
             .is_err());
     }
-}
-
-/// `message: cause: cause`, for a transport error that reqwest reports in layers.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

@@ -703,8 +703,8 @@ impl std::fmt::Debug for FakeHost {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use connect_protocol::jwt::Claims;
     use actix_web::{test, App};
+    use connect_protocol::jwt::Claims;
     use serde::Serialize;
 
     const HOST: &str = "fake.test";

@@ -14,7 +14,6 @@ use rsa::{RsaPrivateKey, RsaPublicKey};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-
 /// Size of generated keys, as Atlassian's.
 pub const KEY_BITS: usize = 2048;
 
@@ -389,7 +388,11 @@ pub(crate) mod tests {
     #[test]
     fn generated_key_has_uuid_kid_and_standard_pems() {
         let key = &test_keys()[0];
-        assert!(connect_protocol::domain::KeyId::parse(&key.kid).is_ok(), "{}", key.kid);
+        assert!(
+            connect_protocol::domain::KeyId::parse(&key.kid).is_ok(),
+            "{}",
+            key.kid
+        );
         assert!(key.public_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
         assert!(key
             .private_pem()

@@ -44,7 +44,7 @@ pub mod scenario {
     pub const SIGNED_INSTALL: &str = "signed install";
     pub const SECRET_ROLL: &str = "secret roll";
     pub const UNSIGNED_INSTALL_REFUSED: &str = "unsigned install refused";
-    pub const SEED_001: &str = "seed 001 migration";
+    pub const SEED_001: &str = "secret migration";
     pub const UNINSTALL_REINSTALL: &str = "uninstall + reinstall";
     pub const DISABLE_ENABLE: &str = "disable + enable";
     pub const SITE_IMPORT: &str = "site import";
@@ -852,11 +852,11 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Seed 001: install unsigned, the uninstall ignored (not sent), install again signed
+    /// The secret migration (docs/PROTOCOL.md §5): install unsigned, the uninstall ignored (not sent), install again signed
     /// HS256 with the old secret and carrying a new one.
     async fn seed_001_scenario(&mut self) -> anyhow::Result<()> {
         let s = scenario::SEED_001;
-        let mut tenant = self.new_tenant("seed001");
+        let mut tenant = self.new_tenant("migration");
         self.register(&tenant);
         self.check_callback(
             s,
@@ -972,7 +972,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Seed 003: a new clientKey and oauthClientId on the same baseUrl, no uninstall for the
+    /// A site import (docs/PROTOCOL.md §7): a new clientKey and oauthClientId on the same baseUrl, no uninstall for the
     /// old one.
     async fn site_import_scenario(&mut self) -> anyhow::Result<()> {
         let s = scenario::SITE_IMPORT;

@@ -113,7 +113,7 @@ impl Tenant {
         }
     }
 
-    /// The same site after a site import (seed 003): new clientKey, oauthClientId, secret and
+    /// The same site after a site import (docs/PROTOCOL.md §7): new clientKey, oauthClientId, secret and
     /// installation id, the same baseUrl.
     pub fn imported(&self, name: Option<&str>) -> Self {
         let mut new = Self::generate(name, "http://unused");
@@ -140,7 +140,8 @@ impl Tenant {
         Some(super::host::TenantRecord {
             client_key: self.site_key().to_owned(),
             base_path: String::new(),
-            shared_secret: connect_protocol::domain::SharedSecret::parse(&self.shared_secret).ok()?,
+            shared_secret: connect_protocol::domain::SharedSecret::parse(&self.shared_secret)
+                .ok()?,
             oauth_client_id: self.oauth_client_id.clone(),
             app_key: self.app_key.clone()?,
         })
