@@ -390,11 +390,7 @@ async fn the_binary_explains_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_rehearses_against_warden() {
     // A port for the binary's key server, known before warden starts (as in CI).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let keys_url = format!("http://127.0.0.1:{port}");
     let app = spawn_app_with(
         AppOptions::new(Backend::Embedded)

@@ -148,11 +148,7 @@ async fn outage_is_unavailable_and_not_cached() {
 #[tokio::test]
 async fn unreachable_server_is_unavailable_quickly() {
     // A port that was just free and is now closed: connections are refused at once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let keys = InstallKeys::new(
         Some(BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap()),
         Duration::from_secs(5),

@@ -58,11 +58,7 @@ async fn unknown_routes_and_methods_answer_json() {
 /// silent success) until Redis is back.
 #[tokio::test]
 async fn store_outage_is_503() {
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = crate::helpers::free_port();
     let app = spawn_app_with(
         Options::new(Backend::Embedded)
             .set("WARDEN_REDIS_URL", format!("redis://127.0.0.1:{dead_port}"))
