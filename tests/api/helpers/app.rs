@@ -51,16 +51,18 @@ async fn start_key_server() -> Arc<KeyServer> {
 /// Vendor routes registered beside warden's.
 pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
+/// How to start a [`TestApp`]: the store, extra settings, vendor routes, what it shares with
+/// other instances.
 pub struct Options {
-    pub backend: Backend,
+    backend: Backend,
     /// Extra `WARDEN_*` settings (name, value).
-    pub env: Vec<(String, String)>,
+    env: Vec<(String, String)>,
     /// Vendor routes (in-process only).
-    pub routes: Option<Routes>,
+    routes: Option<Routes>,
     /// A Redis prefix shared with other instances instead of a fresh one.
-    pub redis_prefix: Option<String>,
+    redis_prefix: Option<String>,
     /// An install-key server shared with other instances instead of a fresh one.
-    pub keys: Option<Arc<KeyServer>>,
+    keys: Option<Arc<KeyServer>>,
 }
 
 impl Options {
