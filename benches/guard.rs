@@ -11,6 +11,7 @@ use connect_protocol::domain::SharedSecret;
 use connect_protocol::jwt::{self, Claims, Token};
 use connect_protocol::qsh::CanonicalRequest;
 use connect_warden::guard::{self, RequestLine};
+use connect_warden::secrets;
 use connect_warden::store::Installation;
 
 const SECRET: &str = "a-shared-secret-of-realistic-length-0123456789-abcdefghij";
@@ -112,8 +113,13 @@ fn bench_guard(c: &mut Criterion) {
     let parsed = Token::parse(&plain).unwrap();
     c.bench_function("piece/verify_signature", |b| {
         b.iter(|| {
-            guard::verify_signature(black_box(&parsed), black_box(&installation), grace, now)
-                .unwrap()
+            secrets::verify_product_signature(
+                black_box(&parsed),
+                black_box(&installation),
+                grace,
+                now,
+            )
+            .unwrap()
         })
     });
     let claims = parsed.claims().clone();

@@ -1,18 +1,16 @@
 //! The app's calls to the host (`HostClient`) against devtenant's fake host site and
 //! authorization server (`FakeHost`), which checks every signature the way Atlassian does.
 
-mod common;
-
 use std::time::Duration;
 
-use connect_warden::devtenant::{FakeHost, HostRoute, TenantRecord};
-use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_warden::error::ApiError;
 use connect_warden::host_client::{HostClient, HostClientError};
 use connect_warden::store::{InstallState, Installation};
+use devtenant::{FakeHost, HostRoute, TenantRecord};
 use serde_json::{json, Value};
 
-use common::app::{spawn_app_with, Backend, Options, Site};
+use crate::helpers::app::{spawn_app_with, Backend, Options, Site};
 
 const APP_KEY: &str = "connect-warden";
 const ADDON_PATH: &str = "/rest/atlassian-connect/1/addons/connect-warden";
@@ -724,7 +722,7 @@ async fn an_installation_made_through_the_app_calls_the_host() {
             .set("WARDEN_OAUTH_TOKEN_URL", host.token_url()),
     )
     .await;
-    let app_key = app.state.settings.app_key.clone();
+    let app_key = app.state().settings.app_key.clone();
     let mut site = Site::new();
     let base_url = host.add_tenant(TenantRecord {
         client_key: site.client_key.clone(),
@@ -734,7 +732,7 @@ async fn an_installation_made_through_the_app_calls_the_host() {
         app_key: app_key.clone(),
     });
     site.base_url = base_url.to_string();
-    app.install(&site).await;
+    app.installed(&site).await;
 
     let inst = app
         .stored(&site.client_key)
@@ -742,7 +740,7 @@ async fn an_installation_made_through_the_app_calls_the_host() {
         .expect("the install was stored");
     assert_eq!(inst.base_url, base_url);
     let answer: Value = app
-        .state
+        .state()
         .host
         .as_app(&inst)
         .get(&format!("/rest/atlassian-connect/1/addons/{app_key}"))
@@ -753,7 +751,7 @@ async fn an_installation_made_through_the_app_calls_the_host() {
     assert_eq!(answer["state"], "ENABLED");
 
     let echo: Value = app
-        .state
+        .state()
         .host
         .as_user_requests(&inst, "557058:admin", &["READ"])
         .await
@@ -783,18 +781,18 @@ async fn a_lifecycle_write_drops_cached_impersonation_tokens() {
         base_path: String::new(),
         shared_secret: SharedSecret::parse(&site.secret).unwrap(),
         oauth_client_id: site.oauth_client_id.clone(),
-        app_key: app.state.settings.app_key.clone(),
+        app_key: app.state().settings.app_key.clone(),
     });
     site.base_url = base_url.to_string();
-    app.install(&site).await;
+    app.installed(&site).await;
     let inst = app.stored(&site.client_key).await.unwrap();
 
-    app.state
+    app.state()
         .host
         .as_user(&inst, "557058:admin", &["READ"])
         .await
         .unwrap();
-    app.state
+    app.state()
         .host
         .as_user(&inst, "557058:admin", &["READ"])
         .await
@@ -810,12 +808,12 @@ async fn a_lifecycle_write_drops_cached_impersonation_tokens() {
         .post_lifecycle("/uninstalled", Some(&token), &site.body("uninstalled"))
         .await;
     assert_eq!(response.status(), 204);
-    app.install(&site).await;
+    app.installed(&site).await;
     let inst = app.stored(&site.client_key).await.unwrap();
     // The drop travels through the invalidation broadcast: allow it a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     loop {
-        app.state
+        app.state()
             .host
             .as_user(&inst, "557058:admin", &["READ"])
             .await

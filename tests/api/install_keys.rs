@@ -3,12 +3,14 @@
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use connect_warden::devtenant::{install_claims, sign_rs256, KeyRing, KeyServer, SigningKey};
-use connect_warden::domain::{BaseUrl, KeyId};
+use connect_protocol::claims::install_claims;
+use connect_protocol::domain::{BaseUrl, KeyId};
+use connect_protocol::jwt::{now, Token};
+use connect_protocol::qsh::CanonicalRequest;
 use connect_warden::install_keys::{
     FetchBudget, InstallKeys, KeyFetchError, FETCHES_PER_SECOND, FETCH_BURST,
 };
-use connect_warden::jwt::{now, CanonicalRequest, Token};
+use devtenant::{sign_rs256, KeyRing, KeyServer, SigningKey};
 
 /// Keys made once for this test binary: RSA key generation is slow in debug builds.
 fn test_keys() -> &'static [SigningKey; 2] {
@@ -40,12 +42,13 @@ async fn setup(timeout: Duration) -> (KeyServer, InstallKeys) {
 async fn fetched_key_verifies_tokens_and_is_cached() {
     let (server, keys) = setup(Duration::from_secs(5)).await;
     let signer = &test_keys()[0];
+    let iat = now();
     let claims = install_claims(
         "jira:42",
         "https://app.example.com",
         &CanonicalRequest::new("POST", "/installed", "", ""),
-        now(),
-        180,
+        iat,
+        iat + 180,
     );
     let token = sign_rs256(signer, &claims);
 
@@ -145,11 +148,7 @@ async fn outage_is_unavailable_and_not_cached() {
 #[tokio::test]
 async fn unreachable_server_is_unavailable_quickly() {
     // A port that was just free and is now closed: connections are refused at once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let keys = InstallKeys::new(
         Some(BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap()),
         Duration::from_secs(5),

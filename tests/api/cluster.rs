@@ -1,21 +1,19 @@
 //! `warden` on a Redis Cluster: a private cluster of three primaries (no replicas) on free
-//! loopback ports (`common::redis_server::cluster`), shared by the tests of this binary, each
+//! loopback ports (`crate::helpers::redis_server::cluster`), shared by the tests of this binary, each
 //! with its own key prefix. The store's behavioural suite also runs against it in
 //! `tests/store.rs`; here: tenants spread over every node, invalidations published on one node
 //! heard on every node, and the real app (one instance, then two) on the cluster.
 
-mod common;
-
-use common::store::commit;
+use crate::helpers::store::commit;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::app::{spawn_app_with, Backend, Options, Site, TestApp};
-use common::process::eventually;
-use common::redis_server::{self, RedisCluster};
-use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
+use crate::helpers::app::eventually;
+use crate::helpers::app::{spawn_app_with, Backend, Options, Site, TestApp};
+use crate::helpers::redis_server::{self, RedisCluster};
+use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
     CommitOutcome, Installation, InstallationStore, SeenToken, StoreError,
@@ -191,7 +189,7 @@ async fn a_commit_on_any_node_is_heard_on_every_node() {
 #[tokio::test]
 async fn a_cluster_that_is_down_is_unavailable_quickly_not_a_failed_start() {
     // One seed refuses connections, the other accepts them and never says a word.
-    let closed = redis_server::free_port();
+    let closed = crate::helpers::free_port();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("redis://127.0.0.1:{}", silent.local_addr().unwrap().port());
     let closed_url = format!("redis://127.0.0.1:{closed}");
@@ -249,11 +247,11 @@ async fn app_on_cluster(seeds: &[String], prefix: &str) -> TestApp {
 async fn the_app_serves_tenants_from_the_cluster() {
     let prefix = redis_server::unique_prefix();
     let app = app_on_cluster(&cluster().urls, &prefix).await;
-    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    let response = app.readyz().await;
     assert_eq!(response.status(), 200);
     let sites: Vec<Site> = (0..4).map(|_| Site::new()).collect();
     for site in &sites {
-        app.install(site).await;
+        app.installed(site).await;
         assert_eq!(app.tenant_status(site, &site.secret).await, 200);
         assert_eq!(app.tenant_status(site, "not-the-secret").await, 401);
     }
@@ -276,7 +274,7 @@ async fn two_apps_on_the_cluster_honour_each_others_writes_within_a_second() {
     // Several tenants, so that their slots (and the node publishing) differ.
     for _ in 0..3 {
         let site = Site::new();
-        a.install(&site).await;
+        a.installed(&site).await;
         assert_eq!(
             b.tenant_status(&site, &site.secret).await,
             200,
@@ -286,7 +284,7 @@ async fn two_apps_on_the_cluster_honour_each_others_writes_within_a_second() {
         // A roll through A: B, which cached the old secret, refuses it within a second.
         let mut rolled = site.clone();
         rolled.secret = format!("{}-rolled", site.secret);
-        a.install(&rolled).await;
+        a.installed(&rolled).await;
         let took = eventually("B refuses the rolled-away secret", WITHIN, 401, || {
             b.tenant_status(&site, &site.secret)
         })
@@ -319,7 +317,7 @@ async fn the_listener_skips_a_dead_seed_and_hears_every_node() {
     let store = Arc::new(cluster_store(&prefix).await);
     let tenants = TenantCache::new(store.clone(), Duration::from_secs(3600));
     let mut events = tenants.invalidations().subscribe();
-    let dead = format!("redis://127.0.0.1:{}", redis_server::free_port());
+    let dead = format!("redis://127.0.0.1:{}", crate::helpers::free_port());
     let seeds = [dead.as_str(), cluster().urls[2].as_str()];
     let _listener = Listener::start_on_any(&seeds, store.channel(), tenants.clone()).unwrap();
 

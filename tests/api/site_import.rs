@@ -1,10 +1,10 @@
 //! Site imports (seed 003): a new clientKey and oauthClientId on the same baseUrl, with no
 //! uninstall for the old one. Only Atlassian's signature may retire the old tenant.
 
-mod common;
-
-use common::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
-use connect_warden::jwt;
+use crate::helpers::app::{
+    both_stores, error_of, spawn_app, spawn_app_with, Backend, Options, Site,
+};
+use connect_protocol::jwt;
 
 fn imported(old: &Site) -> Site {
     let mut new = Site::new();
@@ -15,9 +15,9 @@ fn imported(old: &Site) -> Site {
 async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
     let app = spawn_app(backend).await;
     let old = Site::new();
-    app.install(&old).await;
+    app.installed(&old).await;
     let new = imported(&old);
-    app.install(&new).await;
+    app.installed(&new).await;
 
     let token = app.product_token(
         &old.client_key,
@@ -26,7 +26,7 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
         "/api/tenant",
         jwt::now(),
     );
-    let response = app.get_with_token("/api/tenant", &token).await;
+    let response = app.tenant(&token).await;
     assert_eq!(response.status(), 403);
     assert!(error_of(response)
         .await
@@ -39,12 +39,7 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
         "/api/tenant",
         jwt::now(),
     );
-    let body: serde_json::Value = app
-        .get_with_token("/api/tenant", &token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value = app.tenant(&token).await.json().await.unwrap();
     assert_eq!(body["supersedes"], serde_json::json!([old.client_key]));
 
     let stored_old = app.stored(&old.client_key).await.unwrap();
@@ -64,7 +59,7 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
 async fn unsigned_legacy_install_never_supersedes(backend: Backend) {
     let app = spawn_app_with(Options::new(backend).legacy()).await;
     let real = Site::new();
-    app.install(&real).await;
+    app.installed(&real).await;
     // A forged unsigned first install on the real tenant's baseUrl.
     let forged = imported(&real);
     assert_eq!(
@@ -96,9 +91,9 @@ async fn unsigned_legacy_install_never_supersedes(backend: Backend) {
 async fn reinstall_with_a_new_oauth_client_id_replaces_it(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     site.oauth_client_id = "oauth-after-reinstall".into();
-    app.install(&site).await;
+    app.installed(&site).await;
     let stored = app.stored(&site.client_key).await.unwrap();
     assert_eq!(
         stored.oauth_client_id.as_deref(),
@@ -111,8 +106,8 @@ async fn tenants_on_other_sites_are_untouched(backend: Backend) {
     let app = spawn_app(backend).await;
     let a = Site::new();
     let b = Site::new();
-    app.install(&a).await;
-    app.install(&b).await;
+    app.installed(&a).await;
+    app.installed(&b).await;
     assert_eq!(app.tenant_status(&a, &a.secret).await, 200);
     assert_eq!(app.tenant_status(&b, &b.secret).await, 200);
 }
@@ -122,7 +117,7 @@ async fn tenants_on_other_sites_are_untouched(backend: Backend) {
 async fn a_retried_import_install_does_not_supersede_again(backend: Backend) {
     let app = spawn_app(backend).await;
     let old = Site::new();
-    app.install(&old).await;
+    app.installed(&old).await;
     let new = imported(&old);
     let import_token = app.install_token(&new.client_key, "/installed");
     let import_body = new.body("installed");
@@ -142,7 +137,7 @@ async fn a_retried_import_install_does_not_supersede_again(backend: Backend) {
         204
     );
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // a later iat
-    app.install(&old).await;
+    app.installed(&old).await;
     assert_eq!(app.tenant_status(&old, &old.secret).await, 200);
 
     // The same token and body again (a retry, or a captured request).

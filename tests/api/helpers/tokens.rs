@@ -3,9 +3,11 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use connect_warden::devtenant::{self, KeyServer};
-use connect_warden::domain::SharedSecret;
-use connect_warden::jwt::{self, CanonicalRequest, Claims};
+use connect_protocol::claims;
+use connect_protocol::domain::SharedSecret;
+use connect_protocol::jwt::{self, Claims};
+use connect_protocol::qsh::CanonicalRequest;
+use devtenant::KeyServer;
 
 /// Real hosts make byte-identical tokens for callbacks in the same second (and a second body
 /// under an identical token is refused as a replay); tests run faster than that, so each token
@@ -18,12 +20,13 @@ fn distinct_lifetime(counter: &AtomicI64) -> i64 {
 pub fn install_claims(base_url: &str, base_path: &str, client_key: &str, path: &str) -> Claims {
     static LIFETIME: AtomicI64 = AtomicI64::new(0);
     let request = CanonicalRequest::new("POST", &format!("{base_path}{path}"), "", base_path);
-    devtenant::install_claims(
+    let now = jwt::now();
+    claims::install_claims(
         client_key,
         base_url,
         &request,
-        jwt::now(),
-        distinct_lifetime(&LIFETIME),
+        now,
+        now + distinct_lifetime(&LIFETIME),
     )
 }
 
@@ -43,13 +46,12 @@ pub fn tenant_lifecycle_token(
     static LIFETIME: AtomicI64 = AtomicI64::new(0);
     let request = CanonicalRequest::new("POST", &format!("{base_path}{path}"), "", base_path);
     let now = jwt::now();
-    let claims = Claims {
-        iss: Some(client_key.into()),
-        iat: Some(now),
-        exp: Some(now + distinct_lifetime(&LIFETIME)),
-        qsh: Some(request.qsh()),
-        ..Default::default()
-    };
+    let claims = claims::tenant_claims(
+        client_key,
+        &request,
+        now,
+        now + distinct_lifetime(&LIFETIME),
+    );
     jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
 }
 
@@ -67,13 +69,12 @@ pub fn product_token(
         .split_once('?')
         .unwrap_or((path_and_query, ""));
     let request = CanonicalRequest::new(method, &format!("{base_path}{path}"), query, base_path);
-    let claims = Claims {
-        iss: Some(client_key.into()),
-        sub: Some("557058:user-account-id".into()),
-        iat: Some(iat),
-        exp: Some(iat + 180),
-        qsh: Some(request.qsh()),
-        ..Default::default()
-    };
+    let claims = claims::product_claims(
+        client_key,
+        "557058:user-account-id",
+        &request,
+        iat,
+        iat + 180,
+    );
     jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
 }

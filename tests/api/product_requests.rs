@@ -1,19 +1,20 @@
 //! The product-request guard over HTTP: where the token may come from, which tokens pass, the
 //! grace window of a rolled secret, context tokens, and base URLs with a path.
 
-mod common;
-
 use std::time::Duration;
 
-use common::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
-use connect_warden::domain::SharedSecret;
-use connect_warden::jwt::{self, CanonicalRequest, Claims};
+use crate::helpers::app::{
+    both_stores, error_of, spawn_app, spawn_app_with, Backend, Options, Site,
+};
+use connect_protocol::domain::SharedSecret;
+use connect_protocol::jwt::{self, Claims};
+use connect_protocol::qsh::CanonicalRequest;
 use serde_json::json;
 
 async fn token_in_query_works_and_both_places_is_400(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let token = app.product_token(
         &site.client_key,
         &site.secret,
@@ -50,7 +51,7 @@ async fn token_in_query_works_and_both_places_is_400(backend: Backend) {
 async fn jwt_parameters_by_decoded_name_are_counted(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let token = app.product_token(
         &site.client_key,
         &site.secret,
@@ -113,7 +114,7 @@ async fn jwt_parameters_by_decoded_name_are_counted(backend: Backend) {
 async fn forged_and_mismatched_tokens_are_401(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let now = jwt::now();
     let cases = [
         (
@@ -178,7 +179,7 @@ async fn forged_and_mismatched_tokens_are_401(backend: Backend) {
         ("garbage", "not.a.token".to_owned(), "malformed"),
     ];
     for (what, token, fragment) in cases {
-        let response = app.get_with_token("/api/tenant", &token).await;
+        let response = app.tenant(&token).await;
         assert_eq!(response.status(), 401, "{what}");
         let message = error_of(response).await;
         assert!(message.contains(fragment), "{what}: {message:?}");
@@ -191,7 +192,7 @@ async fn forged_and_mismatched_tokens_are_401(backend: Backend) {
         qsh: Some(CanonicalRequest::new("GET", "/api/tenant", "", "").qsh()),
         ..Default::default()
     });
-    assert_eq!(app.get_with_token("/api/tenant", &rs).await.status(), 401);
+    assert_eq!(app.tenant(&rs).await.status(), 401);
 }
 
 fn context_token(client_key: &str, secret: &str) -> String {
@@ -212,13 +213,13 @@ fn context_token(client_key: &str, secret: &str) -> String {
 async fn context_tokens_only_on_opted_in_routes(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let token = context_token(&site.client_key, &site.secret);
-    let response = app.get_with_token("/api/tenant", &token).await;
+    let response = app.tenant(&token).await;
     assert_eq!(response.status(), 401);
     assert!(error_of(response).await.contains("context token"));
 
-    let response = app.get_with_token("/api/context", &token).await;
+    let response = app.context(&token).await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["accountId"], "5b10ac8d82e05b22cc7d4ef5");
@@ -231,16 +232,13 @@ async fn context_tokens_only_on_opted_in_routes(backend: Backend) {
         "/api/context",
         jwt::now(),
     );
-    assert_eq!(
-        app.get_with_token("/api/context", &regular).await.status(),
-        200
-    );
+    assert_eq!(app.context(&regular).await.status(), 200);
 }
 
 async fn previous_secret_stops_working_after_the_grace_window(backend: Backend) {
     let app = spawn_app_with(Options::new(backend).set("WARDEN_SECRET_GRACE_SECONDS", "1")).await;
     let mut site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let old = site.secret.clone();
     // Issued before the roll (the host's in-flight request).
     let in_flight = app.product_token(
@@ -251,28 +249,22 @@ async fn previous_secret_stops_working_after_the_grace_window(backend: Backend) 
         jwt::now() - 10,
     );
     site.secret = "rolled".into();
-    app.install(&site).await;
-    assert_eq!(
-        app.get_with_token("/api/tenant", &in_flight).await.status(),
-        200
-    );
+    app.installed(&site).await;
+    assert_eq!(app.tenant(&in_flight).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(
-        app.get_with_token("/api/tenant", &in_flight).await.status(),
-        401
-    );
+    assert_eq!(app.tenant(&in_flight).await.status(), 401);
     assert_eq!(app.tenant_status(&site, "rolled").await, 200);
 }
 
 async fn secrets_older_than_the_previous_never_verify(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let first = site.secret.clone();
     site.secret = "second".into();
-    app.install(&site).await;
+    app.installed(&site).await;
     site.secret = "third".into();
-    app.install(&site).await;
+    app.installed(&site).await;
     let ancient = app.product_token(
         &site.client_key,
         &first,
@@ -280,10 +272,7 @@ async fn secrets_older_than_the_previous_never_verify(backend: Backend) {
         "/api/tenant",
         jwt::now() - 30,
     );
-    assert_eq!(
-        app.get_with_token("/api/tenant", &ancient).await.status(),
-        401
-    );
+    assert_eq!(app.tenant(&ancient).await.status(), 401);
 }
 
 async fn base_url_with_a_path(backend: Backend) {
@@ -293,17 +282,9 @@ async fn base_url_with_a_path(backend: Backend) {
     .await;
     assert!(app.address.ends_with("/app"));
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
-    let descriptor: serde_json::Value = app
-        .client
-        .get(app.url("/atlassian-connect.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let descriptor: serde_json::Value = app.descriptor().await.json().await.unwrap();
     assert_eq!(descriptor["baseUrl"], "https://warden.example.com/app");
 }
 
@@ -313,7 +294,7 @@ async fn base_url_with_a_path(backend: Backend) {
 async fn token_floods_are_refused_and_do_not_hide_genuine_tenants(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
 
     let forged = (0..200).map(|i| {
@@ -325,7 +306,7 @@ async fn token_floods_are_refused_and_do_not_hide_genuine_tenants(backend: Backe
             jwt::now(),
         );
         let app = &app;
-        async move { app.get_with_token("/api/tenant", &token).await }
+        async move { app.tenant(&token).await }
     });
     for response in futures_util::future::join_all(forged).await {
         assert_eq!(response.status(), 401);
@@ -343,7 +324,7 @@ async fn token_floods_are_refused_and_do_not_hide_genuine_tenants(backend: Backe
     for status in futures_util::future::join_all(unknown).await {
         assert_eq!(status, 401);
     }
-    app.install(&newcomer).await;
+    app.installed(&newcomer).await;
     assert_eq!(
         app.tenant_status(&newcomer, &newcomer.secret).await,
         200,
@@ -353,7 +334,7 @@ async fn token_floods_are_refused_and_do_not_hide_genuine_tenants(backend: Backe
     // A roll on this instance is honoured at once, even right after forged tokens.
     let mut rolled = site.clone();
     rolled.secret = format!("{}-rolled", site.secret);
-    app.install(&rolled).await;
+    app.installed(&rolled).await;
     assert_eq!(app.tenant_status(&rolled, &rolled.secret).await, 200);
     assert_eq!(app.tenant_status(&rolled, "guessed").await, 401);
     assert_eq!(app.tenant_status(&rolled, &rolled.secret).await, 200);

@@ -4,11 +4,13 @@
 //! The machine's own Redis on 6379 is never touched.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use super::{free_port, free_ports};
 
 pub struct RedisServer {
     pub url: String,
@@ -45,15 +47,6 @@ pub fn unique_prefix() -> String {
         std::process::id(),
         PREFIXES.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start() -> Result<RedisServer, String> {
@@ -110,16 +103,8 @@ fn ping(port: u16) -> bool {
 pub struct RedisCluster {
     /// `redis://127.0.0.1:PORT` of every node.
     pub urls: Vec<String>,
-    pub ports: Vec<u16>,
     // Never dropped: closing its stdin at process exit is what stops the nodes.
     _child: Mutex<Child>,
-}
-
-impl RedisCluster {
-    /// The nodes' URLs, comma-separated, as `WARDEN_REDIS_URL` takes them in cluster mode.
-    pub fn seeds(&self) -> String {
-        self.urls.join(",")
-    }
 }
 
 static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
@@ -136,18 +121,6 @@ pub fn cluster() -> &'static RedisCluster {
         }
         panic!("could not start a private Redis Cluster (redis-server and redis-cli must be installed): {last_error}");
     })
-}
-
-/// `count` distinct free loopback ports.
-fn free_ports(count: usize) -> Vec<u16> {
-    // Held together so that no port is handed out twice.
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 fn start_cluster() -> Result<RedisCluster, String> {
@@ -227,7 +200,6 @@ rm -rf "$dir""#;
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect(),
-        ports: ports.to_vec(),
         _child: Mutex::new(child),
     })
 }

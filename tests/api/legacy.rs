@@ -2,9 +2,7 @@
 //! reinstalls signed with a secret the installation holds or held, and seed 001's secret
 //! migration rehearsal (install, ignore the uninstall, install again signed with the old secret).
 
-mod common;
-
-use common::app::{error_of, spawn_app_with, Backend, Options, Site, TestApp};
+use crate::helpers::app::{both_stores, error_of, spawn_app_with, Backend, Options, Site, TestApp};
 use serde_json::json;
 
 async fn legacy_app(backend: Backend) -> TestApp {
@@ -135,13 +133,13 @@ async fn reinstall_signed_with_an_older_secret_from_history_is_accepted(backend:
 async fn signed_install_is_still_verified_in_legacy_mode(backend: Backend) {
     let app = legacy_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     assert!(app.stored(&site.client_key).await.unwrap().signed_install);
 
     // An RS256 token that fails verification is not "downgraded" to the unsigned path.
     let other = Site::new();
     let mut claims = app.install_claims(&other.client_key, "/installed");
-    claims.aud = Some(connect_warden::jwt::Audience::One(
+    claims.aud = Some(connect_protocol::jwt::Audience::One(
         "https://elsewhere.example.com".into(),
     ));
     let response = app
@@ -179,11 +177,11 @@ async fn a_squatted_secret_is_worthless_after_the_signed_install(backend: Backen
     let mut site = Site::new();
     let genuine_secret = site.secret.clone();
     site.secret = "squatter-secret".into();
-    let squatted_at = connect_warden::jwt::now();
+    let squatted_at = connect_protocol::jwt::now();
     assert_eq!(unsigned_install(&app, &site).await.status(), 204);
 
     site.secret = genuine_secret.clone();
-    app.install(&site).await; // Atlassian's RS256 install with the genuine secret
+    app.installed(&site).await; // Atlassian's RS256 install with the genuine secret
     assert_eq!(app.tenant_status(&site, &genuine_secret).await, 200);
 
     // Grace: a token "issued before the roll" with the squatter's secret.
@@ -194,7 +192,7 @@ async fn a_squatted_secret_is_worthless_after_the_signed_install(backend: Backen
         "/api/tenant",
         squatted_at - 5,
     );
-    assert_eq!(app.get_with_token("/api/tenant", &old).await.status(), 401);
+    assert_eq!(app.tenant(&old).await.status(), 401);
 
     // Reinstall signed with the squatter's secret, carrying yet another secret.
     let mut takeover = site.clone();

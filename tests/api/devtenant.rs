@@ -2,22 +2,23 @@
 //! mode), the same rehearsal failing against a deliberately broken app, the tokens devtenant
 //! makes checked by warden's own JWT rules, and the `devtenant` binary end to end.
 
-mod common;
-
 use std::net::TcpListener;
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use crate::helpers::app::{
+    shared_signing_key, spawn_app_with, Backend, Options as AppOptions, TestApp,
+};
 use actix_web::{web, App, HttpResponse, HttpServer};
-use common::app::{shared_signing_key, spawn_app_with, Backend, Options as AppOptions, TestApp};
-use connect_warden::devtenant::client::{AppDescriptor, DescriptorOptions, HostClient};
-use connect_warden::devtenant::rehearse::{self, scenario, Options, Rehearsal, Report, Verdict};
-use connect_warden::devtenant::state::Tenant;
-use connect_warden::devtenant::{KeyRing, SigningKey};
-use connect_warden::domain::{BaseUrl, SharedSecret};
-use connect_warden::jwt::{self, CanonicalRequest, Token};
-use connect_warden::lifecycle::LifecycleEvent;
+use connect_protocol::domain::{BaseUrl, SharedSecret};
+use connect_protocol::jwt::{self, Token};
+use connect_protocol::lifecycle::LifecycleEvent;
+use connect_protocol::qsh::CanonicalRequest;
+use devtenant::client::{AppDescriptor, DescriptorOptions, HostClient};
+use devtenant::rehearse::{self, scenario, Options, Rehearsal, Report, Verdict};
+use devtenant::state::Tenant;
+use devtenant::{KeyRing, SigningKey};
 use serde_json::json;
 
 /// A second key for the test binary (the first is `shared_signing_key`): the spare key of a
@@ -221,7 +222,7 @@ async fn rehearsal_fails_against_an_app_that_accepts_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_off_loopback_is_refused_without_allow_remote() {
-    let http = connect_warden::devtenant::client::http_client(Duration::from_secs(2));
+    let http = devtenant::client::http_client(Duration::from_secs(2));
     let err = AppDescriptor::fetch(
         &http,
         "https://app.example.com/atlassian-connect.json",
@@ -251,10 +252,7 @@ fn devtenant_tokens_verify_under_the_protocol_rules() {
         app.url_for("/lifecycle/installed"),
         "http://127.0.0.1:9/base/lifecycle/installed"
     );
-    let client = HostClient::new(
-        connect_warden::devtenant::client::http_client(Duration::from_secs(1)),
-        app,
-    );
+    let client = HostClient::new(devtenant::client::http_client(Duration::from_secs(1)), app);
     let key = shared_signing_key();
     let mut tenant = Tenant::generate(Some("rules"), "http://127.0.0.1:1");
     let audiences = [BaseUrl::parse("https://app.example.com/base").unwrap()];
@@ -335,7 +333,7 @@ fn devtenant_tokens_verify_under_the_protocol_rules() {
 }
 
 fn devtenant() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_devtenant"));
+    let mut command = tokio::process::Command::new(crate::helpers::binaries::devtenant());
     command
         .env_remove("DEVTENANT_STATE_DIR")
         .env_remove("DEVTENANT_DESCRIPTOR")
@@ -392,11 +390,7 @@ async fn the_binary_explains_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_rehearses_against_warden() {
     // A port for the binary's key server, known before warden starts (as in CI).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let keys_url = format!("http://127.0.0.1:{port}");
     let app = spawn_app_with(
         AppOptions::new(Backend::Embedded)

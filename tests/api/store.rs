@@ -3,20 +3,19 @@
 //! (a private three-primary Redis Cluster, a unique prefix per test) and an `EmbeddedStore` (a
 //! fresh temporary directory per test). Store-specific tests follow.
 
-mod common;
-
-use common::store::commit;
+use crate::helpers::store::commit;
 
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use connect_warden::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_warden::secrets::SecretVersion;
 use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
-    Commit, CommitOutcome, InstallState, Installation, InstallationStore, SecretVersion, SeenToken,
-    SharedStore, StoreError,
+    Commit, CommitOutcome, InstallState, Installation, InstallationStore, SeenToken, SharedStore,
+    StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -30,8 +29,8 @@ struct Harness {
 
 async fn redis_harness() -> Harness {
     let store = RedisStore::connect(
-        common::redis_server::redis_url(),
-        &common::redis_server::unique_prefix(),
+        crate::helpers::redis_server::redis_url(),
+        &crate::helpers::redis_server::unique_prefix(),
     )
     .await
     .expect("connect");
@@ -42,9 +41,9 @@ async fn redis_harness() -> Harness {
 }
 
 async fn cluster_harness() -> Harness {
-    let cluster = common::redis_server::cluster();
+    let cluster = crate::helpers::redis_server::cluster();
     let seeds: Vec<&str> = cluster.urls.iter().map(String::as_str).collect();
-    let store = RedisStore::connect_cluster(&seeds, &common::redis_server::unique_prefix())
+    let store = RedisStore::connect_cluster(&seeds, &crate::helpers::redis_server::unique_prefix())
         .await
         .expect("connect");
     Harness {
@@ -451,7 +450,7 @@ both!(
 // Redis only
 
 async fn plain_redis() -> ::redis::aio::MultiplexedConnection {
-    ::redis::Client::open(common::redis_server::redis_url())
+    ::redis::Client::open(crate::helpers::redis_server::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -460,11 +459,11 @@ async fn plain_redis() -> ::redis::aio::MultiplexedConnection {
 
 #[tokio::test]
 async fn redis_list_client_keys_is_isolated_by_prefix() {
-    let url_ = common::redis_server::redis_url();
-    let a = RedisStore::connect(url_, &common::redis_server::unique_prefix())
+    let url_ = crate::helpers::redis_server::redis_url();
+    let a = RedisStore::connect(url_, &crate::helpers::redis_server::unique_prefix())
         .await
         .unwrap();
-    let b = RedisStore::connect(url_, &common::redis_server::unique_prefix())
+    let b = RedisStore::connect(url_, &crate::helpers::redis_server::unique_prefix())
         .await
         .unwrap();
     assert_eq!(
@@ -484,13 +483,13 @@ async fn redis_list_client_keys_is_isolated_by_prefix() {
 async fn redis_commit_publishes_the_client_key() {
     use futures_util::StreamExt;
 
-    let prefix = common::redis_server::unique_prefix();
-    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+    let prefix = crate::helpers::redis_server::unique_prefix();
+    let store = RedisStore::connect(crate::helpers::redis_server::redis_url(), &prefix)
         .await
         .unwrap();
     assert_eq!(store.channel(), format!("{prefix}:invalidate"));
 
-    let client = ::redis::Client::open(common::redis_server::redis_url()).unwrap();
+    let client = ::redis::Client::open(crate::helpers::redis_server::redis_url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(store.channel()).await.unwrap();
     let mut messages = pubsub.on_message();
@@ -524,8 +523,8 @@ async fn redis_commit_publishes_the_client_key() {
 async fn redis_key_layout_is_hash_tagged_per_tenant() {
     use ::redis::AsyncCommands;
 
-    let prefix = common::redis_server::unique_prefix();
-    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+    let prefix = crate::helpers::redis_server::unique_prefix();
+    let store = RedisStore::connect(crate::helpers::redis_server::redis_url(), &prefix)
         .await
         .unwrap();
     let record = installation("jira:layout");
@@ -576,8 +575,8 @@ async fn redis_key_layout_is_hash_tagged_per_tenant() {
 async fn redis_damaged_record_is_corrupt() {
     use ::redis::AsyncCommands;
 
-    let prefix = common::redis_server::unique_prefix();
-    let store = RedisStore::connect(common::redis_server::redis_url(), &prefix)
+    let prefix = crate::helpers::redis_server::unique_prefix();
+    let store = RedisStore::connect(crate::helpers::redis_server::redis_url(), &prefix)
         .await
         .unwrap();
     let mut conn = plain_redis().await;

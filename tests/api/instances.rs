@@ -7,17 +7,15 @@
 //! mind within the bounds asserted here. The tests share this binary's private Redis and run
 //! one at a time, because one of them kills every pub/sub connection on it.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::app::Site;
-use common::process::{eventually, Cluster, WardenProcess};
-use connect_warden::domain::ClientKey;
+use crate::helpers::app::Site;
+use crate::helpers::app::{eventually, Cluster, TestApp};
+use connect_protocol::domain::ClientKey;
+use connect_protocol::jwt;
 use connect_warden::invalidation::{Invalidation, Listener};
-use connect_warden::jwt;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::tenants::TenantCache;
 
@@ -33,7 +31,7 @@ const RECOVERY_WITHIN: Duration = Duration::from_secs(2);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A and B on one Redis and prefix, caching tenants for an hour.
-async fn two_instances(grace_seconds: &str) -> (Cluster, WardenProcess, WardenProcess) {
+async fn two_instances(grace_seconds: &str) -> (Cluster, TestApp, TestApp) {
     let cluster = Cluster::new().await;
     let env = [
         ("WARDEN_SECRET_GRACE_SECONDS", grace_seconds),
@@ -45,13 +43,9 @@ async fn two_instances(grace_seconds: &str) -> (Cluster, WardenProcess, WardenPr
 }
 
 /// A new site installed through A and cached by B (one successful product request).
-async fn installed_on_a_cached_on_b(
-    cluster: &Cluster,
-    a: &WardenProcess,
-    b: &WardenProcess,
-) -> Site {
+async fn installed_on_a_cached_on_b(a: &TestApp, b: &TestApp) -> Site {
     let site = Site::new();
-    a.install(&cluster.keys, &site).await;
+    a.installed(&site).await;
     assert_eq!(
         b.tenant_status(&site, &site.secret).await,
         200,
@@ -70,14 +64,14 @@ fn rolled(site: &Site) -> (Site, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_roll_on_one_instance_is_honoured_by_the_other() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (cluster, a, b) = two_instances("1").await;
+    let (_, a, b) = two_instances("1").await;
 
     // The new secret works on B with the first request after the roll, whether B already
     // heard of the roll or still holds the old secret (then it re-reads the store once, unless
     // its entry was read from the store less than 100 ms ago: see `tenants::FRESH_FOR`).
-    let x = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let x = installed_on_a_cached_on_b(&a, &b).await;
     let (x, _) = rolled(&x);
-    a.install(&cluster.keys, &x).await;
+    a.installed(&x).await;
     assert_eq!(
         b.tenant_status(&x, &x.secret).await,
         200,
@@ -86,10 +80,10 @@ async fn a_roll_on_one_instance_is_honoured_by_the_other() {
 
     // The old secret, on a token issued after the roll, verifies against what B cached
     // before the roll: only the invalidation makes B refuse it.
-    let y = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let y = installed_on_a_cached_on_b(&a, &b).await;
     let (y, old) = rolled(&y);
     let issued_before_roll = jwt::now() - 1;
-    a.install(&cluster.keys, &y).await;
+    a.installed(&y).await;
     let rolled_at = Instant::now();
     let took = eventually(
         "B refuses the old secret on a token issued after the roll",
@@ -128,9 +122,9 @@ async fn a_roll_on_one_instance_is_honoured_by_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uninstall_on_one_instance_is_honoured_by_the_other() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (cluster, a, b) = two_instances("0").await;
-    let site = installed_on_a_cached_on_b(&cluster, &a, &b).await;
-    a.uninstall(&cluster.keys, &site).await;
+    let (_, a, b) = two_instances("0").await;
+    let site = installed_on_a_cached_on_b(&a, &b).await;
+    a.uninstalled(&site).await;
     eventually("B refuses an uninstalled tenant", WITHIN, 403, || {
         b.tenant_status(&site, &site.secret)
     })
@@ -140,14 +134,14 @@ async fn an_uninstall_on_one_instance_is_honoured_by_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_and_enable_on_one_instance_are_honoured_by_the_other() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (cluster, a, b) = two_instances("0").await;
-    let site = installed_on_a_cached_on_b(&cluster, &a, &b).await;
-    a.toggle(&site, "disabled").await;
+    let (_, a, b) = two_instances("0").await;
+    let site = installed_on_a_cached_on_b(&a, &b).await;
+    a.disabled(&site).await;
     eventually("B refuses a disabled tenant", WITHIN, 403, || {
         b.tenant_status(&site, &site.secret)
     })
     .await;
-    a.toggle(&site, "enabled").await;
+    a.enabled(&site).await;
     eventually("B serves the tenant enabled again", WITHIN, 200, || {
         b.tenant_status(&site, &site.secret)
     })
@@ -157,12 +151,12 @@ async fn disable_and_enable_on_one_instance_are_honoured_by_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_import_on_one_instance_is_honoured_by_the_other() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (cluster, a, b) = two_instances("0").await;
-    let old = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let (_, a, b) = two_instances("0").await;
+    let old = installed_on_a_cached_on_b(&a, &b).await;
     // The imported site: same baseUrl, new clientKey, no uninstall of the old one.
     let mut imported = Site::new();
     imported.base_url = old.base_url.clone();
-    a.install(&cluster.keys, &imported).await;
+    a.installed(&imported).await;
     eventually("B refuses the superseded installation", WITHIN, 403, || {
         b.tenant_status(&old, &old.secret)
     })
@@ -175,14 +169,14 @@ async fn the_listener_recovers_from_a_lost_connection() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let (cluster, a, b) = two_instances("0").await;
     let channel = connect_warden::invalidation::channel(&cluster.redis_prefix);
-    let mut redis = redis::Client::open(cluster.redis_url.as_str())
+    let mut redis = redis::Client::open(crate::helpers::redis_server::redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
     wait_for_subscribers(&mut redis, &channel, 2).await;
-    let first = installed_on_a_cached_on_b(&cluster, &a, &b).await;
-    let second = installed_on_a_cached_on_b(&cluster, &a, &b).await;
+    let first = installed_on_a_cached_on_b(&a, &b).await;
+    let second = installed_on_a_cached_on_b(&a, &b).await;
 
     // Kill every subscription, and keep killing the new ones, until A has written: the
     // invalidation is published while B is not subscribed, so B never receives it and must
@@ -208,7 +202,7 @@ async fn the_listener_recovers_from_a_lost_connection() {
         }
     });
     wait_for_subscribers(&mut redis, &channel, 0).await;
-    a.uninstall(&cluster.keys, &first).await;
+    a.uninstalled(&first).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     stop.store(true, Ordering::SeqCst);
     let killed = killer.await.unwrap();
@@ -228,7 +222,7 @@ async fn the_listener_recovers_from_a_lost_connection() {
     // And messages flow again.
     wait_for_subscribers(&mut redis, &channel, 2).await;
     assert_eq!(b.tenant_status(&second, &second.secret).await, 200);
-    a.toggle(&second, "disabled").await;
+    a.disabled(&second).await;
     eventually(
         "B honours a disable after resubscribing",
         WITHIN,
@@ -344,8 +338,8 @@ async fn announced(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_subscription_is_noticed_within_two_seconds() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = common::redis_server::server();
-    let prefix = common::redis_server::unique_prefix();
+    let redis = crate::helpers::redis_server::server();
+    let prefix = crate::helpers::redis_server::unique_prefix();
     let channel = connect_warden::invalidation::channel(&prefix);
     let store = RedisStore::connect(&redis.url, &prefix).await.unwrap();
     let tenants = TenantCache::new(Arc::new(store), Duration::from_secs(3600));

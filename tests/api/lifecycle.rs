@@ -1,14 +1,12 @@
 //! The signed-install lifecycle over HTTP, from the host's side and from the attacker's.
 //! Every refused callback is checked for its status, its message, and that nothing was stored.
 
-mod common;
-
+use crate::helpers::app::{both_stores, error_of, spawn_app, Backend, Site, TestApp, APP_BASE_URL};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use common::app::{error_of, spawn_app, Backend, Site, TestApp, APP_BASE_URL};
-use connect_warden::devtenant::{sign_rs256, sign_rs256_with_kid, SigningKey};
-use connect_warden::jwt::{self, Audience};
+use connect_protocol::jwt::{self, Audience};
 use connect_warden::store::InstallState;
+use devtenant::{sign_rs256, sign_rs256_with_kid, SigningKey};
 use serde_json::json;
 
 /// A refused first install: status, message fragment, and an empty store.
@@ -34,7 +32,7 @@ async fn assert_refused_first_install(
 async fn signed_install_then_product_request(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
 
     let stored = app
         .stored(&site.client_key)
@@ -55,7 +53,7 @@ async fn signed_install_then_product_request(backend: Backend) {
         "/api/tenant",
         jwt::now(),
     );
-    let response = app.get_with_token("/api/tenant", &token).await;
+    let response = app.tenant(&token).await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["clientKey"], site.client_key);
@@ -115,7 +113,7 @@ async fn unknown_kid_is_refused(backend: Backend) {
 async fn kid_that_is_not_a_uuid_never_reaches_the_network(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    let key = common::app::shared_signing_key();
+    let key = crate::helpers::app::shared_signing_key();
     let claims = app.install_claims(&site.client_key, "/installed");
     for kid in [
         "../../admin",
@@ -363,9 +361,9 @@ async fn older_install_cannot_roll_the_secret_back(backend: Backend) {
     };
     let old_token = app.sign_install(&old_claims);
     let old_body = site.body("installed");
-    app.install(&site).await; // newer install (iat now)
+    app.installed(&site).await; // newer install (iat now)
     site.secret = "rolled-secret-newer".into();
-    app.install(&site).await;
+    app.installed(&site).await;
     let before = app.stored(&site.client_key).await.unwrap();
 
     let response = app
@@ -384,7 +382,7 @@ async fn older_install_cannot_roll_the_secret_back(backend: Backend) {
 async fn cross_tenant_overwrite_is_refused(backend: Backend) {
     let app = spawn_app(backend).await;
     let victim = Site::new();
-    app.install(&victim).await;
+    app.installed(&victim).await;
     let before = app.stored(&victim.client_key).await.unwrap();
 
     // The attacker owns a real site (a genuine Atlassian token for its own clientKey) and
@@ -404,10 +402,10 @@ async fn cross_tenant_overwrite_is_refused(backend: Backend) {
 async fn secret_roll_keeps_history_and_new_secret_works(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let old_secret = site.secret.clone();
     site.secret = "the-rolled-secret".into();
-    app.install(&site).await;
+    app.installed(&site).await;
 
     let stored = app.stored(&site.client_key).await.unwrap();
     let history: Vec<&str> = stored.secrets.iter().map(|s| s.secret.expose()).collect();
@@ -421,10 +419,7 @@ async fn secret_roll_keeps_history_and_new_secret_works(backend: Backend) {
         "/api/tenant",
         stored.current_secret().since - 5,
     );
-    assert_eq!(
-        app.get_with_token("/api/tenant", &in_flight).await.status(),
-        200
-    );
+    assert_eq!(app.tenant(&in_flight).await.status(), 200);
     // Issued after the roll with the old secret: refused even within the grace window.
     assert_eq!(app.tenant_status(&site, &old_secret).await, 401);
 }
@@ -432,7 +427,7 @@ async fn secret_roll_keeps_history_and_new_secret_works(backend: Backend) {
 async fn uninstall_keeps_the_record_and_blocks_requests_until_reinstall(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let token = app.install_token(&site.client_key, "/uninstalled");
     assert_eq!(
         app.post_lifecycle("/uninstalled", Some(&token), &site.body("uninstalled"))
@@ -454,12 +449,12 @@ async fn uninstall_keeps_the_record_and_blocks_requests_until_reinstall(backend:
         "/api/tenant",
         jwt::now(),
     );
-    let response = app.get_with_token("/api/tenant", &token).await;
+    let response = app.tenant(&token).await;
     assert_eq!(response.status(), 403);
     assert!(error_of(response).await.contains("uninstalled"));
 
     // Unsigned uninstall (an attacker knocking a tenant out) is refused.
-    app.install(&site).await;
+    app.installed(&site).await;
     let response = app
         .post_lifecycle("/uninstalled", None, &site.body("uninstalled"))
         .await;
@@ -474,7 +469,7 @@ async fn uninstall_keeps_the_record_and_blocks_requests_until_reinstall(backend:
 async fn disable_and_enable_need_the_tenant_secret(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
 
     let forged = app.tenant_lifecycle_token(&site.client_key, "not-the-secret", "/disabled");
     assert_eq!(
@@ -521,7 +516,7 @@ async fn disable_and_enable_need_the_tenant_secret(backend: Backend) {
 async fn disabled_and_uninstalled_milliseconds_apart(backend: Backend) {
     let app = spawn_app(backend).await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let disable = app.tenant_lifecycle_token(&site.client_key, &site.secret, "/disabled");
     let uninstall = app.install_token(&site.client_key, "/uninstalled");
     let (disabled_body, uninstalled_body) = (site.body("disabled"), site.body("uninstalled"));
@@ -576,7 +571,7 @@ async fn hundred_concurrent_installs_fetch_the_key_once(backend: Backend) {
 async fn a_tenant_cannot_move_to_a_staging_site(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let before = app.stored(&site.client_key).await.unwrap();
     site.base_url = "https://acme.jira-dev.com".into();
     site.secret = "staging-signed-secret".into();

@@ -1,22 +1,15 @@
 //! The service around the protocol: descriptor, health and readiness, JSON errors, and what a
 //! store outage looks like to callers.
 
-mod common;
-
-use common::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
+use crate::helpers::app::{error_of, spawn_app, spawn_app_with, Backend, Options, Site};
 
 #[tokio::test]
 async fn descriptor_declares_lifecycle_and_migrations() {
     let app = spawn_app(Backend::Embedded).await;
-    let response = app
-        .client
-        .get(app.url("/atlassian-connect.json"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.descriptor().await;
     assert_eq!(response.status(), 200);
     let d: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(d["baseUrl"], common::app::APP_BASE_URL);
+    assert_eq!(d["baseUrl"], crate::helpers::app::APP_BASE_URL);
     assert_eq!(d["key"], "connect-warden");
     assert_eq!(d["apiMigrations"]["signed-install"], true);
     assert_eq!(d["apiMigrations"]["context-qsh"], true);
@@ -29,15 +22,7 @@ async fn descriptor_declares_lifecycle_and_migrations() {
 async fn app_key_setting_overrides_the_descriptor_and_checks_bodies() {
     let app =
         spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_APP_KEY", "vendor-app")).await;
-    let d: serde_json::Value = app
-        .client
-        .get(app.url("/atlassian-connect.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d: serde_json::Value = app.descriptor().await.json().await.unwrap();
     assert_eq!(d["key"], "vendor-app");
     // A body for another app key is refused.
     let site = Site::new();
@@ -73,27 +58,15 @@ async fn unknown_routes_and_methods_answer_json() {
 /// silent success) until Redis is back.
 #[tokio::test]
 async fn store_outage_is_503() {
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = crate::helpers::free_port();
     let app = spawn_app_with(
         Options::new(Backend::Embedded)
             .set("WARDEN_REDIS_URL", format!("redis://127.0.0.1:{dead_port}"))
             .set("WARDEN_REDIS_PREFIX", "outage"),
     )
     .await;
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(app.healthz().await.status(), 200);
+    let response = app.readyz().await;
     assert_eq!(response.status(), 503);
     assert!(error_of(response).await.contains("store is unavailable"));
 
@@ -109,12 +82,9 @@ async fn store_outage_is_503() {
         &site.secret,
         "GET",
         "/api/tenant",
-        connect_warden::jwt::now(),
+        connect_protocol::jwt::now(),
     );
-    assert_eq!(
-        app.get_with_token("/api/tenant", &token).await.status(),
-        503
-    );
+    assert_eq!(app.tenant(&token).await.status(), 503);
 }
 
 /// A vendor route registered with `Application::build_with_routes` sits under the base path
@@ -136,13 +106,13 @@ async fn vendor_routes_are_served_under_the_base_path_and_guarded() {
     )
     .await;
     let site = Site::new();
-    app.install(&site).await;
+    app.installed(&site).await;
     let token = app.product_token(
         &site.client_key,
         &site.secret,
         "GET",
         "/api/hello",
-        connect_warden::jwt::now(),
+        connect_protocol::jwt::now(),
     );
     let response = app.get_with_token("/api/hello", &token).await;
     assert_eq!(response.status(), 200);
@@ -155,20 +125,12 @@ async fn vendor_routes_are_served_under_the_base_path_and_guarded() {
         "guess",
         "GET",
         "/api/hello",
-        connect_warden::jwt::now(),
+        connect_protocol::jwt::now(),
     );
     assert_eq!(
         app.get_with_token("/api/hello", &forged).await.status(),
         401
     );
     // warden's own routes are still there.
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.healthz().await.status(), 200);
 }

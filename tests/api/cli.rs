@@ -54,9 +54,9 @@ fn canonical_strips_the_base_url_path() {
 
 #[test]
 fn decode_shows_claims_marked_unverified() {
-    let secret = connect_warden::domain::SharedSecret::parse("s").unwrap();
-    let token = connect_warden::jwt::sign_hs256(
-        &connect_warden::jwt::Claims {
+    let secret = connect_protocol::domain::SharedSecret::parse("s").unwrap();
+    let token = connect_protocol::jwt::sign_hs256(
+        &connect_protocol::jwt::Claims {
             iss: Some("ck-1".into()),
             qsh: Some("abc".into()),
             ..Default::default()

@@ -2,13 +2,11 @@
 //! rolls, product requests in the header and in `?jwt=`, refused forgeries, replays) are
 //! captured at the most verbose level and searched for every secret and token used.
 
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::app::{spawn_app, Backend, Site};
-use connect_warden::jwt;
+use crate::helpers::app::{spawn_app, Backend, Site};
+use connect_protocol::jwt;
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]
@@ -81,7 +79,7 @@ async fn no_secret_or_token_is_ever_logged() {
             "/api/tenant",
             jwt::now(),
         );
-        assert_eq!(app.get_with_token("/api/tenant", &good).await.status(), 200);
+        assert_eq!(app.tenant(&good).await.status(), 200);
         let in_query = app
             .client
             .get(app.url(&format!("/api/tenant?jwt={good}")))
@@ -96,7 +94,7 @@ async fn no_secret_or_token_is_ever_logged() {
             "/api/tenant",
             jwt::now(),
         );
-        assert_eq!(app.get_with_token("/api/tenant", &bad).await.status(), 401);
+        assert_eq!(app.tenant(&bad).await.status(), 401);
         needles.extend([good, bad, "wrong-secret-xyz".into()]);
 
         // Enable/disable tokens.

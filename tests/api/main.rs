@@ -1,0 +1,18 @@
+//! The integration tests: one test binary (one link, one private Redis for the whole run),
+//! one module per area, the shared harness in [`helpers`].
+
+mod helpers;
+
+mod cli;
+mod cluster;
+mod devtenant;
+mod host_client;
+mod install_keys;
+mod instances;
+mod legacy;
+mod lifecycle;
+mod logging;
+mod product_requests;
+mod service;
+mod site_import;
+mod store;
