@@ -47,16 +47,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::error_chain;
 use crate::store::{Installation, Usability};
+use connect_protocol::claims::{self, JWT_BEARER_GRANT};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
-use connect_protocol::jwt::{self, Audience, Claims};
+use connect_protocol::jwt;
 use connect_protocol::qsh::CanonicalRequest;
 
-/// `grant_type` of the impersonation request (RFC 7523).
-pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// Prefix of the assertion's `iss`; the installation's `oauthClientId` follows.
-pub const CLIENT_ID_PREFIX: &str = "urn:atlassian:connect:clientid:";
-/// Prefix of the assertion's `sub`; the user's account id follows.
-pub const ACCOUNT_ID_PREFIX: &str = "urn:atlassian:connect:useraccountid:";
 /// Lifetime of the JWT on an app request.
 pub const APP_TOKEN_LIFETIME_SECONDS: i64 = 180;
 /// Lifetime of an impersonation assertion: the authorization server allows at most 60 s.
@@ -445,14 +440,14 @@ impl HostClient {
             .as_ref()
             .map_err(|raw| HostClientError::BadTokenEndpoint(raw.clone()))?;
         let now = jwt::now();
-        let claims = AssertionClaims {
-            iss: format!("{CLIENT_ID_PREFIX}{}", key.oauth_client_id),
-            sub: format!("{ACCOUNT_ID_PREFIX}{}", key.account_id),
-            tnt: key.base_url.as_str(),
-            aud: Audience::One(endpoint.origin.clone()),
-            iat: now,
-            exp: now + ASSERTION_LIFETIME_SECONDS,
-        };
+        let claims = claims::assertion_claims(
+            &key.oauth_client_id,
+            &key.account_id,
+            key.base_url.as_str(),
+            &endpoint.origin,
+            now,
+            now + ASSERTION_LIFETIME_SECONDS,
+        );
         let assertion = jwt::sign_hs256(&claims, secret);
         let scrub = [secret.expose(), assertion.as_str()];
         tracing::debug!(client_key = %key.client_key, scopes = %key.scopes, "requesting an impersonation token");
@@ -529,16 +524,6 @@ impl HostClient {
             refresh_at: sent_at + lifetime.saturating_sub(self.token_margin),
         })))
     }
-}
-
-#[derive(Serialize)]
-struct AssertionClaims<'a> {
-    iss: String,
-    sub: String,
-    tnt: &'a str,
-    aud: Audience,
-    iat: i64,
-    exp: i64,
 }
 
 #[derive(Deserialize)]
@@ -827,13 +812,8 @@ impl HostRequest {
                     self.base_url.path(),
                 );
                 let now = jwt::now();
-                let claims = Claims {
-                    iss: Some(app_key.clone()),
-                    iat: Some(now),
-                    exp: Some(now + APP_TOKEN_LIFETIME_SECONDS),
-                    qsh: Some(canonical.qsh()),
-                    ..Default::default()
-                };
+                let claims =
+                    claims::app_claims(app_key, &canonical, now, now + APP_TOKEN_LIFETIME_SECONDS);
                 let token = jwt::sign_hs256(&claims, secret);
                 (
                     format!("JWT {token}"),

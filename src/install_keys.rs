@@ -76,8 +76,8 @@ fn unavailable_message(cause: &(dyn std::error::Error + Send + Sync + 'static)) 
 fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     cause.is::<FetchBudgetExhausted>()
         || cause
-            .downcast_ref::<SharedCause>()
-            .and_then(SharedCause::cause)
+            .downcast_ref::<SharedKeyFetchError>()
+            .and_then(SharedKeyFetchError::cause)
             .is_some_and(is_budget_cause)
 }
 
@@ -343,15 +343,17 @@ fn unshare(kid: &KeyId, shared: Arc<KeyFetchError>) -> KeyFetchError {
             kid: kid.to_string(),
         },
         KeyFetchError::InvalidKey => KeyFetchError::InvalidKey,
-        KeyFetchError::Unavailable(_) => KeyFetchError::Unavailable(Box::new(SharedCause(shared))),
+        KeyFetchError::Unavailable(_) => {
+            KeyFetchError::Unavailable(Box::new(SharedKeyFetchError(shared)))
+        }
     }
 }
 
 /// The cause of an `Unavailable` shared between waiters, shown as the cause itself.
 #[derive(Debug)]
-struct SharedCause(Arc<KeyFetchError>);
+struct SharedKeyFetchError(Arc<KeyFetchError>);
 
-impl SharedCause {
+impl SharedKeyFetchError {
     fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
         match &*self.0 {
             KeyFetchError::Unavailable(cause) => Some(cause.as_ref()),
@@ -360,7 +362,7 @@ impl SharedCause {
     }
 }
 
-impl std::fmt::Display for SharedCause {
+impl std::fmt::Display for SharedKeyFetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.cause() {
             Some(cause) => std::fmt::Display::fmt(cause, f),
@@ -369,7 +371,7 @@ impl std::fmt::Display for SharedCause {
     }
 }
 
-impl std::error::Error for SharedCause {
+impl std::error::Error for SharedKeyFetchError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.cause().and_then(|c| c.source())
     }

@@ -162,9 +162,9 @@ impl Epochs {
 /// A store error shared by the readers of one flight: each gets a [`StoreError`] of the same
 /// kind (what decides the HTTP status), with the original as its cause.
 #[derive(Debug)]
-struct SharedCause(Arc<StoreError>);
+struct SharedStoreError(Arc<StoreError>);
 
-impl std::fmt::Display for SharedCause {
+impl std::fmt::Display for SharedStoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match std::error::Error::source(&*self.0) {
             Some(cause) => write!(f, "{cause}"),
@@ -173,7 +173,7 @@ impl std::fmt::Display for SharedCause {
     }
 }
 
-impl std::error::Error for SharedCause {
+impl std::error::Error for SharedStoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&*self.0).and_then(|cause| cause.source())
     }
@@ -181,7 +181,7 @@ impl std::error::Error for SharedCause {
 
 fn unshare(error: Arc<StoreError>) -> StoreError {
     match &*error {
-        StoreError::Unavailable(_) => StoreError::unavailable(SharedCause(error)),
+        StoreError::Unavailable(_) => StoreError::unavailable(SharedStoreError(error)),
         StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
     }
 }

@@ -15,7 +15,7 @@ use connect_protocol::domain::{BaseUrl, SharedSecret};
 use connect_protocol::jwt::{self, Token};
 use connect_protocol::lifecycle::LifecycleEvent;
 use connect_protocol::qsh::CanonicalRequest;
-use devtenant::client::{AppDescriptor, DescriptorOptions, HostClient};
+use devtenant::client::{AppCaller, AppDescriptor, DescriptorOptions};
 use devtenant::rehearse::{self, scenario, Options, Rehearsal, Report, Verdict};
 use devtenant::state::Tenant;
 use devtenant::{KeyRing, SigningKey};
@@ -252,7 +252,7 @@ fn devtenant_tokens_verify_under_the_protocol_rules() {
         app.url_for("/lifecycle/installed"),
         "http://127.0.0.1:9/base/lifecycle/installed"
     );
-    let client = HostClient::new(devtenant::client::http_client(Duration::from_secs(1)), app);
+    let client = AppCaller::new(devtenant::client::http_client(Duration::from_secs(1)), app);
     let key = shared_signing_key();
     let mut tenant = Tenant::generate(Some("rules"), "http://127.0.0.1:1");
     let audiences = [BaseUrl::parse("https://app.example.com/base").unwrap()];

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
-use super::client::{http_client, AppDescriptor, DescriptorOptions, Exchange, HostClient};
+use super::client::{http_client, AppCaller, AppDescriptor, DescriptorOptions, Exchange};
 use super::keys::{KeyRing, INDEX_FILE};
 use super::rehearse::{self, DEFAULT_ACCOUNT_ID};
 use super::server::DevServer;
@@ -58,13 +58,13 @@ REST and OAuth2 endpoints an app calls back), RS256-signed lifecycle callbacks, 
 of the whole catalogue (including forged callbacks that must be refused).",
     after_help = AFTER_HELP
 )]
-pub struct Cli {
+pub struct DevtenantCli {
     /// State directory: install keys, tenants (tenants.json), the server address (server.json).
     /// `rehearse` keeps its keys in memory unless this is given.
     #[arg(long, global = true, env = "DEVTENANT_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: DevtenantCommand,
 }
 
 /// Which app, and where it is reached.
@@ -88,7 +88,7 @@ pub struct AppArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub enum DevtenantCommand {
     /// Run the install-key server and the fake host on one loopback address until Ctrl-C.
     ///
     /// Keys are served at `/<kid>` (so the server URL is the app's WARDEN_KEYS_URL), sites live
@@ -229,7 +229,7 @@ pub enum Command {
 
 /// The whole `main` of the `devtenant` binary.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = DevtenantCli::parse();
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -241,41 +241,41 @@ pub async fn main() -> ExitCode {
 
 /// Runs one command; `Ok(1)` when the app refused or a check failed, `Err` when devtenant
 /// itself could not do its part.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub async fn run(cli: DevtenantCli) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(
         cli.state_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
     );
     match cli.command {
-        Command::Serve { listen } => serve(&state, &listen).await,
-        Command::Install {
+        DevtenantCommand::Serve { listen } => serve(&state, &listen).await,
+        DevtenantCommand::Install {
             app,
             tenant,
             legacy,
         } => install(&state, &app, tenant.as_deref(), legacy, false).await,
-        Command::Roll {
+        DevtenantCommand::Roll {
             app,
             tenant,
             legacy,
         } => install(&state, &app, Some(&tenant), legacy, true).await,
-        Command::Uninstall {
+        DevtenantCommand::Uninstall {
             app,
             tenant,
             legacy,
         } => uninstall(&state, &app, &tenant, legacy).await,
-        Command::Enable { app, tenant } => {
+        DevtenantCommand::Enable { app, tenant } => {
             enable_disable(&state, &app, &tenant, LifecycleEvent::Enabled).await
         }
-        Command::Disable { app, tenant } => {
+        DevtenantCommand::Disable { app, tenant } => {
             enable_disable(&state, &app, &tenant, LifecycleEvent::Disabled).await
         }
-        Command::Import {
+        DevtenantCommand::Import {
             app,
             tenant,
             new_name,
         } => import(&state, &app, &tenant, new_name.as_deref()).await,
-        Command::Request {
+        DevtenantCommand::Request {
             app,
             method,
             path,
@@ -298,9 +298,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::RotateKey => rotate_key(&state).await,
-        Command::Tenants => list_tenants(&state),
-        Command::Rehearse {
+        DevtenantCommand::RotateKey => rotate_key(&state).await,
+        DevtenantCommand::Tenants => list_tenants(&state),
+        DevtenantCommand::Rehearse {
             app,
             legacy,
             strict,
@@ -457,7 +457,7 @@ fn register_tenants(state: &StateDir, server: &DevServer) -> usize {
 // ---- lifecycle subcommands ----
 
 /// The app, from `--descriptor`, else the tenant's, else the default.
-async fn connect(app: &AppArgs, tenant: Option<&Tenant>) -> anyhow::Result<HostClient> {
+async fn connect(app: &AppArgs, tenant: Option<&Tenant>) -> anyhow::Result<AppCaller> {
     let url = app
         .descriptor
         .clone()
@@ -470,7 +470,7 @@ async fn connect(app: &AppArgs, tenant: Option<&Tenant>) -> anyhow::Result<HostC
     };
     let descriptor = AppDescriptor::fetch(&http, &url, &options).await?;
     println!("{}", descriptor.summary());
-    Ok(HostClient::new(http, descriptor))
+    Ok(AppCaller::new(http, descriptor))
 }
 
 fn describe_tenant(t: &Tenant) -> String {
@@ -497,7 +497,7 @@ fn exit_for(exchange: &Exchange) -> ExitCode {
 }
 
 /// Where `serve` runs, for new sites' base URLs; checks that it serves the current key.
-async fn server_url(state: &StateDir, client: &HostClient, kid: &str) -> anyhow::Result<String> {
+async fn server_url(state: &StateDir, client: &AppCaller, kid: &str) -> anyhow::Result<String> {
     let info = state.server_info()?.with_context(|| {
         format!(
             "no devtenant server has run with the state directory {}: start `devtenant serve` (same --state-dir) \
@@ -650,7 +650,7 @@ async fn tenant_callback(
     app: &AppArgs,
     name: &str,
     event: LifecycleEvent,
-    sign: impl FnOnce(&HostClient, &mut Tenant) -> anyhow::Result<String>,
+    sign: impl FnOnce(&AppCaller, &mut Tenant) -> anyhow::Result<String>,
     update: impl Fn(&mut Tenant),
 ) -> anyhow::Result<ExitCode> {
     let mut tenant = state.tenant(name)?;
@@ -809,12 +809,12 @@ mod tests {
 
     #[test]
     fn command_line_is_consistent() {
-        Cli::command().debug_assert();
+        DevtenantCli::command().debug_assert();
     }
 
     #[test]
     fn request_parses_method_path_and_flags() {
-        let cli = Cli::try_parse_from([
+        let cli = DevtenantCli::try_parse_from([
             "devtenant",
             "--state-dir",
             "/tmp/x",
@@ -829,7 +829,7 @@ mod tests {
         .unwrap();
         assert_eq!(cli.state_dir.as_deref(), Some(Path::new("/tmp/x")));
         match cli.command {
-            Command::Request {
+            DevtenantCommand::Request {
                 method,
                 path,
                 tenant,

@@ -257,12 +257,12 @@ impl AppDescriptor {
 
 /// The host's side of the conversation with one app.
 #[derive(Debug, Clone)]
-pub struct HostClient {
+pub struct AppCaller {
     pub http: reqwest::Client,
     pub app: AppDescriptor,
 }
 
-impl HostClient {
+impl AppCaller {
     pub fn new(http: reqwest::Client, app: AppDescriptor) -> Self {
         Self { http, app }
     }
@@ -717,7 +717,7 @@ mod tests {
         assert!(!described.contains(&tenant.shared_secret));
         assert!(described.contains(&fingerprint(&tenant.shared_secret)));
 
-        let client = HostClient::new(
+        let client = AppCaller::new(
             http_client(DEFAULT_TIMEOUT),
             descriptor("http://127.0.0.1:3000/app", &DescriptorOptions::default()),
         );

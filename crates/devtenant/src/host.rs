@@ -43,23 +43,21 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
+use connect_protocol::claims::{
+    AssertionClaims, ACCOUNT_ID_PREFIX, CLIENT_ID_PREFIX, JWT_BEARER_GRANT,
+};
 use connect_protocol::domain::{BaseUrl, SharedSecret};
 use connect_protocol::jwt::{self, Audience, Token};
 use connect_protocol::qsh::CanonicalRequest;
 
 use super::local_server::{loopback_addrs, LocalServer};
 
-/// `grant_type` of an impersonation request.
-pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Longest assertion lifetime (`exp - iat`) accepted.
 pub const MAX_ASSERTION_LIFETIME: i64 = 60;
 /// `expires_in` of issued tokens unless [`HostService::set_token_expires_in`] says otherwise.
 pub const DEFAULT_EXPIRES_IN: u64 = 900;
 /// Issued tokens kept at most; expired ones are dropped first.
 const MAX_ISSUED_TOKENS: usize = 100_000;
-
-const CLIENT_ID_PREFIX: &str = "urn:atlassian:connect:clientid:";
-const ACCOUNT_ID_PREFIX: &str = "urn:atlassian:connect:useraccountid:";
 
 /// One site with the app installed, as the host knows it.
 #[derive(Debug, Clone)]
@@ -448,23 +446,6 @@ struct TokenForm {
     assertion: Option<String>,
     #[serde(default)]
     scope: Option<String>,
-}
-
-/// The assertion's claims (`jwt::Claims` has no `tnt`).
-#[derive(Debug, Deserialize)]
-struct AssertionClaims {
-    #[serde(default)]
-    iss: Option<String>,
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    tnt: Option<String>,
-    #[serde(default)]
-    aud: Option<Audience>,
-    #[serde(default)]
-    iat: Option<i64>,
-    #[serde(default)]
-    exp: Option<i64>,
 }
 
 fn oauth_error(

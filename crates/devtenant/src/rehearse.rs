@@ -28,7 +28,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use super::client::{
-    http_client, AppDescriptor, DescriptorOptions, Exchange, HostClient, DEFAULT_TIMEOUT,
+    http_client, AppCaller, AppDescriptor, DescriptorOptions, Exchange, DEFAULT_TIMEOUT,
 };
 use super::keys::{sign_rs256, sign_rs256_with_kid, KeyRing, SigningKey};
 use super::server::DevServer;
@@ -456,7 +456,7 @@ impl Rehearsal {
             spare = tokio::task::spawn_blocking(SigningKey::generate).await?;
         }
         let mut ctx = Ctx {
-            client: HostClient::new(http, app),
+            client: AppCaller::new(http, app),
             server: &server,
             options: &options,
             rows: Vec::new(),
@@ -486,7 +486,7 @@ struct DeferredGraceCheck {
 }
 
 struct Ctx<'a> {
-    client: HostClient,
+    client: AppCaller,
     server: &'a DevServer,
     options: &'a Options,
     rows: Vec<Row>,
