@@ -60,6 +60,12 @@ impl<'de> Deserialize<'de> for SecretVersion {
 }
 
 impl Installation {
+    /// Whether Atlassian's signature ever proved an install of this installation (a secret
+    /// in its history came with one). Legacy mode's unsigned installs may be squatters.
+    pub fn ever_signed(&self) -> bool {
+        self.secrets.iter().any(|s| s.signed)
+    }
+
     pub fn current_secret(&self) -> &SecretVersion {
         self.secrets
             .last()

@@ -69,8 +69,7 @@ impl Applier<'_> {
             let installation = decision.installation.map(Arc::new);
             let superseded = match (&installation, decision.site) {
                 (Some(installed), SiteStep::Import) => {
-                    self.supersede_previous_tenants(installed, auth.iat.unwrap_or(0))
-                        .await?
+                    self.supersede_previous_tenants(installed).await?
                 }
                 (Some(installed), SiteStep::Index) => {
                     self.store
@@ -103,12 +102,14 @@ impl Applier<'_> {
     /// every instance reads alike. Those ranked below this install are marked superseded by it
     /// and linked from it; should another active one rank above it (two imports racing), this
     /// installation is the one superseded. So exactly one installation of a site stays active,
-    /// whatever order the writes land in. Returns the clientKeys superseded (possibly this
+    /// whatever order the writes land in. Installations Atlassian never installed (legacy
+    /// mode's unsigned installs) take no part: they neither outrank this install nor are
+    /// retired or linked by it, so a squatter can neither knock the genuine site out nor be
+    /// taken for its predecessor. Returns the clientKeys superseded (possibly this
     /// installation's own).
     async fn supersede_previous_tenants(
         &self,
         installed: &Installation,
-        install_iat: i64,
     ) -> Result<Vec<ClientKey>, LifecycleError> {
         let store = self.store;
         store
@@ -116,7 +117,7 @@ impl Applier<'_> {
             .await?;
         let site_order = store.client_keys_for_site(&installed.base_url).await?;
         let position = |key: &ClientKey| site_order.iter().position(|k| k == key);
-        let this = (install_iat, position(&installed.client_key));
+        let this = (installed.last_event_iat, position(&installed.client_key));
         let mut superseded = Vec::new();
         for other in &site_order {
             if *other == installed.client_key {
@@ -124,7 +125,7 @@ impl Applier<'_> {
             }
             let mut other_is_newer = false;
             let marked = update_with_retry(store, other, |old| {
-                if !old.is_active() || old.base_url != installed.base_url {
+                if !old.is_active() || old.base_url != installed.base_url || !old.ever_signed() {
                     return None;
                 }
                 if (old.last_event_iat, position(other)) > this {

@@ -116,23 +116,18 @@ pub async fn authenticate(
     };
     let token = Token::parse(token_from_header(header)?)?;
 
-    let proof = if event.is_install_signed() && (token.alg() == "RS256" || !legacy) {
+    let signed_by_atlassian = event.is_install_signed() && (token.alg() == "RS256" || !legacy);
+    let verifier = if signed_by_atlassian {
         token.require_alg("RS256")?;
         let kid = token.kid().ok_or(JwtError::MissingKid)?;
-        let kid = KeyId::parse(kid).map_err(|_| JwtError::InvalidKid)?;
-        let key = ctx.keys.key(&kid, &payload.base_url).await?;
-        token.verify_rs256(&key)?;
-        Proof::AtlassianSignature
+        Verifier::InstallKey(KeyId::parse(kid).map_err(|_| JwtError::InvalidKid)?)
     } else {
         token.require_alg("HS256")?;
         match existing {
-            Some(installation) => {
-                verify_lifecycle_signature(&token, event, installation)?;
-                Proof::SharedSecret
-            }
+            Some(installation) => Verifier::TenantSecret(installation),
             // An app that lost (or never had) the record treats a signed reinstall as a first
-            // install (docs/PROTOCOL.md §5). In legacy mode that is no weaker
-            // than the unsigned first install it already accepts.
+            // install (docs/PROTOCOL.md §5). In legacy mode that is no weaker than the unsigned
+            // first install it already accepts.
             None if legacy && event == LifecycleEvent::Installed => {
                 check_host(ctx.settings, payload)?;
                 tracing::warn!(client_key = %payload.client_key, "HS256 install for an unknown clientKey accepted as a first install (legacy mode)");
@@ -151,9 +146,11 @@ pub async fn authenticate(
         }
     };
 
+    // Every rule that can be checked on the claims as sent runs before a key is fetched or a
+    // secret tried: a junk token costs no key-server fetch and no fetch budget.
     let claims = token.claims();
     let (iat, exp) = claims.check_times(jwt::now())?;
-    if proof == Proof::AtlassianSignature {
+    if signed_by_atlassian {
         claims.check_audience(&ctx.settings.accepted_audiences())?;
     }
     claims.check_qsh(&callback.request, false)?;
@@ -164,6 +161,18 @@ pub async fn authenticate(
         )));
     }
     check_host(ctx.settings, payload)?;
+
+    let proof = match verifier {
+        Verifier::InstallKey(kid) => {
+            let key = ctx.keys.key(&kid, &payload.base_url).await?;
+            token.verify_rs256(&key)?;
+            Proof::AtlassianSignature
+        }
+        Verifier::TenantSecret(installation) => {
+            verify_lifecycle_signature(&token, event, installation)?;
+            Proof::SharedSecret
+        }
+    };
     Ok(Authenticated {
         proof,
         iat: Some(iat),
@@ -175,6 +184,14 @@ pub async fn authenticate(
             expires_at: exp + jwt::LEEWAY_SECONDS + REPLAY_MEMORY_MARGIN_SECONDS,
         }),
     })
+}
+
+/// What a lifecycle token's signature is checked with.
+enum Verifier<'a> {
+    /// Atlassian's install key of this `kid` (RS256).
+    InstallKey(KeyId),
+    /// A secret of this installation (HS256).
+    TenantSecret(&'a Installation),
 }
 
 fn missing_token_message(event: LifecycleEvent, legacy: bool, known: bool) -> String {
@@ -247,12 +264,7 @@ pub fn decide(
             // site link that an interrupted first attempt may not have made.
             let site = match &existing {
                 Some(installed)
-                    if links_site(
-                        event,
-                        auth,
-                        installed,
-                        auth.iat == Some(installed.last_event_iat),
-                    ) =>
+                    if links_site(event, auth, installed, is_latest(installed, payload, auth)) =>
                 {
                     SiteStep::Import
                 }
@@ -270,11 +282,11 @@ pub fn decide(
         ));
     }
     if let (Some(iat), Some(current)) = (auth.iat, existing.as_ref()) {
-        if iat < current.last_event_iat {
+        let floor = ordering_floor(event, auth.proof, current);
+        if iat < floor {
             return Err(LifecycleError::Stale(format!(
-                "this {} was issued (iat {iat}) before the last accepted lifecycle event (iat {}): refused as stale",
+                "this {} was issued (iat {iat}) before the last accepted lifecycle event of its kind (iat {floor}): refused as stale",
                 event.name(),
-                current.last_event_iat
             )));
         }
     }
@@ -306,6 +318,44 @@ pub fn decide(
     })
 }
 
+/// The `iat` an event must not be older than (docs/PROTOCOL.md §4). Events signed by
+/// Atlassian are ordered among themselves, and so are events signed with the tenant's secret:
+/// a tenant-signed event (which anyone holding a leaked secret can make) never holds back a
+/// signed one, and a product clock a second ahead on `disabled` never refuses the signed
+/// `uninstalled` that follows. A tenant-signed reinstall also rolls the secret, so it must not
+/// be older than the last signed event either.
+fn ordering_floor(event: LifecycleEvent, proof: Proof, current: &Installation) -> i64 {
+    match proof {
+        Proof::AtlassianSignature => current.last_event_iat,
+        _ if event == LifecycleEvent::Installed => {
+            current.last_event_iat.max(current.last_tenant_event_iat)
+        }
+        _ => current.last_tenant_event_iat,
+    }
+}
+
+/// Records `iat` as the newest event of its kind, never ahead of the server clock: a token
+/// issued up to the leeway in the future must not raise the floor past what a genuine event
+/// issued now carries.
+fn record_event_time(record: &mut Installation, proof: Proof, iat: Option<i64>, now: i64) {
+    let Some(iat) = iat else { return };
+    let at = iat.min(now);
+    match proof {
+        Proof::AtlassianSignature => record.last_event_iat = record.last_event_iat.max(at),
+        _ => record.last_tenant_event_iat = record.last_tenant_event_iat.max(at),
+    }
+}
+
+/// Whether a retried install is still what the installation last became: no signed event
+/// since, and its secret is still current.
+fn is_latest(installed: &Installation, payload: &LifecyclePayload, auth: &Authenticated) -> bool {
+    let secret_current = payload
+        .shared_secret
+        .as_ref()
+        .is_some_and(|s| installed.current_secret().secret.same_as(s));
+    auth.iat.is_some_and(|iat| installed.last_event_iat <= iat) && secret_current
+}
+
 /// Whether this `installed` is a site import's first install that may retire other tenants
 /// on its site: proven by Atlassian's signature, active, and `first`: the install of a new
 /// clientKey, or a retry of that very install (finishing a link an interrupted first attempt
@@ -325,13 +375,14 @@ fn links_site(
 
 /// Production sites are verified with production keys, `*.jira-dev.com` sites with staging
 /// keys, chosen by the body's `baseUrl` (which the token does not cover). So an install must
-/// not move a clientKey from one to the other: a staging-signed token could otherwise rewrite
-/// a production tenant's secret.
+/// not move a clientKey that Atlassian installed from one to the other: a staging-signed token
+/// could otherwise rewrite a production tenant's secret. A record Atlassian never installed
+/// (legacy mode's unsigned install) proves nothing, so it cannot hold the signed install out.
 fn check_same_environment(
     existing: Option<&Installation>,
     payload: &LifecyclePayload,
 ) -> Result<(), LifecycleError> {
-    let Some(existing) = existing else {
+    let Some(existing) = existing.filter(|e| e.ever_signed()) else {
         return Ok(());
     };
     if is_staging_host(&existing.base_url.host()) != is_staging_host(&payload.base_url.host()) {
@@ -351,7 +402,6 @@ fn next_record(
     existing: Option<Installation>,
     now: i64,
 ) -> Result<Option<Installation>, LifecycleError> {
-    let iat = auth.iat.unwrap_or(0);
     let signed = auth.proof == Proof::AtlassianSignature;
     let Some(mut record) = existing else {
         return match event {
@@ -364,7 +414,7 @@ fn next_record(
                     signed,
                     now,
                 );
-                record.last_event_iat = iat;
+                record_event_time(&mut record, auth.proof, auth.iat, now);
                 fill_from_payload(&mut record, payload);
                 Ok(Some(record))
             }
@@ -378,7 +428,7 @@ fn next_record(
             }
         };
     };
-    record.last_event_iat = record.last_event_iat.max(iat);
+    record_event_time(&mut record, auth.proof, auth.iat, now);
     record.updated_at = now;
     match event {
         LifecycleEvent::Installed => {

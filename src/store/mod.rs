@@ -90,8 +90,13 @@ pub struct Installation {
     /// Whether the latest install was proven by Atlassian's RS256 signature.
     #[serde(default)]
     pub signed_install: bool,
-    /// `iat` of the newest lifecycle event accepted; older ones are refused.
+    /// `iat` of the newest lifecycle event signed by Atlassian (RS256), never ahead of the
+    /// server clock when it was stored; older signed events are refused.
     pub last_event_iat: i64,
+    /// The same for events signed with the tenant's shared secret (HS256), ordered among
+    /// themselves only.
+    #[serde(default)]
+    pub last_tenant_event_iat: i64,
     pub installed_at: i64,
     pub updated_at: i64,
     /// Secrets, oldest first; the last one is current. Never empty.
@@ -131,6 +136,7 @@ impl Installation {
             supersedes: Vec::new(),
             signed_install: signed,
             last_event_iat: 0,
+            last_tenant_event_iat: 0,
             installed_at: now,
             updated_at: now,
             secrets: vec![SecretVersion {

@@ -12,6 +12,7 @@ mod instances;
 mod legacy;
 mod lifecycle;
 mod logging;
+mod ordering;
 mod product_requests;
 mod service;
 mod site_import;

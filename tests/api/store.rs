@@ -106,6 +106,7 @@ fn installation(client_key: &str) -> Installation {
         supersedes: vec![ck("jira:old-1"), ck("jira:old-2")],
         signed_install: true,
         last_event_iat: 1_700_000_003,
+        last_tenant_event_iat: 0,
         installed_at: 1_700_000_000,
         updated_at: 1_700_000_004,
         secrets: vec![
