@@ -9,7 +9,15 @@
 //! credential), so the requests that actually go to a key server are also limited globally,
 //! for all kids together, by a token bucket ([`FETCHES_PER_SECOND`], [`FETCH_BURST`]). A miss
 //! over that budget is answered [`KeyFetchError::Unavailable`] (503, retry) without a request.
+//! Each source address also has a small budget of its own ([`PER_SOURCE_BUDGET`]), so one
+//! sender cannot spend the global one; and the lifecycle policy checks every claim before it
+//! asks for a key, so a token that fails any other check costs no fetch at all.
+//!
+//! With a store ([`InstallKeys::remembering`]), every fetched key is remembered there and
+//! loaded at start-up: an instance started while the key server is down still verifies the
+//! kids any instance has seen.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +27,7 @@ use moka::future::Cache;
 use reqwest::StatusCode;
 
 use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
+use crate::store::{SharedStore, StoreError};
 use connect_protocol::domain::{BaseUrl, KeyId};
 
 /// Largest response body read from the key server; a 4096-bit key in PEM is under 1 KiB.
@@ -146,13 +155,25 @@ impl TokenBucket {
     }
 }
 
-/// The install-key server's public keys, cached by URL.
+/// How many fetches one source address may cause: a burst, then one every 5 s. A source that
+/// sends install callbacks with one new `kid` after another is not a host site.
+pub const PER_SOURCE_BUDGET: FetchBudget = FetchBudget {
+    per_second: 0.2,
+    burst: 5,
+};
+/// Source addresses whose budget is tracked at once; the least recently seen are dropped.
+const MAX_TRACKED_SOURCES: u64 = 100_000;
+
+/// The install-key server's public keys, cached by URL, and remembered in the store (when
+/// given one) so that a new instance needs no key server for a key any instance has fetched.
 pub struct InstallKeys {
     keys_url: Option<BaseUrl>,
     client: reqwest::Client,
     keys: Cache<String, Arc<DecodingKey>>,
     not_found: Cache<String, ()>,
     budget: TokenBucket,
+    per_source: Cache<IpAddr, Arc<TokenBucket>>,
+    memory: Option<SharedStore>,
     fetches: AtomicU64,
     over_budget: AtomicU64,
 }
@@ -205,9 +226,42 @@ impl InstallKeys {
                 .time_to_live(NOT_FOUND_TTL)
                 .build(),
             budget: TokenBucket::new(budget),
+            per_source: Cache::builder()
+                .name("install_key_sources")
+                .max_capacity(MAX_TRACKED_SOURCES)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            memory: None,
             fetches: AtomicU64::new(0),
             over_budget: AtomicU64::new(0),
         }
+    }
+
+    /// Remembers every fetched key in `store` and looks there before fetching.
+    pub fn remembering(mut self, store: SharedStore) -> Self {
+        self.memory = Some(store);
+        self
+    }
+
+    /// Loads every key remembered in the store into the cache; returns how many. Start-up
+    /// calls it, so known kids need no key server even when it is down.
+    pub async fn preload(&self) -> Result<usize, StoreError> {
+        let Some(store) = &self.memory else {
+            return Ok(0);
+        };
+        let mut loaded = 0;
+        for (url, pem) in store.install_keys().await? {
+            match parse_public_key(pem.as_bytes()) {
+                Ok(key) => {
+                    self.keys.insert(url, Arc::new(key)).await;
+                    loaded += 1;
+                }
+                Err(_) => {
+                    tracing::warn!(%url, "a remembered install key is not an RSA public key; ignored")
+                }
+            }
+        }
+        Ok(loaded)
     }
 
     /// The public key named `kid`, for an install from `host`.
@@ -215,6 +269,18 @@ impl InstallKeys {
         &self,
         kid: &KeyId,
         host: &BaseUrl,
+    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        self.key_for(kid, host, None).await
+    }
+
+    /// Like [`key`](Self::key), for a callback from `source`: a fetch it causes is also
+    /// charged to that address's own budget ([`PER_SOURCE_BUDGET`]), so one source cannot
+    /// spend the global one.
+    pub async fn key_for(
+        &self,
+        kid: &KeyId,
+        host: &BaseUrl,
+        source: Option<IpAddr>,
     ) -> Result<Arc<DecodingKey>, KeyFetchError> {
         let url = self.key_url(kid, host);
         if self.not_found.contains_key(&url) {
@@ -224,7 +290,7 @@ impl InstallKeys {
             });
         }
         self.keys
-            .try_get_with(url.clone(), self.fetch(kid, &url))
+            .try_get_with(url.clone(), self.fetch(kid, &url, source))
             .await
             .map_err(|shared| unshare(kid, shared))
     }
@@ -252,7 +318,28 @@ impl InstallKeys {
     /// One request; only the caller that won the cache's init race runs this, so concurrent
     /// misses for one kid spend one unit of the budget. Over budget: no request, and the
     /// error is not cached (moka keeps no failed init), so a later install retries.
-    async fn fetch(&self, kid: &KeyId, url: &str) -> Result<Arc<DecodingKey>, KeyFetchError> {
+    async fn fetch(
+        &self,
+        kid: &KeyId,
+        url: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+        if let Some(key) = self.remembered(url).await {
+            return Ok(key);
+        }
+        if let Some(source) = source {
+            let bucket = self
+                .per_source
+                .get_with(source, async {
+                    Arc::new(TokenBucket::new(PER_SOURCE_BUDGET))
+                })
+                .await;
+            if !bucket.try_take() {
+                self.over_budget.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
+                return Err(unavailable(FetchBudgetExhausted));
+            }
+        }
         if !self.budget.try_take() {
             let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
             if refused == 1 || refused.is_power_of_two() {
@@ -264,7 +351,10 @@ impl InstallKeys {
         tracing::info!(%kid, %url, "fetching install key");
         let result = self.fetch_uncounted(kid, url).await;
         match &result {
-            Ok(_) => tracing::debug!(%kid, %url, "install key fetched"),
+            Ok((_, pem)) => {
+                tracing::debug!(%kid, %url, "install key fetched");
+                self.remember(url, pem).await;
+            }
             Err(KeyFetchError::NotFound { .. }) => {
                 tracing::info!(%kid, %url, "install key server does not know this kid");
                 self.not_found.insert(url.to_owned(), ()).await;
@@ -273,14 +363,36 @@ impl InstallKeys {
                 tracing::warn!(%kid, %url, error = %ErrorChain(error), "install key fetch failed")
             }
         }
-        result
+        result.map(|(key, _)| key)
     }
 
+    /// The key remembered in the store for `url`, if any. A store outage only costs the fetch.
+    async fn remembered(&self, url: &str) -> Option<Arc<DecodingKey>> {
+        let store = self.memory.as_ref()?;
+        match store.install_key(url).await {
+            Ok(Some(pem)) => parse_public_key(pem.as_bytes()).ok().map(Arc::new),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%url, error = %ErrorChain(&error), "cannot read remembered install keys; fetching");
+                None
+            }
+        }
+    }
+
+    async fn remember(&self, url: &str, pem: &str) {
+        if let Some(store) = &self.memory {
+            if let Err(error) = store.remember_install_key(url, pem).await {
+                tracing::warn!(%url, error = %ErrorChain(&error), "cannot remember an install key in the store");
+            }
+        }
+    }
+
+    /// One request: the key and its PEM text (to remember).
     async fn fetch_uncounted(
         &self,
         kid: &KeyId,
         url: &str,
-    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+    ) -> Result<(Arc<DecodingKey>, String), KeyFetchError> {
         let mut response = self.client.get(url).send().await.map_err(unavailable)?;
         let status = response.status();
         if status.is_server_error()
@@ -311,7 +423,9 @@ impl InstallKeys {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_public_key(&body).map(Arc::new)
+        let key = parse_public_key(&body)?;
+        let pem = String::from_utf8(body).map_err(|_| KeyFetchError::InvalidKey)?;
+        Ok((Arc::new(key), pem.trim().to_owned()))
     }
 }
 

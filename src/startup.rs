@@ -65,6 +65,14 @@ impl AppState {
             })?),
         };
         let state = Self::with_store(settings, store)?;
+        // Keys any instance fetched: verified without the key server. A store that is down
+        // now only costs the fetches.
+        match state.keys.preload().await {
+            Ok(count) => tracing::info!(count, "install keys loaded from the store"),
+            Err(error) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), "cannot load remembered install keys; they will be fetched")
+            }
+        }
         // Cached impersonation tokens follow the installation: a reinstall with a new
         // oauthClientId, an uninstall or a site import drops them.
         let host = state.host.clone();
@@ -94,7 +102,8 @@ impl AppState {
             .context("the descriptor template is not a JSON object")?;
         let invalidations = Invalidations::new();
         Ok(Self {
-            keys: InstallKeys::new(settings.keys_url.clone(), settings.key_fetch_timeout),
+            keys: InstallKeys::new(settings.keys_url.clone(), settings.key_fetch_timeout)
+                .remembering(store.clone()),
             tenants: TenantCache::with_invalidations(
                 store.clone(),
                 settings.secret_cache_ttl,

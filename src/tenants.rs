@@ -454,6 +454,15 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
+        async fn remember_install_key(&self, _: &str, _: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn install_key(&self, _: &str) -> Result<Option<String>, StoreError> {
+            Ok(None)
+        }
+        async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+            Ok(Vec::new())
+        }
     }
 
     /// Starts a reload that reads version 1, lets `meanwhile` run while the read is in

@@ -83,6 +83,8 @@ pub struct Callback<'a> {
     /// Method, path and query of the request (the app's base path is stripped).
     pub request: CanonicalRequest,
     pub authorization: Option<&'a [u8]>,
+    /// The sender's address, for its own install-key fetch budget.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// What the policy needs besides the callback and the record.
@@ -164,7 +166,10 @@ pub async fn authenticate(
 
     let proof = match verifier {
         Verifier::InstallKey(kid) => {
-            let key = ctx.keys.key(&kid, &payload.base_url).await?;
+            let key = ctx
+                .keys
+                .key_for(&kid, &payload.base_url, callback.source)
+                .await?;
             token.verify_rs256(&key)?;
             Proof::AtlassianSignature
         }
@@ -526,6 +531,7 @@ mod tests {
             payload,
             request: CanonicalRequest::new("POST", "/installed", "", ""),
             authorization,
+            source: None,
         }
     }
 

@@ -66,6 +66,7 @@ async fn handle(
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes()),
+        source: req.peer_addr().map(|a| a.ip()),
     };
     let applied = state.lifecycle().apply(&callback).await?;
     tracing::info!(

@@ -29,6 +29,8 @@ const TOKENS: TableDefinition<TokenKey, TokenValue> = TableDefinition::new("toke
 /// (baseUrl, clientKey) -> order of first indexing
 const SITE_INSTALLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("site_installs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// key URL -> install key PEM
+const INSTALL_KEYS: TableDefinition<&str, &str> = TableDefinition::new("install_keys");
 const SITE_SEQ: &str = "site_seq";
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,8 @@ impl EmbeddedStore {
             txn.open_table(SITE_INSTALLS)
                 .map_err(|e| fail(Box::new(e)))?;
             txn.open_table(META).map_err(|e| fail(Box::new(e)))?;
+            txn.open_table(INSTALL_KEYS)
+                .map_err(|e| fail(Box::new(e)))?;
         }
         txn.commit().map_err(|e| fail(Box::new(e)))?;
         Ok(EmbeddedStore {
@@ -303,6 +307,44 @@ impl InstallationStore for EmbeddedStore {
         self.blocking(|db| {
             db.begin_read().map_err(io)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
+        let (url, pem) = (url.to_owned(), pem.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            txn.open_table(INSTALL_KEYS)
+                .map_err(io)?
+                .insert(url.as_str(), pem.as_str())
+                .map_err(io)?;
+            txn.commit().map_err(io)
+        })
+        .await
+    }
+
+    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
+        let url = url.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(INSTALL_KEYS).map_err(io)?;
+            let pem = table.get(url.as_str()).map_err(io)?;
+            Ok(pem.map(|v| v.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(INSTALL_KEYS).map_err(io)?;
+            let mut keys = Vec::new();
+            for entry in table.iter().map_err(io)? {
+                let (url, pem) = entry.map_err(io)?;
+                keys.push((url.value().to_owned(), pem.value().to_owned()));
+            }
+            Ok(keys)
         })
         .await
     }

@@ -222,6 +222,16 @@ pub trait InstallationStore: Send + Sync + 'static {
 
     /// Answers when the store is reachable; `/readyz` uses it.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Remembers an install-signing public key (PEM) fetched from `url` (a key never changes
+    /// under its `kid`, so this is written once and never expires).
+    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError>;
+
+    /// The PEM remembered for `url`.
+    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError>;
+
+    /// Every remembered install key as `(url, pem)`.
+    async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
@@ -287,6 +297,15 @@ pub(crate) mod testing {
         }
         async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
             self.inner.list_client_keys().await
+        }
+        async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
+            self.inner.remember_install_key(url, pem).await
+        }
+        async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
+            self.inner.install_key(url).await
+        }
+        async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+            self.inner.install_keys().await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await

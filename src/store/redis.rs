@@ -271,6 +271,12 @@ impl RedisStore {
         format!("{}:{{{}}}:installation", self.prefix, client_key.as_str())
     }
 
+    /// One hash of every remembered install key (key URL -> PEM): a handful of entries, one
+    /// slot.
+    fn install_keys_key(&self) -> String {
+        format!("{}:install-keys", self.prefix)
+    }
+
     fn secrets_key(&self, client_key: &ClientKey) -> String {
         format!("{}:{{{}}}:secrets", self.prefix, client_key.as_str())
     }
@@ -669,6 +675,38 @@ impl InstallationStore for RedisStore {
             .await
             .map_err(|e| self.redis_error(e))?;
         Ok(())
+    }
+
+    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let _: Value = redis::cmd("HSET")
+            .arg(self.install_keys_key())
+            .arg(url)
+            .arg(pem)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        Ok(())
+    }
+
+    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HGET")
+            .arg(self.install_keys_key())
+            .arg(url)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))
+    }
+
+    async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let keys: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.install_keys_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        Ok(keys.into_iter().collect())
     }
 }
 

@@ -222,3 +222,80 @@ both_stores!(
     a_signed_install_takes_over_a_squatted_client_key,
     junk_install_tokens_cost_no_key_fetch,
 );
+
+/// Install callbacks whose claims are all right but whose `kid`s are made up (the signature,
+/// the only thing an attacker cannot make, is never reached): from one address they cost at
+/// most that address's own small fetch budget, so a genuine install with a new key, from
+/// another address, still gets its key.
+#[tokio::test]
+async fn one_source_cannot_spend_the_global_key_fetch_budget() {
+    let app = spawn_app(Backend::Embedded).await;
+    let attacker = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let before = app.keys.total_fetches();
+    let mut refused_without_fetch = 0;
+    for _ in 0..3 * connect_warden::install_keys::FETCH_BURST {
+        let site = Site::new();
+        let claims = app.install_claims(&site.client_key, "/installed");
+        let key = app.keys.keyring().read().unwrap().current().clone();
+        let token =
+            devtenant::sign_rs256_with_kid(&key, &uuid::Uuid::new_v4().to_string(), &claims);
+        let status = attacker
+            .post(app.url("/installed"))
+            .header("authorization", format!("JWT {token}"))
+            .json(&site.body("installed"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        match status {
+            401 => {}
+            503 => refused_without_fetch += 1,
+            other => panic!("unexpected answer {other}"),
+        }
+    }
+    let spent = app.keys.total_fetches() - before;
+    let per_source = connect_warden::install_keys::PER_SOURCE_BUDGET;
+    assert!(
+        spent <= u64::from(per_source.burst) + 2,
+        "one source caused {spent} key fetches"
+    );
+    assert!(refused_without_fetch > 0);
+
+    // Atlassian rotates its key: the genuine install with the new kid gets it.
+    app.keys.keyring().write().unwrap().rotate().unwrap();
+    let site = Site::new();
+    app.installed(&site).await;
+}
+
+/// A key fetched by one instance is remembered in the shared store: an instance started while
+/// the key server is down verifies installs signed with it.
+#[tokio::test]
+async fn a_new_instance_verifies_known_kids_while_the_key_server_is_down() {
+    let cluster = crate::helpers::app::Cluster::new().await;
+    let first = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    first.installed(&Site::new()).await;
+    let fetched = cluster.keys.total_fetches();
+    assert_eq!(fetched, 1);
+
+    cluster.keys.set_failing(true);
+    let second = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    second.installed(&Site::new()).await;
+    assert_eq!(
+        cluster.keys.total_fetches(),
+        fetched,
+        "the second instance asked the key server"
+    );
+
+    // A kid nobody has seen still needs the key server: 503 while it is down.
+    cluster.keys.keyring().write().unwrap().rotate().unwrap();
+    let site = Site::new();
+    let token = second.install_token(&site.client_key, "/installed");
+    let response = second
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(response.status(), 503);
+}
