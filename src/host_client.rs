@@ -33,8 +33,9 @@
 //! sign: [`AccessToken`]'s `Debug` is redacted, error messages never carry the shared secret, a
 //! token or an assertion, and bodies quoted in errors are scrubbed of them.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
@@ -221,6 +222,10 @@ impl fmt::Debug for AccessToken {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct TokenKey {
     client_key: ClientKey,
+    /// The tenant's generation when the token was cached: [`HostClient::forget_tenant`] moves
+    /// the tenant to a new one, so its older tokens are never found again (and expire on their
+    /// own) without a scan of the cache.
+    generation: u64,
     oauth_client_id: String,
     base_url: BaseUrl,
     account_id: String,
@@ -256,6 +261,10 @@ pub struct HostClient {
     token_endpoint: Result<TokenEndpoint, String>,
     token_margin: Duration,
     tokens: Cache<TokenKey, AccessToken>,
+    /// Per tenant, the generation of its cached tokens; absent = 0. Never evicted (a tenant
+    /// evicted back to 0 would find its forgotten tokens again): one small entry per tenant
+    /// that ever changed.
+    generations: Arc<RwLock<HashMap<ClientKey, u64>>>,
 }
 
 impl fmt::Debug for HostClient {
@@ -310,8 +319,8 @@ impl HostClient {
                 .name("impersonation_tokens")
                 .max_capacity(MAX_CACHED_TOKENS)
                 .expire_after(UntilRefresh)
-                .support_invalidation_closures()
                 .build(),
+            generations: Arc::default(),
         }
     }
 
@@ -387,6 +396,7 @@ impl HostClient {
         let scopes = normalize_scopes(scopes)?;
         let key = TokenKey {
             client_key: client_key.clone(),
+            generation: self.generation(client_key),
             oauth_client_id: oauth_client_id.to_owned(),
             base_url: installation.base_url.clone(),
             account_id: account_id.to_owned(),
@@ -415,14 +425,15 @@ impl HostClient {
 
     /// Drops every cached access token of `client_key`. Call it when the installation changes:
     /// reinstall (new `oauthClientId` or secret), site import, uninstall.
+    /// O(1) whatever the number of cached tokens.
     pub fn forget_tenant(&self, client_key: &ClientKey) {
-        let client_key = client_key.clone();
-        if let Err(e) = self
-            .tokens
-            .invalidate_entries_if(move |key, _| key.client_key == client_key)
-        {
-            tracing::warn!(error = %e, "cannot drop cached impersonation tokens");
-        }
+        let mut generations = self.generations.write().unwrap_or_else(|e| e.into_inner());
+        *generations.entry(client_key.clone()).or_insert(0) += 1;
+    }
+
+    fn generation(&self, client_key: &ClientKey) -> u64 {
+        let generations = self.generations.read().unwrap_or_else(|e| e.into_inner());
+        generations.get(client_key).copied().unwrap_or(0)
     }
 
     /// Drops every cached access token (when invalidation messages may have been lost).
