@@ -2,6 +2,8 @@
 //! verification, time checks and `qsh`, i.e. [`guard::verify_product_token`], the code the
 //! `ProductRequest` extractor runs once it holds the installation.
 //!
+//! Also the install path's RS256 verify ([`bench_install_verify`]).
+//!
 //! `cargo bench --bench guard -- --warm-up-time 1 --measurement-time 5`; figures in
 //! docs/PERFORMANCE.md.
 
@@ -145,5 +147,41 @@ fn bench_guard(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_guard);
+/// The install path's signature check: an RS256 install token verified with a key parsed once
+/// (what `InstallKeys` caches, verified through `ring`), beside jsonwebtoken's pure-Rust RSA
+/// backend on the same token, so the ratio comes from one run.
+fn bench_install_verify(c: &mut Criterion) {
+    let key = devtenant::SigningKey::generate();
+    let now = jwt::now();
+    let claims = connect_protocol::claims::install_claims(
+        CLIENT_KEY,
+        "https://warden.example.com",
+        &CanonicalRequest::new("POST", "/installed", "", ""),
+        now,
+        now + 180,
+    );
+    let token = devtenant::sign_rs256(&key, &claims);
+    let verifying = key.verifying_key();
+    c.bench_function("install/parse_and_verify_rs256", |b| {
+        b.iter(|| {
+            let parsed = Token::parse(black_box(&token)).unwrap();
+            parsed.verify_rs256(black_box(&verifying)).unwrap()
+        })
+    });
+    let decoding = jsonwebtoken::DecodingKey::from_rsa_pem(key.public_pem().as_bytes()).unwrap();
+    let (input, signature) = token.rsplit_once('.').unwrap();
+    c.bench_function("install/baseline_jsonwebtoken_rust_crypto_rs256", |b| {
+        b.iter(|| {
+            jsonwebtoken::crypto::verify(
+                black_box(signature),
+                black_box(input.as_bytes()),
+                &decoding,
+                jsonwebtoken::Algorithm::RS256,
+            )
+            .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, bench_guard, bench_install_verify);
 criterion_main!(benches);

@@ -22,13 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::DecodingKey;
 use moka::future::Cache;
 use reqwest::StatusCode;
 
 use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
 use crate::store::{SharedStore, StoreError};
 use connect_protocol::domain::{BaseUrl, KeyId};
+use connect_protocol::jwt::RsaVerifyingKey;
 
 /// Largest response body read from the key server; a 4096-bit key in PEM is under 1 KiB.
 pub const MAX_KEY_BODY_BYTES: usize = 16 * 1024;
@@ -169,7 +169,7 @@ const MAX_TRACKED_SOURCES: u64 = 100_000;
 pub struct InstallKeys {
     keys_url: Option<BaseUrl>,
     client: reqwest::Client,
-    keys: Cache<String, Arc<DecodingKey>>,
+    keys: Cache<String, Arc<RsaVerifyingKey>>,
     not_found: Cache<String, ()>,
     budget: TokenBucket,
     per_source: Cache<IpAddr, Arc<TokenBucket>>,
@@ -269,7 +269,7 @@ impl InstallKeys {
         &self,
         kid: &KeyId,
         host: &BaseUrl,
-    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+    ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
         self.key_for(kid, host, None).await
     }
 
@@ -281,7 +281,7 @@ impl InstallKeys {
         kid: &KeyId,
         host: &BaseUrl,
         source: Option<IpAddr>,
-    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+    ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
         let url = self.key_url(kid, host);
         if self.not_found.contains_key(&url) {
             tracing::debug!(%kid, %url, "install key unknown (remembered)");
@@ -323,7 +323,7 @@ impl InstallKeys {
         kid: &KeyId,
         url: &str,
         source: Option<IpAddr>,
-    ) -> Result<Arc<DecodingKey>, KeyFetchError> {
+    ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
         if let Some(key) = self.remembered(url).await {
             return Ok(key);
         }
@@ -367,7 +367,7 @@ impl InstallKeys {
     }
 
     /// The key remembered in the store for `url`, if any. A store outage only costs the fetch.
-    async fn remembered(&self, url: &str) -> Option<Arc<DecodingKey>> {
+    async fn remembered(&self, url: &str) -> Option<Arc<RsaVerifyingKey>> {
         let store = self.memory.as_ref()?;
         match store.install_key(url).await {
             Ok(Some(pem)) => parse_public_key(pem.as_bytes()).ok().map(Arc::new),
@@ -392,7 +392,7 @@ impl InstallKeys {
         &self,
         kid: &KeyId,
         url: &str,
-    ) -> Result<(Arc<DecodingKey>, String), KeyFetchError> {
+    ) -> Result<(Arc<RsaVerifyingKey>, String), KeyFetchError> {
         let mut response = self.client.get(url).send().await.map_err(unavailable)?;
         let status = response.status();
         if status.is_server_error()
@@ -429,21 +429,11 @@ impl InstallKeys {
     }
 }
 
-/// An RSA public key in PEM form, SPKI (`PUBLIC KEY`) or PKCS#1 (`RSA PUBLIC KEY`).
-/// `DecodingKey::from_rsa_pem` alone would also take a private key, so the key is parsed first.
-fn parse_public_key(body: &[u8]) -> Result<DecodingKey, KeyFetchError> {
-    use rsa::pkcs1::DecodeRsaPublicKey as _;
-    use rsa::pkcs8::DecodePublicKey as _;
-
-    let pem = std::str::from_utf8(body)
-        .map_err(|_| KeyFetchError::InvalidKey)?
-        .trim();
-    let is_rsa_public = rsa::RsaPublicKey::from_public_key_pem(pem).is_ok()
-        || rsa::RsaPublicKey::from_pkcs1_pem(pem).is_ok();
-    if !is_rsa_public {
-        return Err(KeyFetchError::InvalidKey);
-    }
-    DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| KeyFetchError::InvalidKey)
+/// An RSA public key in PEM form, SPKI (`PUBLIC KEY`) or PKCS#1 (`RSA PUBLIC KEY`), parsed
+/// once into a ready verifier; anything else (a private key too) is refused.
+fn parse_public_key(body: &[u8]) -> Result<RsaVerifyingKey, KeyFetchError> {
+    let pem = std::str::from_utf8(body).map_err(|_| KeyFetchError::InvalidKey)?;
+    RsaVerifyingKey::from_pem(pem).map_err(|_| KeyFetchError::InvalidKey)
 }
 
 fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> KeyFetchError {

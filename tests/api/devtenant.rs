@@ -264,7 +264,7 @@ fn devtenant_tokens_verify_under_the_protocol_rules() {
     let token = Token::parse(&raw).unwrap();
     assert_eq!(token.alg(), "RS256");
     assert_eq!(token.kid(), Some(key.kid.as_str()));
-    token.verify_rs256(&key.decoding_key()).unwrap();
+    token.verify_rs256(&key.verifying_key()).unwrap();
     let claims = token.claims();
     claims.check_times(jwt::now()).unwrap();
     claims.check_audience(&audiences).unwrap();

@@ -8,7 +8,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use connect_protocol::jwt::RsaVerifyingKey;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use secrecy::{ExposeSecret, SecretString};
@@ -100,8 +101,8 @@ impl SigningKey {
     }
 
     /// The public half, ready to verify tokens.
-    pub fn decoding_key(&self) -> DecodingKey {
-        DecodingKey::from_rsa_pem(self.public_pem.as_bytes()).expect("our own public PEM parses")
+    pub fn verifying_key(&self) -> RsaVerifyingKey {
+        RsaVerifyingKey::from_pem(&self.public_pem).expect("our own public PEM parses")
     }
 }
 
@@ -414,9 +415,9 @@ pub(crate) mod tests {
             Some("JWT")
         );
         assert_eq!(parsed.claims(), &sent);
-        let public = DecodingKey::from_rsa_pem(key.public_pem().as_bytes()).unwrap();
+        let public = RsaVerifyingKey::from_pem(key.public_pem()).unwrap();
         assert_eq!(parsed.verify_rs256(&public), Ok(()));
-        let wrong = DecodingKey::from_rsa_pem(other.public_pem().as_bytes()).unwrap();
+        let wrong = RsaVerifyingKey::from_pem(other.public_pem()).unwrap();
         assert_eq!(parsed.verify_rs256(&wrong), Err(JwtError::BadSignature));
         assert!(parsed
             .verify_hs256(&connect_protocol::domain::SharedSecret::parse("x").unwrap())
@@ -429,7 +430,7 @@ pub(crate) mod tests {
         let token = sign_rs256_with_kid(key, "../x", &claims());
         let parsed = Token::parse(&token).unwrap();
         assert_eq!(parsed.kid(), Some("../x"));
-        assert_eq!(parsed.verify_rs256(&key.decoding_key()), Ok(()));
+        assert_eq!(parsed.verify_rs256(&key.verifying_key()), Ok(()));
     }
 
     #[test]
@@ -475,7 +476,7 @@ pub(crate) mod tests {
         let token = sign_rs256(b, &claims());
         assert!(Token::parse(&token)
             .unwrap()
-            .verify_rs256(&ring.current().decoding_key())
+            .verify_rs256(&ring.current().verifying_key())
             .is_ok());
     }
 
