@@ -50,7 +50,8 @@ where
 }
 
 /// The request span of `tracing-actix-web`, minus the query string, client address and
-/// user agent that its default span records.
+/// user agent that its default span records. Its close is the one access-log line of a
+/// request; a refusal adds its reason to that line (`error`) rather than a line of its own.
 pub struct RedactingRootSpan;
 
 impl RootSpanBuilder for RedactingRootSpan {
@@ -60,6 +61,7 @@ impl RootSpanBuilder for RedactingRootSpan {
             method = %request.method(),
             path = %request.path(),
             status = tracing::field::Empty,
+            error = tracing::field::Empty,
         )
     }
 

@@ -113,7 +113,7 @@ async fn no_secret_or_token_is_ever_logged() {
         logs.contains("lifecycle callback accepted"),
         "the capture saw no warden log line"
     );
-    assert!(logs.contains("request refused"), "refusals are logged");
+    assert!(logs.contains("status=401"), "refusals are logged");
     for needle in &needles {
         assert!(
             !logs.contains(needle.as_str()),
@@ -132,4 +132,55 @@ async fn no_secret_or_token_is_ever_logged() {
             );
         }
     }
+}
+
+/// A flood of forged product requests costs one log line each (the request's own line, with
+/// its status and reason), none at WARN; an accepted request also has exactly one line.
+#[tokio::test]
+async fn a_refused_request_is_one_info_line() {
+    use crate::helpers::app::{Options, TestApp};
+    let app = TestApp::spawn_process(
+        "logs",
+        Options::new(Backend::Embedded).set("RUST_LOG", "info"),
+    )
+    .await;
+    let site = Site::new();
+    app.installed(&site).await;
+    let before = app.log().lines().count();
+    const FORGED: usize = 20;
+    for _ in 0..FORGED {
+        let forged =
+            app.product_token(&site.client_key, "forged", "GET", "/api/tenant", jwt::now());
+        assert_eq!(app.tenant(&forged).await.status(), 401);
+    }
+    let good = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant",
+        jwt::now(),
+    );
+    assert_eq!(app.tenant(&good).await.status(), 200);
+    // The process writes its lines as it answers; give the last one a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = app.log();
+    let new: Vec<&str> = log.lines().skip(before).collect();
+    assert_eq!(
+        new.len(),
+        FORGED + 1,
+        "one line per request:\n{}",
+        new.join("\n")
+    );
+    assert_eq!(
+        new.iter()
+            .filter(|l| l.contains("status=401") && l.contains("signature"))
+            .count(),
+        FORGED,
+        "each refusal's line names its status and reason:\n{}",
+        new.join("\n")
+    );
+    assert!(
+        !log.contains(" WARN "),
+        "an ordinary 4xx is not a warning:\n{log}"
+    );
 }

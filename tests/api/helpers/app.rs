@@ -242,7 +242,10 @@ impl TestApp {
                 command.env_remove(var);
             }
         }
-        command.envs(prepared.env).env("RUST_LOG", "warn");
+        if !prepared.env.iter().any(|(var, _)| var == "RUST_LOG") {
+            command.env("RUST_LOG", "warn");
+        }
+        command.envs(prepared.env);
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -268,6 +271,16 @@ impl TestApp {
         };
         app.wait_ready().await;
         app
+    }
+
+    /// What the spawned process has logged so far (empty in-process).
+    pub fn log(&self) -> String {
+        match &self.runner {
+            Runner::Process { log_path, .. } => {
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            }
+            Runner::InProcess(_) => String::new(),
+        }
     }
 
     async fn wait_ready(&self) {
