@@ -685,7 +685,6 @@ impl std::fmt::Debug for FakeHost {
 mod tests {
     use super::*;
     use actix_web::{test, App};
-    use connect_protocol::jwt::Claims;
     use serde::Serialize;
 
     const HOST: &str = "fake.test";
@@ -706,13 +705,8 @@ mod tests {
 
     fn app_jwt(method: &str, path_and_query: &str, base_path: &str, secret_value: &str) -> String {
         let now = jwt::now();
-        let claims = Claims {
-            iss: Some("my-app".into()),
-            iat: Some(now),
-            exp: Some(now + 180),
-            qsh: Some(CanonicalRequest::from_url(method, path_and_query, base_path).qsh()),
-            ..Default::default()
-        };
+        let request = CanonicalRequest::from_url(method, path_and_query, base_path);
+        let claims = connect_protocol::claims::app_claims("my-app", &request, now, now + 180);
         jwt::sign_hs256(&claims, &secret(secret_value))
     }
 
