@@ -90,6 +90,11 @@ pub struct Installation {
     /// Whether the latest install was proven by Atlassian's RS256 signature.
     #[serde(default)]
     pub signed_install: bool,
+    /// Sticky: Atlassian's signature proved an install of this clientKey at least once, even
+    /// after the secret that came with it left the bounded history (see
+    /// [`Installation::ever_signed`]).
+    #[serde(default)]
+    pub atlassian_installed: bool,
     /// `iat` of the newest lifecycle event signed by Atlassian (RS256), never ahead of the
     /// server clock when it was stored; older signed events are refused.
     pub last_event_iat: i64,
@@ -135,6 +140,7 @@ impl Installation {
             superseded_by: None,
             supersedes: Vec::new(),
             signed_install: signed,
+            atlassian_installed: signed,
             last_event_iat: 0,
             last_tenant_event_iat: 0,
             installed_at: now,

@@ -4,7 +4,7 @@
 //! a junk install token must cost no key fetch.
 
 use crate::helpers::app::{
-    both_stores, spawn_app, spawn_app_with, Backend, Options, Site, TestApp,
+    both_stores, error_of, spawn_app, spawn_app_with, Backend, Options, Site, TestApp,
 };
 use connect_protocol::jwt::{self, Audience, Claims};
 use connect_protocol::qsh::CanonicalRequest;
@@ -101,6 +101,56 @@ async fn an_older_signed_install_is_still_refused(backend: Backend) {
     site.secret = "older".into();
     let older = install_token_at(&app, &site.client_key, "/installed", t - 10);
     assert_eq!(post(&app, &site, "installed", &older).await, 409);
+}
+
+/// A tenant-signed `disabled` issued before Atlassian's last signed install and delivered
+/// after it is stale: it cannot undo what the signed event established.
+async fn a_tenant_event_older_than_the_last_signed_one_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let site = Site::new();
+    let t = jwt::now();
+    let install = install_token_at(&app, &site.client_key, "/installed", t);
+    assert_eq!(post(&app, &site, "installed", &install).await, 204);
+    let delayed = tenant_token_at(&app, &site.client_key, &site.secret, "/disabled", t - 60);
+    assert_eq!(post(&app, &site, "disabled", &delayed).await, 409);
+    assert!(app.stored(&site.client_key).await.unwrap().enabled);
+    // Within the leeway of the signed event it still lands (clock skew between the two).
+    let skewed = tenant_token_at(&app, &site.client_key, &site.secret, "/disabled", t - 5);
+    assert_eq!(post(&app, &site, "disabled", &skewed).await, 204);
+}
+
+/// Legacy mode: someone holding a genuine tenant's leaked secret rolls it ten times with
+/// HS256 reinstalls, pushing the secret of Atlassian's signed install out of the history. The
+/// tenant is still known as installed by Atlassian: the next reinstall cannot move it to a
+/// staging site (where staging-signed tokens would then rewrite it).
+async fn secret_rolls_do_not_erase_that_atlassian_installed_a_tenant(backend: Backend) {
+    let app = legacy_app(backend).await;
+    let mut site = Site::new();
+    app.installed(&site).await;
+    let now = jwt::now();
+    for i in 0..connect_warden::secrets::SECRET_HISTORY_LEN as i64 {
+        let token = tenant_token_at(&app, &site.client_key, &site.secret, "/installed", now + i);
+        site.secret = format!("rolled-by-the-attacker-{i}");
+        assert_eq!(
+            post(&app, &site, "installed", &token).await,
+            204,
+            "roll {i}"
+        );
+    }
+    let stored = app.stored(&site.client_key).await.unwrap();
+    assert!(
+        stored.secrets.iter().all(|s| !s.signed),
+        "the signed secret is out of the history"
+    );
+    let token = tenant_token_at(&app, &site.client_key, &site.secret, "/installed", now + 11);
+    site.base_url = "https://moved.jira-dev.com".into();
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(response.status(), 403);
+    assert!(error_of(response).await.contains("production and staging"));
+    let stored = app.stored(&site.client_key).await.unwrap();
+    assert_ne!(stored.base_url.as_str(), "https://moved.jira-dev.com");
 }
 
 async fn legacy_app(backend: Backend) -> TestApp {
@@ -218,6 +268,8 @@ both_stores!(
     a_leaked_secret_cannot_hold_back_atlassians_signed_events,
     disabled_ahead_then_uninstalled_both_land,
     an_older_signed_install_is_still_refused,
+    a_tenant_event_older_than_the_last_signed_one_is_refused,
+    secret_rolls_do_not_erase_that_atlassian_installed_a_tenant,
     a_legacy_squatter_cannot_retire_or_be_linked_from_the_genuine_site,
     a_signed_install_takes_over_a_squatted_client_key,
     junk_install_tokens_cost_no_key_fetch,
