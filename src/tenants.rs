@@ -457,8 +457,8 @@ mod tests {
         async fn remember_install_key(&self, _: &str, _: &str) -> Result<(), StoreError> {
             Ok(())
         }
-        async fn install_key(&self, _: &str) -> Result<Option<String>, StoreError> {
-            Ok(None)
+        async fn forget_install_key(&self, _: &str) -> Result<(), StoreError> {
+            Ok(())
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             Ok(Vec::new())

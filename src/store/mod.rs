@@ -229,14 +229,14 @@ pub trait InstallationStore: Send + Sync + 'static {
     /// Answers when the store is reachable; `/readyz` uses it.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Remembers an install-signing public key (PEM) fetched from `url` (a key never changes
-    /// under its `kid`, so this is written once and never expires).
-    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError>;
+    /// Remembers an install-signing public key fetched from `url`; `entry` is opaque to the
+    /// store (`install_keys` encodes the key and when it was fetched).
+    async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError>;
 
-    /// The PEM remembered for `url`.
-    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError>;
+    /// Forgets the key remembered for `url` (the key server no longer knows it).
+    async fn forget_install_key(&self, url: &str) -> Result<(), StoreError>;
 
-    /// Every remembered install key as `(url, pem)`.
+    /// Every remembered install key as `(url, entry)`.
     async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
@@ -307,8 +307,8 @@ pub(crate) mod testing {
         async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
             self.inner.remember_install_key(url, pem).await
         }
-        async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
-            self.inner.install_key(url).await
+        async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
+            self.inner.forget_install_key(url).await
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             self.inner.install_keys().await

@@ -351,3 +351,44 @@ async fn a_new_instance_verifies_known_kids_while_the_key_server_is_down() {
         .await;
     assert_eq!(response.status(), 503);
 }
+
+/// A key remembered long ago (here: by a version that did not record when) is not trusted on
+/// its own. While the key server is down it still verifies; once the key server answers that
+/// it no longer knows the kid (a revoked key), installs signed with it are refused and the
+/// store forgets it, so no instance started later trusts it again.
+#[tokio::test]
+async fn a_revoked_install_key_is_not_trusted_from_the_store() {
+    let cluster = crate::helpers::app::Cluster::new().await;
+    let first = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    first.installed(&Site::new()).await;
+    let store = first.state().store.clone();
+    let (url, entry) = store.install_keys().await.unwrap().pop().unwrap();
+    let (_, pem) = entry
+        .split_once('\n')
+        .expect("an entry records when it was fetched");
+    store.remember_install_key(&url, pem).await.unwrap();
+
+    cluster.keys.set_failing(true);
+    let second = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    second.installed(&Site::new()).await;
+
+    cluster.keys.set_failing(false);
+    let kid = cluster.keys.keyring().read().unwrap().current().kid.clone();
+    cluster.keys.revoke(&kid);
+    let third = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    let site = Site::new();
+    let token = third.install_token(&site.client_key, "/installed");
+    let response = third
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(
+        response.status(),
+        401,
+        "an install signed with a revoked key"
+    );
+    assert!(third.stored(&site.client_key).await.is_none());
+    assert!(
+        store.install_keys().await.unwrap().is_empty(),
+        "the revoked key is still remembered"
+    );
+}
