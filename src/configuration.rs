@@ -2,6 +2,7 @@
 //! `WARDEN_*` environment variables. Everything is parsed here, once, into typed values; a bad
 //! setting stops start-up with a message naming the variable.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,6 +59,8 @@ pub struct Settings {
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
     pub key_fetch_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the real sender of a request.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Settings {
@@ -70,6 +73,33 @@ impl Settings {
 
     pub fn host_allowed(&self, host: &str) -> bool {
         self.product_hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// The address a request came from: the peer, or, when the peer is a trusted proxy, the
+    /// right-most `X-Forwarded-For` entry that is not a trusted proxy (entries further left
+    /// are whatever the sender wrote). An entry that is not an address ends the walk at the
+    /// last trusted hop.
+    pub fn request_source(
+        &self,
+        peer: Option<IpAddr>,
+        forwarded_for: Option<&str>,
+    ) -> Option<IpAddr> {
+        let mut source = peer?;
+        if !self.trusted_proxies.contains(&source) {
+            return Some(source);
+        }
+        for hop in forwarded_for.unwrap_or("").rsplit(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    source = ip;
+                    if !self.trusted_proxies.contains(&ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Some(source)
     }
 }
 
@@ -127,6 +157,7 @@ struct Raw {
     descriptor: Option<String>,
     secret_cache_ttl_seconds: Option<String>,
     key_fetch_timeout_seconds: Option<String>,
+    trusted_proxies: Option<List>,
 }
 
 impl Settings {
@@ -224,6 +255,20 @@ impl Settings {
                 "no host pattern given; no install could ever be accepted",
             ));
         }
+        let trusted_proxies = raw
+            .trusted_proxies
+            .map(|l| l.items())
+            .unwrap_or_default()
+            .iter()
+            .map(|ip| {
+                ip.parse::<IpAddr>().map_err(|_| {
+                    bad(
+                        "WARDEN_TRUSTED_PROXIES",
+                        format!("{ip:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let install_auth = match raw.install_auth.as_deref().map(str::trim) {
             None | Some("signed") => InstallAuth::Signed,
             Some("legacy") => InstallAuth::Legacy,
@@ -328,6 +373,7 @@ impl Settings {
                 5,
                 60,
             )?,
+            trusted_proxies,
         })
     }
 }
@@ -388,6 +434,32 @@ mod tests {
     }
 
     #[test]
+    fn the_sender_behind_a_trusted_proxy_is_the_right_most_untrusted_hop() {
+        let s = Settings::from_sources(
+            None,
+            env(&[("WARDEN_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2")]),
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let source = |peer: &str, xff: Option<&str>| s.request_source(Some(ip(peer)), xff);
+        // Not from a proxy: what the sender wrote is ignored.
+        assert_eq!(
+            source("203.0.113.9", Some("1.2.3.4")),
+            Some(ip("203.0.113.9"))
+        );
+        // Through two proxies; the left-most entry is the sender's own claim.
+        assert_eq!(
+            source("10.0.0.1", Some("1.2.3.4, 198.51.100.7, 10.0.0.2")),
+            Some(ip("198.51.100.7"))
+        );
+        assert_eq!(
+            source("10.0.0.1", Some("junk, 10.0.0.2")),
+            Some(ip("10.0.0.2"))
+        );
+        assert_eq!(source("10.0.0.1", None), Some(ip("10.0.0.1")));
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (name, value) in [
             ("WARDEN_BASE_URL", "ftp://x"),
@@ -396,6 +468,7 @@ mod tests {
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),
             ("WARDEN_REDIS_CLUSTER", "maybe"),
+            ("WARDEN_TRUSTED_PROXIES", "proxy.example.com"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

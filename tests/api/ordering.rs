@@ -392,3 +392,73 @@ async fn a_revoked_install_key_is_not_trusted_from_the_store() {
         "the revoked key is still remembered"
     );
 }
+
+/// Behind a reverse proxy every callback comes from the proxy's address. With the proxy
+/// trusted (`WARDEN_TRUSTED_PROXIES`), the per-source budget applies to the sender it names:
+/// junk from one sender does not spend the budget of a genuine install through the same proxy,
+/// and an untrusted sender cannot pick its own source by writing `X-Forwarded-For`.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_budget_is_per_real_sender() {
+    let app =
+        spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_TRUSTED_PROXIES", "127.0.0.1"))
+            .await;
+    let junk = |forwarded_for: &'static str| {
+        let site = Site::new();
+        let claims = app.install_claims(&site.client_key, "/installed");
+        let key = app.keys.keyring().read().unwrap().current().clone();
+        let token =
+            devtenant::sign_rs256_with_kid(&key, &uuid::Uuid::new_v4().to_string(), &claims);
+        app.client
+            .post(app.url("/installed"))
+            .header("authorization", format!("JWT {token}"))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&site.body("installed"))
+    };
+    let per_source = connect_warden::install_keys::PER_SOURCE_BUDGET;
+    let before = app.keys.total_fetches();
+    for _ in 0..3 * per_source.burst {
+        let status = junk("203.0.113.66").send().await.unwrap().status().as_u16();
+        assert!(matches!(status, 401 | 503), "{status}");
+    }
+    let spent = app.keys.total_fetches() - before;
+    assert!(spent <= u64::from(per_source.burst) + 1, "{spent} fetches");
+
+    // A sender not behind the proxy cannot claim another source.
+    let outsider = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let before = app.keys.total_fetches();
+    for i in 0..3 * per_source.burst {
+        let site = Site::new();
+        let claims = app.install_claims(&site.client_key, "/installed");
+        let key = app.keys.keyring().read().unwrap().current().clone();
+        let token =
+            devtenant::sign_rs256_with_kid(&key, &uuid::Uuid::new_v4().to_string(), &claims);
+        outsider
+            .post(app.url("/installed"))
+            .header("authorization", format!("JWT {token}"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .json(&site.body("installed"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let spent = app.keys.total_fetches() - before;
+    assert!(spent <= u64::from(per_source.burst) + 1, "{spent} fetches");
+
+    // The genuine install through the proxy, for another sender, with Atlassian's new key.
+    app.keys.keyring().write().unwrap().rotate().unwrap();
+    let site = Site::new();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app
+        .client
+        .post(app.url("/installed"))
+        .header("authorization", format!("JWT {token}"))
+        .header("x-forwarded-for", "192.0.2.10")
+        .json(&site.body("installed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+}
