@@ -84,9 +84,10 @@ fn unavailable_message(cause: &(dyn std::error::Error + Send + Sync + 'static)) 
     }
 }
 
-/// Whether `cause` is, or shares, a [`FetchBudgetExhausted`].
+/// Whether `cause` is, or shares, a [`FetchBudgetExhausted`] or [`SourceBudgetExhausted`].
 fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     cause.is::<FetchBudgetExhausted>()
+        || cause.is::<SourceBudgetExhausted>()
         || cause
             .downcast_ref::<SharedKeyFetchError>()
             .and_then(SharedKeyFetchError::cause)
@@ -97,6 +98,11 @@ fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> b
 #[derive(Debug, thiserror::Error)]
 #[error("the global limit on requests to install-key servers is reached")]
 pub struct FetchBudgetExhausted;
+
+/// The cause of a [`KeyFetchError::Unavailable`] refused by the sender's own fetch budget.
+#[derive(Debug, thiserror::Error)]
+#[error("this sender's limit on install-key fetches is reached")]
+pub struct SourceBudgetExhausted;
 
 /// How many requests to key servers may be made: [`FETCH_BURST`] at once, refilled at
 /// [`FETCHES_PER_SECOND`].
@@ -306,21 +312,22 @@ impl InstallKeys {
                 kid: kid.to_string(),
             });
         }
-        // The sender's own budget is charged before the miss is coalesced: a genuine install
-        // that joins a fetch someone else started must not fail on that sender's budget.
-        if let Some(source) = source.filter(|_| !self.keys.contains_key(&url)) {
-            if !self.source_budget(source).await.try_take() {
-                self.over_budget.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
-                return self
-                    .fallback_or(&url, unavailable(FetchBudgetExhausted))
-                    .await;
+        // Concurrent misses share the fetch of whoever came first, charged to that sender's
+        // budget. A genuine install that joined a fetch refused for its starter's budget must
+        // not fail for it: it tries once more, as the starter of its own fetch.
+        for attempt in 0..2 {
+            let mut started_here = false;
+            let fetch = async {
+                started_here = true;
+                self.fetch(kid, &url, source).await
+            };
+            match self.keys.try_get_with(url.clone(), fetch).await {
+                Ok(key) => return Ok(key),
+                Err(shared) if !started_here && attempt == 0 && is_source_refusal(&shared) => {}
+                Err(shared) => return Err(unshare(kid, shared)),
             }
         }
-        self.keys
-            .try_get_with(url.clone(), self.fetch(kid, &url))
-            .await
-            .map_err(|shared| unshare(kid, shared))
+        unreachable!("the second pass returns")
     }
 
     /// Number of HTTP requests made to key servers so far.
@@ -346,7 +353,21 @@ impl InstallKeys {
     /// One request; only the caller that won the cache's init race runs this, so concurrent
     /// misses for one kid spend one unit of the budget. Over budget: no request, and the
     /// error is not cached (moka keeps no failed init), so a later install retries.
-    async fn fetch(&self, kid: &KeyId, url: &str) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
+    async fn fetch(
+        &self,
+        kid: &KeyId,
+        url: &str,
+        source: Option<IpAddr>,
+    ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
+        if let Some(source) = source {
+            if !self.source_budget(source).await.try_take() {
+                self.over_budget.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
+                return self
+                    .fallback_or(url, unavailable(SourceBudgetExhausted))
+                    .await;
+            }
+        }
         if !self.budget.try_take() {
             let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
             if refused == 1 || refused.is_power_of_two() {
@@ -468,6 +489,11 @@ impl InstallKeys {
         let pem = String::from_utf8(body).map_err(|_| KeyFetchError::InvalidKey)?;
         Ok((Arc::new(key), pem.trim().to_owned()))
     }
+}
+
+/// Whether a shared fetch failed only because its starter's own budget was spent.
+fn is_source_refusal(error: &KeyFetchError) -> bool {
+    matches!(error, KeyFetchError::Unavailable(cause) if cause.is::<SourceBudgetExhausted>())
 }
 
 /// A key as remembered in the store: when it was fetched (Unix seconds), a newline, its PEM.
