@@ -631,6 +631,36 @@ mod tests {
         ClientKey::parse(&format!("ck-attacker-{}", uuid::Uuid::new_v4())).unwrap()
     }
 
+    /// Starts 100 concurrent `lookup`s of `key` while the store holds the first `load`, lets
+    /// them all wait for it, then releases it; returns what each lookup got.
+    async fn hundred_at_once<F, Fut>(
+        tenants: &TenantCache,
+        gated: &GatedStore,
+        key: &ClientKey,
+        lookup: F,
+    ) -> Vec<Option<Arc<Installation>>>
+    where
+        F: Fn(TenantCache, ClientKey) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Arc<Installation>>, StoreError>>
+            + Send
+            + 'static,
+    {
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let lookups: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(lookup(tenants.clone(), key.clone())))
+            .collect();
+        gated.entered.notified().await;
+        // Every lookup has started and is waiting for the one read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        let mut found = Vec::new();
+        for lookup in lookups {
+            found.push(lookup.await.unwrap().unwrap());
+        }
+        found
+    }
+
     #[tokio::test]
     async fn an_unknown_client_key_costs_one_store_read_per_negative_window() {
         let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
@@ -708,20 +738,12 @@ mod tests {
         assert_eq!(store.loads(), 1);
 
         *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
-        let (release, gate) = oneshot::channel();
-        *gated.gate.lock().unwrap() = Some(gate);
-        let reloads: Vec<_> = (0..100)
-            .map(|_| {
-                let (tenants, key) = (tenants.clone(), key.clone());
-                tokio::spawn(async move { tenants.reload(&key).await })
-            })
-            .collect();
-        gated.entered.notified().await;
-        // Every reload has started and is waiting for the one read.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        release.send(()).unwrap();
+        let reloads = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.reload(&key).await
+        })
+        .await;
         for reload in reloads {
-            assert_eq!(reload.await.unwrap().unwrap().unwrap().version, 2);
+            assert_eq!(reload.unwrap().version, 2);
         }
         assert_eq!(store.loads(), 2, "100 concurrent reloads, one store read");
         assert_eq!(tenants.cached(&key).await.unwrap().version, 2);
@@ -731,20 +753,11 @@ mod tests {
     async fn concurrent_lookups_of_an_unknown_key_share_one_store_read() {
         let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
         let key = random_client_key();
-        let (release, gate) = oneshot::channel();
-        *gated.gate.lock().unwrap() = Some(gate);
-        let lookups: Vec<_> = (0..100)
-            .map(|_| {
-                let (tenants, key) = (tenants.clone(), key.clone());
-                tokio::spawn(async move { tenants.get(&key).await })
-            })
-            .collect();
-        gated.entered.notified().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        release.send(()).unwrap();
-        for lookup in lookups {
-            assert!(lookup.await.unwrap().unwrap().is_none());
-        }
+        let lookups = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.get(&key).await
+        })
+        .await;
+        assert!(lookups.iter().all(Option::is_none));
         assert_eq!(store.loads(), 1);
     }
 
@@ -865,19 +878,12 @@ mod tests {
             counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
         tenants.set_subscription(Subscription::NotSubscribed);
         let key = ClientKey::parse("ck-1").unwrap();
-        let (release, gate) = oneshot::channel();
-        *gated.gate.lock().unwrap() = Some(gate);
-        let lookups: Vec<_> = (0..100)
-            .map(|_| {
-                let (tenants, key) = (tenants.clone(), key.clone());
-                tokio::spawn(async move { tenants.get(&key).await })
-            })
-            .collect();
-        gated.entered.notified().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        release.send(()).unwrap();
+        let lookups = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.get(&key).await
+        })
+        .await;
         for lookup in lookups {
-            assert_eq!(lookup.await.unwrap().unwrap().unwrap().version, 1);
+            assert_eq!(lookup.unwrap().version, 1);
         }
         assert_eq!(store.loads(), 1, "100 concurrent lookups, one store read");
     }
