@@ -5,6 +5,7 @@ mod helpers;
 
 mod cli;
 mod cluster;
+mod coherence;
 mod devtenant;
 mod host_client;
 mod install_keys;
