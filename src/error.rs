@@ -159,6 +159,10 @@ impl ResponseError for ApiError {
                 span.record("error", tracing::field::display(error_chain(self)));
             }
         }
-        HttpResponse::build(status).json(serde_json::json!({ "error": self.to_string() }))
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let Some(request_id) = crate::telemetry::RequestId::current() {
+            body["requestId"] = request_id.into();
+        }
+        HttpResponse::build(status).json(body)
     }
 }

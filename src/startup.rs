@@ -20,7 +20,7 @@ use crate::routes;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::store::SharedStore;
-use crate::telemetry::RedactingRootSpan;
+use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
 
 /// Bound on one call to a host site or the authorization server.
@@ -236,6 +236,7 @@ fn run(
     let base_path = state.settings.base_url.path().to_owned();
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(telemetry::request_id_scope))
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
             .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
