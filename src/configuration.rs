@@ -58,6 +58,10 @@ pub struct Settings {
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
     pub key_fetch_timeout: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body, counted from its headers.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -127,6 +131,8 @@ struct Raw {
     descriptor: Option<String>,
     secret_cache_ttl_seconds: Option<String>,
     key_fetch_timeout_seconds: Option<String>,
+    header_timeout_seconds: Option<String>,
+    body_timeout_seconds: Option<String>,
 }
 
 impl Settings {
@@ -254,6 +260,18 @@ impl Settings {
             }
             Ok(Duration::from_secs(n))
         };
+        // A timeout of 0 would refuse every request (actix would even take it as "none").
+        let timeout = |name: &'static str,
+                       value: Option<String>,
+                       default: u64,
+                       max: u64|
+         -> Result<Duration, SettingsError> {
+            let duration = seconds(name, value, default, max)?;
+            if duration.is_zero() {
+                return Err(bad(name, "must be at least 1 second"));
+            }
+            Ok(duration)
+        };
         let keys_url = raw
             .keys_url
             .filter(|u| !u.trim().is_empty())
@@ -328,6 +346,18 @@ impl Settings {
                 5,
                 60,
             )?,
+            header_timeout: timeout(
+                "WARDEN_HEADER_TIMEOUT_SECONDS",
+                raw.header_timeout_seconds,
+                5,
+                60,
+            )?,
+            body_timeout: timeout(
+                "WARDEN_BODY_TIMEOUT_SECONDS",
+                raw.body_timeout_seconds,
+                5,
+                60,
+            )?,
         })
     }
 }
@@ -355,6 +385,8 @@ mod tests {
         assert!(s.keys_url.is_none());
         assert_eq!(s.install_auth, InstallAuth::Signed);
         assert_eq!(s.secret_grace, Duration::from_secs(180));
+        assert_eq!(s.header_timeout, Duration::from_secs(5));
+        assert_eq!(s.body_timeout, Duration::from_secs(5));
         assert!(s.host_allowed("acme.atlassian.net"));
         assert!(s.host_allowed("x.jira-dev.com"));
         assert!(!s.host_allowed("evil.example.com"));
@@ -396,6 +428,11 @@ mod tests {
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),
             ("WARDEN_REDIS_CLUSTER", "maybe"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "61"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "-1"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "61"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

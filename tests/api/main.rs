@@ -11,6 +11,7 @@ mod install_keys;
 mod instances;
 mod legacy;
 mod lifecycle;
+mod limits;
 mod logging;
 mod ordering;
 mod product_requests;

@@ -46,8 +46,10 @@ pub enum JwtError {
     ExpiresBeforeIssued,
     #[error("the token's aud does not name this app's base URL")]
     WrongAudience,
+    /// `canonical` is [`CanonicalRequest::without_query_values`]: query values never reach a
+    /// message or a log.
     #[error(
-        "the token's qsh does not match this request (expected canonical request {canonical:?})"
+        "the token's qsh does not match this request (expected canonical request {canonical:?}, query values hidden)"
     )]
     QshMismatch { canonical: String },
     #[error("a context token (qsh \"context-qsh\") is not accepted on this route")]
@@ -317,7 +319,7 @@ impl Claims {
             Ok(())
         } else {
             Err(JwtError::QshMismatch {
-                canonical: request.as_str().to_owned(),
+                canonical: request.without_query_values(),
             })
         }
     }
