@@ -275,10 +275,12 @@ impl Claims {
     pub fn check_times(&self, now: i64) -> Result<(i64, i64), JwtError> {
         let exp = self.exp.ok_or(JwtError::MissingClaim("exp"))?;
         let iat = self.iat.ok_or(JwtError::MissingClaim("iat"))?;
-        if exp + LEEWAY_SECONDS < now {
+        // Saturating: the claims are anyone's numbers, `i64::MAX` included (an overflow
+        // panicked in debug builds and wrapped to "expired" in release ones).
+        if exp.saturating_add(LEEWAY_SECONDS) < now {
             return Err(JwtError::Expired);
         }
-        if iat > now + LEEWAY_SECONDS {
+        if iat > now.saturating_add(LEEWAY_SECONDS) {
             return Err(JwtError::IssuedInFuture);
         }
         if exp < iat {
