@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::helpers::app::{both_stores, error_of, spawn_app_with, Backend, Options, Site, TestApp};
@@ -40,10 +41,7 @@ fn post_head(app: &TestApp, path: &str, token: &str, length: usize) -> String {
 
 /// Everything the server sends until it closes the connection (or `within` passes: then
 /// `None`).
-async fn read_until_closed(
-    stream: &mut tokio::net::tcp::OwnedReadHalf,
-    within: Duration,
-) -> Option<String> {
+async fn read_until_closed(stream: &mut OwnedReadHalf, within: Duration) -> Option<String> {
     let mut received = Vec::new();
     let read = tokio::time::timeout(within, async {
         let mut buffer = [0u8; 4096];
@@ -59,6 +57,22 @@ async fn read_until_closed(
         .map(|()| String::from_utf8_lossy(&received).into_owned())
 }
 
+/// Starts a signed `installed` of `site` on a raw connection: the head is sent, the body is
+/// left to the caller. Returns the token, the body and both halves of the connection.
+async fn start_install(
+    app: &TestApp,
+    site: &Site,
+) -> (String, Vec<u8>, OwnedReadHalf, OwnedWriteHalf) {
+    let token = app.install_token(&site.client_key, "/installed");
+    let body = serde_json::to_vec(&site.body("installed")).unwrap();
+    let (reader, mut writer) = connect(app).await.into_split();
+    writer
+        .write_all(post_head(app, "/installed", &token, body.len()).as_bytes())
+        .await
+        .unwrap();
+    (token, body, reader, writer)
+}
+
 /// The status code of a raw HTTP/1.1 response.
 fn status_of(response: &str) -> Option<u16> {
     response.split(' ').nth(1)?.parse().ok()
@@ -68,14 +82,7 @@ fn status_of(response: &str) -> Option<u16> {
 async fn a_body_trickled_past_its_deadline_is_408_and_stores_nothing() {
     let app = app_with_timeouts(Backend::Redis, 1).await;
     let site = Site::new();
-    let token = app.install_token(&site.client_key, "/installed");
-    let body = serde_json::to_vec(&site.body("installed")).unwrap();
-
-    let (mut reader, mut writer) = connect(&app).await.into_split();
-    writer
-        .write_all(post_head(&app, "/installed", &token, body.len()).as_bytes())
-        .await
-        .unwrap();
+    let (token, body, mut reader, mut writer) = start_install(&app, &site).await;
     let trickle = {
         let body = body.clone();
         tokio::spawn(async move {
@@ -143,13 +150,7 @@ async fn headers_never_finished_get_the_connection_closed() {
 async fn an_ordinary_request_is_untouched_by_the_timeouts() {
     let app = app_with_timeouts(Backend::Embedded, 2).await;
     let site = Site::new();
-    let token = app.install_token(&site.client_key, "/installed");
-    let body = serde_json::to_vec(&site.body("installed")).unwrap();
-    let (mut reader, mut writer) = connect(&app).await.into_split();
-    writer
-        .write_all(post_head(&app, "/installed", &token, body.len()).as_bytes())
-        .await
-        .unwrap();
+    let (_, body, mut reader, mut writer) = start_install(&app, &site).await;
     // In two parts, a moment apart, well within the deadline.
     let (first, second) = body.split_at(body.len() / 2);
     writer.write_all(first).await.unwrap();
