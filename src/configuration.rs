@@ -61,6 +61,10 @@ pub struct Settings {
     pub key_fetch_timeout: Duration,
     /// Reverse proxies whose `X-Forwarded-For` names the real sender of a request.
     pub trusted_proxies: Vec<IpAddr>,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body, counted from its headers.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -158,6 +162,8 @@ struct Raw {
     secret_cache_ttl_seconds: Option<String>,
     key_fetch_timeout_seconds: Option<String>,
     trusted_proxies: Option<List>,
+    header_timeout_seconds: Option<String>,
+    body_timeout_seconds: Option<String>,
 }
 
 impl Settings {
@@ -299,6 +305,18 @@ impl Settings {
             }
             Ok(Duration::from_secs(n))
         };
+        // A timeout of 0 would refuse every request (actix would even take it as "none").
+        let timeout = |name: &'static str,
+                       value: Option<String>,
+                       default: u64,
+                       max: u64|
+         -> Result<Duration, SettingsError> {
+            let duration = seconds(name, value, default, max)?;
+            if duration.is_zero() {
+                return Err(bad(name, "must be at least 1 second"));
+            }
+            Ok(duration)
+        };
         let keys_url = raw
             .keys_url
             .filter(|u| !u.trim().is_empty())
@@ -374,6 +392,18 @@ impl Settings {
                 60,
             )?,
             trusted_proxies,
+            header_timeout: timeout(
+                "WARDEN_HEADER_TIMEOUT_SECONDS",
+                raw.header_timeout_seconds,
+                5,
+                60,
+            )?,
+            body_timeout: timeout(
+                "WARDEN_BODY_TIMEOUT_SECONDS",
+                raw.body_timeout_seconds,
+                5,
+                60,
+            )?,
         })
     }
 }
@@ -401,6 +431,8 @@ mod tests {
         assert!(s.keys_url.is_none());
         assert_eq!(s.install_auth, InstallAuth::Signed);
         assert_eq!(s.secret_grace, Duration::from_secs(180));
+        assert_eq!(s.header_timeout, Duration::from_secs(5));
+        assert_eq!(s.body_timeout, Duration::from_secs(5));
         assert!(s.host_allowed("acme.atlassian.net"));
         assert!(s.host_allowed("x.jira-dev.com"));
         assert!(!s.host_allowed("evil.example.com"));
@@ -469,6 +501,11 @@ mod tests {
             ("WARDEN_KEYS_URL", "not a url"),
             ("WARDEN_REDIS_CLUSTER", "maybe"),
             ("WARDEN_TRUSTED_PROXIES", "proxy.example.com"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "61"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "-1"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "61"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

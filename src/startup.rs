@@ -234,14 +234,18 @@ fn run(
     extra: ExtraRoutes,
 ) -> anyhow::Result<Server> {
     let base_path = state.settings.base_url.path().to_owned();
+    let header_timeout = state.settings.header_timeout;
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(crate::limits::body_deadline))
             .wrap(actix_web::middleware::from_fn(telemetry::request_id_scope))
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
             .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
             .default_service(web::to(routes::not_found))
     })
+    // Headers not complete in time: actix answers 408 and closes (docs/PROTOCOL.md §14).
+    .client_request_timeout(header_timeout)
     .listen(listener)?
     .run();
     Ok(server)

@@ -186,7 +186,10 @@ pub async fn authenticate(
             body_digest: payload.body_digest,
             // Remembered well past the last second `check_times` accepts the token, so the
             // memory can never lapse while the token still passes (clock skew included).
-            expires_at: exp + jwt::LEEWAY_SECONDS + REPLAY_MEMORY_MARGIN_SECONDS,
+            // `exp` is the sender's number, up to `i64::MAX`.
+            expires_at: exp
+                .saturating_add(jwt::LEEWAY_SECONDS)
+                .saturating_add(REPLAY_MEMORY_MARGIN_SECONDS),
         }),
     })
 }

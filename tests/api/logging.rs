@@ -235,3 +235,43 @@ async fn a_request_id_ties_an_error_body_to_its_log_line() {
     }
     assert!(!log.contains("forged"), "{log}");
 }
+
+/// A `qsh` that does not match is explained by method, path and parameter names only: the
+/// query's values (anything the caller put in the URL) reach neither the answer nor the log.
+#[tokio::test]
+async fn a_qsh_mismatch_shows_no_query_value() {
+    use crate::helpers::app::{error_of, Options, TestApp};
+    let app = TestApp::spawn_process(
+        "qsh-log",
+        Options::new(Backend::Embedded).set("RUST_LOG", "trace"),
+    )
+    .await;
+    let site = Site::new();
+    app.installed(&site).await;
+    // Signed for another value of `name`.
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant?name=othervalue",
+        jwt::now(),
+    );
+    let response = app
+        .get_with_token("/api/tenant?name=secretvalue123", &token)
+        .await;
+    assert_eq!(response.status(), 401);
+    let error = error_of(response).await;
+    assert!(
+        error.contains("GET&/api/tenant&name=…"),
+        "the message names method, path and parameter: {error}"
+    );
+    assert!(!error.contains("secretvalue123"), "{error}");
+    // The process writes its line as it answers; give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = app.log();
+    assert!(
+        log.contains("qsh does not match"),
+        "the refusal is logged:\n{log}"
+    );
+    assert!(!log.contains("secretvalue123"), "{log}");
+}

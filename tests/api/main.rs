@@ -12,6 +12,7 @@ mod install_keys;
 mod instances;
 mod legacy;
 mod lifecycle;
+mod limits;
 mod logging;
 mod ordering;
 mod product_requests;
