@@ -175,6 +175,8 @@ async fn prepare(options: &mut Options, bind: String) -> Prepared {
             "WARDEN_DESCRIPTOR".into(),
             concat!(env!("CARGO_MANIFEST_DIR"), "/atlassian-connect.json").into(),
         ),
+        // A site proof that cannot succeed (a site on no host) gives up within a second.
+        ("WARDEN_SITE_PROOF_BACKOFF_MS".into(), "20".into()),
     ];
     if options.backend == Backend::Redis {
         let prefix = options
