@@ -357,3 +357,82 @@ async fn update_with_retry(
     }
     Err(LifecycleError::Contention(client_key.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+
+    use super::*;
+    use crate::configuration::Settings;
+    use crate::install_keys::InstallKeys;
+    use crate::lifecycle::LifecycleContext;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::testing::LoadSpy;
+    use crate::store::SharedStore;
+
+    /// A signed installation on `base_url` whose newest signed event is `iat`, stored and
+    /// indexed.
+    async fn installed(store: &LoadSpy, key: &str, base_url: &BaseUrl, iat: i64) -> Installation {
+        let mut record = Installation::new(
+            ClientKey::parse(key).unwrap(),
+            base_url.clone(),
+            "jira",
+            SharedSecret::parse(&format!("secret-{key}")).unwrap(),
+            true,
+            iat,
+        );
+        record.last_event_iat = iat;
+        record.version = 1;
+        let commit = Commit {
+            record: &record,
+            expected_version: 0,
+            token: None,
+        };
+        assert_eq!(
+            store.commit(commit).await.unwrap(),
+            CommitOutcome::Committed
+        );
+        store
+            .index_site(base_url, &record.client_key)
+            .await
+            .unwrap();
+        record
+    }
+
+    /// An import retiring N installations writes each of them once and itself once (all its
+    /// links together), never once per pair.
+    #[tokio::test]
+    async fn an_import_costs_one_write_per_retired_installation_plus_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoadSpy::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
+        let settings = Settings::from_sources(None, Vec::new()).unwrap();
+        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let tenants = TenantCache::new(
+            store.clone() as SharedStore,
+            std::time::Duration::from_secs(30),
+        );
+        let applier = Applier {
+            policy: LifecycleContext {
+                settings: &settings,
+                keys: &keys,
+            },
+            store: store.as_ref(),
+            tenants: &tenants,
+        };
+        let site = BaseUrl::parse("https://acme.atlassian.net").unwrap();
+        const N: u64 = 12;
+        for n in 0..N {
+            installed(&store, &format!("ck-old-{n}"), &site, 1_000 + n as i64).await;
+        }
+        let new = installed(&store, "ck-new", &site, 2_000).await;
+
+        let before = store.commits();
+        let superseded = applier.supersede_previous_tenants(&new).await.unwrap();
+        assert_eq!(superseded.len() as u64, N);
+        assert_eq!(store.commits() - before, N + 1);
+        let stored = store.load(&new.client_key).await.unwrap().unwrap();
+        assert_eq!(stored.supersedes.len() as u64, N);
+    }
+}

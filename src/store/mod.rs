@@ -292,6 +292,7 @@ pub(crate) mod testing {
     pub(crate) struct LoadSpy {
         inner: SharedStore,
         loads: AtomicU64,
+        commits: AtomicU64,
         stale_once: AtomicBool,
     }
 
@@ -300,12 +301,18 @@ pub(crate) mod testing {
             Arc::new(Self {
                 inner,
                 loads: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
                 stale_once: AtomicBool::new(false),
             })
         }
 
         pub(crate) fn loads(&self) -> u64 {
             self.loads.load(Ordering::SeqCst)
+        }
+
+        /// Commits attempted so far.
+        pub(crate) fn commits(&self) -> u64 {
+            self.commits.load(Ordering::SeqCst)
         }
 
         /// The next `load` answers "no record" whatever is stored.
@@ -331,6 +338,7 @@ pub(crate) mod testing {
             self.inner.seen_token(c, d).await
         }
         async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
             self.inner.commit(commit).await
         }
         async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {

@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::app::{
-    both_stores, error_of, spawn_app, spawn_app_with, Backend, Options, Site, TestApp,
+    both_stores, error_of, eventually, spawn_app, spawn_app_with, Backend, Cluster, Options, Site,
+    TestApp,
 };
 use crate::helpers::free_port;
 use connect_protocol::domain::SharedSecret;
@@ -360,6 +361,49 @@ async fn with_proofs_off_an_import_supersedes_at_once(backend: Backend) {
     app.installed(&new).await;
     assert_eq!(app.tenant_status(&old, &old.secret).await, 403);
     assert_eq!(app.stored(&new.client_key).await.unwrap().site_proof, None);
+}
+
+/// A proof left pending by a process that was killed is picked up by the next one at
+/// start-up: the site, down during the first attempt, is up by then and confirms the import.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_proof_is_resumed_after_a_restart() {
+    let cluster = Cluster::new().await;
+    let port = free_port();
+    let mut old = Site::new();
+    old.base_url = format!("http://127.0.0.1:{port}/t/{}", old.client_key);
+    let new = imported(&old);
+    let slow = [
+        ("WARDEN_PRODUCT_HOSTS", "127.0.0.1"),
+        ("WARDEN_SITE_PROOF_ATTEMPTS", "20"),
+        ("WARDEN_SITE_PROOF_BACKOFF_MS", "600000"),
+    ];
+    let first = cluster.spawn("first", &slow).await;
+    first.installed(&old).await;
+    first.installed(&new).await;
+    assert_eq!(tenant_body(&first, &new).await["siteProof"], "pending");
+    drop(first); // killed while its proof waits for the next attempt
+
+    let host = FakeHost::start(("127.0.0.1", port)).await.unwrap();
+    host.add_tenant(TenantRecord {
+        client_key: old.client_key.clone(),
+        base_path: String::new(),
+        shared_secret: SharedSecret::parse(&new.secret).unwrap(),
+        oauth_client_id: new.oauth_client_id.clone(),
+        app_key: "connect-warden".into(),
+    });
+    let second = cluster
+        .spawn("second", &[("WARDEN_PRODUCT_HOSTS", "127.0.0.1")])
+        .await;
+    eventually(
+        "the old installation is superseded after the restart",
+        PROOF_WITHIN,
+        403,
+        || second.tenant_status(&old, &old.secret),
+    )
+    .await;
+    let body = tenant_body(&second, &new).await;
+    assert_eq!(body["siteProof"], "proven");
+    assert_eq!(body["supersedes"], serde_json::json!([old.client_key]));
 }
 
 both_stores!(
