@@ -161,16 +161,7 @@ async fn a_site_import_on_one_instance_is_honoured_by_the_other() {
     ];
     let a = cluster.spawn("A", &env).await;
     let b = cluster.spawn("B", &env).await;
-    let mut old = Site::new();
-    old.base_url = host
-        .add_tenant(devtenant::TenantRecord {
-            client_key: old.client_key.clone(),
-            base_path: String::new(),
-            shared_secret: connect_protocol::domain::SharedSecret::parse(&old.secret).unwrap(),
-            oauth_client_id: old.oauth_client_id.clone(),
-            app_key: "connect-warden".into(),
-        })
-        .to_string();
+    let old = Site::on_host(&host, "");
     a.installed(&old).await;
     assert_eq!(b.tenant_status(&old, &old.secret).await, 200);
     // The imported site: same baseUrl, new clientKey, no uninstall of the old one; the host

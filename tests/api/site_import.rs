@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::app::{
     both_stores, error_of, eventually, spawn_app, spawn_app_with, Backend, Cluster, Options, Site,
-    TestApp,
+    TestApp, APP_KEY,
 };
 use crate::helpers::free_port;
 use connect_protocol::domain::SharedSecret;
@@ -28,20 +28,6 @@ async fn fake_host() -> FakeHost {
 /// warden trusting sites on 127.0.0.1, with `options`' other settings.
 async fn app_for_sites(options: Options) -> TestApp {
     spawn_app_with(options.set("WARDEN_PRODUCT_HOSTS", "127.0.0.1")).await
-}
-
-/// A new site on `host`, which knows it by the site's clientKey and secret.
-fn site_on(host: &FakeHost) -> Site {
-    let mut site = Site::new();
-    let base_url = host.add_tenant(TenantRecord {
-        client_key: site.client_key.clone(),
-        base_path: String::new(),
-        shared_secret: SharedSecret::parse(&site.secret).unwrap(),
-        oauth_client_id: site.oauth_client_id.clone(),
-        app_key: "connect-warden".into(),
-    });
-    site.base_url = base_url.to_string();
-    site
 }
 
 /// The key `host` knows a site by: the last segment of its `baseUrl`.
@@ -80,24 +66,10 @@ async fn settled_proof(app: &TestApp, site: &Site) -> Option<SiteProof> {
     }
 }
 
-/// `GET /api/tenant` as `site`: its JSON body (asserting 200).
-async fn tenant_body(app: &TestApp, site: &Site) -> serde_json::Value {
-    let token = app.product_token(
-        &site.client_key,
-        &site.secret,
-        "GET",
-        "/api/tenant",
-        jwt::now(),
-    );
-    let response = app.tenant(&token).await;
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
     let host = fake_host().await;
     let app = app_for_sites(Options::new(backend)).await;
-    let old = site_on(&host);
+    let old = Site::on_host(&host, "");
     app.installed(&old).await;
     let new = genuinely_imported(&host, &old);
     app.installed(&new).await;
@@ -116,14 +88,7 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
         .await
         .contains(&format!("superseded by {}", new.client_key)));
 
-    let token = app.product_token(
-        &new.client_key,
-        &new.secret,
-        "GET",
-        "/api/tenant",
-        jwt::now(),
-    );
-    let body: serde_json::Value = app.tenant(&token).await.json().await.unwrap();
+    let body = app.tenant_body(&new).await;
     assert_eq!(body["supersedes"], serde_json::json!([old.client_key]));
     assert_eq!(body["siteProof"], "proven");
 
@@ -144,7 +109,7 @@ async fn import_supersedes_the_old_tenant_and_links_it(backend: Backend) {
 async fn unsigned_legacy_install_never_supersedes(backend: Backend) {
     let host = fake_host().await;
     let app = app_for_sites(Options::new(backend).legacy()).await;
-    let real = site_on(&host);
+    let real = Site::on_host(&host, "");
     app.installed(&real).await;
     // A forged unsigned first install on the real tenant's baseUrl.
     let forged = imported(&real);
@@ -207,7 +172,7 @@ async fn tenants_on_other_sites_are_untouched(backend: Backend) {
 async fn a_retried_import_install_does_not_supersede_again(backend: Backend) {
     let host = fake_host().await;
     let app = app_for_sites(Options::new(backend)).await;
-    let old = site_on(&host);
+    let old = Site::on_host(&host, "");
     app.installed(&old).await;
     let new = genuinely_imported(&host, &old);
     let import_token = app.install_token(&new.client_key, "/installed");
@@ -251,7 +216,7 @@ async fn a_retried_import_install_does_not_supersede_again(backend: Backend) {
 async fn racing_imports_never_retire_each_other(backend: Backend) {
     let host = fake_host().await;
     let app = app_for_sites(Options::new(backend)).await;
-    let first = site_on(&host);
+    let first = Site::on_host(&host, "");
     let second = imported(&first);
     // The site answers both installations while they race.
     host.accept_also(
@@ -292,7 +257,7 @@ async fn racing_imports_never_retire_each_other(backend: Backend) {
 async fn an_install_its_site_refuses_retires_nobody(backend: Backend) {
     let host = fake_host().await;
     let app = app_for_sites(Options::new(backend)).await;
-    let victim = site_on(&host);
+    let victim = Site::on_host(&host, "");
     app.installed(&victim).await;
     let attacker = imported(&victim);
     app.installed(&attacker).await;
@@ -310,7 +275,7 @@ async fn an_install_its_site_refuses_retires_nobody(backend: Backend) {
         app.stored(&victim.client_key).await.unwrap().superseded_by,
         None
     );
-    let body = tenant_body(&app, &attacker).await;
+    let body = app.tenant_body(&attacker).await;
     assert_eq!(body["siteProof"], "refused");
     assert_eq!(body["supersedes"], serde_json::json!([]));
 
@@ -380,7 +345,7 @@ async fn a_pending_proof_is_resumed_after_a_restart() {
     let first = cluster.spawn("first", &slow).await;
     first.installed(&old).await;
     first.installed(&new).await;
-    assert_eq!(tenant_body(&first, &new).await["siteProof"], "pending");
+    assert_eq!(first.tenant_body(&new).await["siteProof"], "pending");
     drop(first); // killed while its proof waits for the next attempt
 
     let host = FakeHost::start(("127.0.0.1", port)).await.unwrap();
@@ -389,7 +354,7 @@ async fn a_pending_proof_is_resumed_after_a_restart() {
         base_path: String::new(),
         shared_secret: SharedSecret::parse(&new.secret).unwrap(),
         oauth_client_id: new.oauth_client_id.clone(),
-        app_key: "connect-warden".into(),
+        app_key: APP_KEY.into(),
     });
     let second = cluster
         .spawn("second", &[("WARDEN_PRODUCT_HOSTS", "127.0.0.1")])
@@ -401,7 +366,7 @@ async fn a_pending_proof_is_resumed_after_a_restart() {
         || second.tenant_status(&old, &old.secret),
     )
     .await;
-    let body = tenant_body(&second, &new).await;
+    let body = second.tenant_body(&new).await;
     assert_eq!(body["siteProof"], "proven");
     assert_eq!(body["supersedes"], serde_json::json!([old.client_key]));
 }
