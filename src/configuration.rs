@@ -250,25 +250,8 @@ impl Settings {
                 ))
             }
         };
-        let seconds = |name: &'static str,
-                       value: Option<String>,
-                       default: u64,
-                       max: u64|
-         -> Result<Duration, SettingsError> {
-            let n = match value {
-                None => default,
-                Some(v) => v
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| bad(name, format!("{v:?} is not a whole number of seconds")))?,
-            };
-            if n > max {
-                return Err(bad(
-                    name,
-                    format!("{n} is more than the maximum of {max} seconds"),
-                ));
-            }
-            Ok(Duration::from_secs(n))
+        let seconds = |name: &'static str, value: Option<String>, default: u64, max: u64| {
+            whole_number(name, value, default, 0..=max, "seconds").map(Duration::from_secs)
         };
         let keys_url = raw
             .keys_url
@@ -354,6 +337,34 @@ impl Settings {
     }
 }
 
+/// A whole number of `unit` within `range`, `default` when unset.
+fn whole_number(
+    name: &'static str,
+    value: Option<String>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> Result<u64, SettingsError> {
+    let n = match value {
+        None => default,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad(name, format!("{v:?} is not a whole number of {unit}")))?,
+    };
+    if !range.contains(&n) {
+        return Err(bad(
+            name,
+            format!(
+                "{n} is not between {} and {} {unit}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_site_proof(
     enabled: Option<String>,
     attempts: Option<String>,
@@ -373,21 +384,20 @@ fn parse_site_proof(
             ))
         }
     };
-    let number = |name: &'static str, value: Option<String>, default: u64, min: u64, max: u64| {
-        let n = match value {
-            None => default,
-            Some(v) => v
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| bad(name, format!("{v:?} is not a whole number")))?,
-        };
-        if n < min || n > max {
-            return Err(bad(name, format!("{n} is not between {min} and {max}")));
-        }
-        Ok(n)
-    };
-    let attempts = number("WARDEN_SITE_PROOF_ATTEMPTS", attempts, 5, 1, 20)?;
-    let backoff = number("WARDEN_SITE_PROOF_BACKOFF_MS", backoff_ms, 1000, 0, 600_000)?;
+    let attempts = whole_number(
+        "WARDEN_SITE_PROOF_ATTEMPTS",
+        attempts,
+        5,
+        1..=20,
+        "attempts",
+    )?;
+    let backoff = whole_number(
+        "WARDEN_SITE_PROOF_BACKOFF_MS",
+        backoff_ms,
+        1000,
+        0..=600_000,
+        "milliseconds",
+    )?;
     Ok(SiteProofSettings {
         enabled,
         attempts: u32::try_from(attempts).expect("at most 20"),
