@@ -677,6 +677,110 @@ mod tests {
         assert!(auth.seen.unwrap().expires_at > last_accepted_second);
     }
 
+    /// A decision for a site step: a first install (written) or a retry (nothing written) of
+    /// an installation whose recorded proof is `proof`.
+    fn site_decision(site: SiteStep, written: bool, proof: Option<SiteProof>) -> Decision {
+        let mut record = Installation::new(
+            ClientKey::parse("ck-plan").unwrap(),
+            connect_protocol::domain::BaseUrl::parse("https://acme.atlassian.net").unwrap(),
+            "jira",
+            SharedSecret::parse("s").unwrap(),
+            true,
+            0,
+        );
+        record.site_proof = proof;
+        Decision {
+            installation: Some(record.clone()),
+            write: written.then(|| Write {
+                record,
+                expected_version: 0,
+                token: None,
+            }),
+            site,
+        }
+    }
+
+    /// docs/PROTOCOL.md §7: an install sharing its site is proven before it ranks; one alone
+    /// is skipped; a retry finishes what its install started; with proofs off an import ranks
+    /// at once; an unsigned install is proven but never ranks.
+    #[test]
+    fn site_plans() {
+        use SitePlan as P;
+        use SiteProof::*;
+        use SiteStep as S;
+        for (site, written, before, proofs, others, plan, after) in [
+            (S::Import, true, None, true, true, P::Prove, Some(Pending)),
+            (
+                S::Import,
+                true,
+                None,
+                true,
+                false,
+                P::Nothing,
+                Some(Skipped),
+            ),
+            (
+                S::Import,
+                true,
+                Some(Refused),
+                true,
+                true,
+                P::Prove,
+                Some(Pending),
+            ),
+            (S::Import, true, None, false, true, P::Supersede, None),
+            (S::Observe, true, None, true, true, P::Prove, Some(Pending)),
+            (S::Observe, true, None, false, true, P::Nothing, None),
+            (
+                S::Import,
+                false,
+                Some(Pending),
+                true,
+                true,
+                P::Prove,
+                Some(Pending),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Proven),
+                true,
+                true,
+                P::Supersede,
+                Some(Proven),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Refused),
+                true,
+                true,
+                P::Nothing,
+                Some(Refused),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Skipped),
+                true,
+                true,
+                P::Nothing,
+                Some(Skipped),
+            ),
+            (S::Index, true, None, true, true, P::Nothing, None),
+        ] {
+            let mut decision = site_decision(site, written, before);
+            let case =
+                format!("{site:?} written={written} {before:?} proofs={proofs} others={others}");
+            assert_eq!(plan_site(&mut decision, proofs, others), plan, "{case}");
+            let recorded = decision.installation.as_ref().unwrap().site_proof;
+            assert_eq!(recorded, after, "{case}");
+            if let Some(write) = &decision.write {
+                assert_eq!(write.record.site_proof, after, "{case}");
+            }
+        }
+    }
+
     #[test]
     fn payload_debug_never_shows_the_secret() {
         let payload = installed("ck-debug", "very-secret-value");
