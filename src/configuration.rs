@@ -65,6 +65,19 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// How long a client may take to send a request's body, counted from its headers.
     pub body_timeout: Duration,
+    /// Site imports are confirmed by the site before they retire anyone (docs/PROTOCOL.md §7).
+    pub site_proof: SiteProofSettings,
+}
+
+/// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteProofSettings {
+    /// `false` (`off`): a signed import retires the site's older installations at once.
+    pub enabled: bool,
+    /// Calls to the site before the proof is given up as unreachable.
+    pub attempts: u32,
+    /// Wait after the first failed attempt; doubled after each further one.
+    pub backoff: Duration,
 }
 
 impl Settings {
@@ -164,6 +177,9 @@ struct Raw {
     trusted_proxies: Option<List>,
     header_timeout_seconds: Option<String>,
     body_timeout_seconds: Option<String>,
+    site_proof: Option<String>,
+    site_proof_attempts: Option<String>,
+    site_proof_backoff_ms: Option<String>,
 }
 
 impl Settings {
@@ -285,25 +301,8 @@ impl Settings {
                 ))
             }
         };
-        let seconds = |name: &'static str,
-                       value: Option<String>,
-                       default: u64,
-                       max: u64|
-         -> Result<Duration, SettingsError> {
-            let n = match value {
-                None => default,
-                Some(v) => v
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| bad(name, format!("{v:?} is not a whole number of seconds")))?,
-            };
-            if n > max {
-                return Err(bad(
-                    name,
-                    format!("{n} is more than the maximum of {max} seconds"),
-                ));
-            }
-            Ok(Duration::from_secs(n))
+        let seconds = |name: &'static str, value: Option<String>, default: u64, max: u64| {
+            whole_number(name, value, default, 0..=max, "seconds").map(Duration::from_secs)
         };
         // A timeout of 0 would refuse every request (actix would even take it as "none").
         let timeout = |name: &'static str,
@@ -359,7 +358,13 @@ impl Settings {
                 "a Redis Cluster needs its seed node URLs in WARDEN_REDIS_URL",
             ));
         }
+        let site_proof = parse_site_proof(
+            raw.site_proof,
+            raw.site_proof_attempts,
+            raw.site_proof_backoff_ms,
+        )?;
         Ok(Self {
+            site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
             allowed_base_urls,
@@ -408,6 +413,74 @@ impl Settings {
     }
 }
 
+/// A whole number of `unit` within `range`, `default` when unset.
+fn whole_number(
+    name: &'static str,
+    value: Option<String>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> Result<u64, SettingsError> {
+    let n = match value {
+        None => default,
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| bad(name, format!("{v:?} is not a whole number of {unit}")))?,
+    };
+    if !range.contains(&n) {
+        return Err(bad(
+            name,
+            format!(
+                "{n} is not between {} and {} {unit}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_site_proof(
+    enabled: Option<String>,
+    attempts: Option<String>,
+    backoff_ms: Option<String>,
+) -> Result<SiteProofSettings, SettingsError> {
+    let enabled = match enabled
+        .as_deref()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("") | Some("on") | Some("true") => true,
+        Some("off") | Some("false") => false,
+        Some(other) => {
+            return Err(bad(
+                "WARDEN_SITE_PROOF",
+                format!("{other:?} is neither \"on\" nor \"off\""),
+            ))
+        }
+    };
+    let attempts = whole_number(
+        "WARDEN_SITE_PROOF_ATTEMPTS",
+        attempts,
+        5,
+        1..=20,
+        "attempts",
+    )?;
+    let backoff = whole_number(
+        "WARDEN_SITE_PROOF_BACKOFF_MS",
+        backoff_ms,
+        1000,
+        0..=600_000,
+        "milliseconds",
+    )?;
+    Ok(SiteProofSettings {
+        enabled,
+        attempts: u32::try_from(attempts).expect("at most 20"),
+        backoff: Duration::from_millis(backoff),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +510,14 @@ mod tests {
         assert!(s.host_allowed("x.jira-dev.com"));
         assert!(!s.host_allowed("evil.example.com"));
         assert!(!s.app_key.is_empty());
+        assert_eq!(
+            s.site_proof,
+            SiteProofSettings {
+                enabled: true,
+                attempts: 5,
+                backoff: Duration::from_millis(1000),
+            }
+        );
     }
 
     #[test]
@@ -496,6 +577,9 @@ mod tests {
         for (name, value) in [
             ("WARDEN_BASE_URL", "ftp://x"),
             ("WARDEN_INSTALL_AUTH", "maybe"),
+            ("WARDEN_SITE_PROOF", "maybe"),
+            ("WARDEN_SITE_PROOF_ATTEMPTS", "0"),
+            ("WARDEN_SITE_PROOF_BACKOFF_MS", "soon"),
             ("WARDEN_SECRET_GRACE_SECONDS", "soon"),
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),

@@ -22,6 +22,7 @@ use crate::store::redis::RedisStore;
 use crate::store::SharedStore;
 use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
+use connect_protocol::domain::ClientKey;
 
 /// Bound on one call to a host site or the authorization server.
 const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -39,6 +40,8 @@ pub struct AppState {
     pub descriptor: String,
     /// Calls to host sites, as the app or as a user.
     pub host: HostClient,
+    /// The clientKeys whose site proof runs in this process now (one run each at a time).
+    site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
 }
 
 impl AppState {
@@ -97,6 +100,77 @@ impl AppState {
         }
     }
 
+    /// Runs the site proof of `client_key` (docs/PROTOCOL.md §7) in the background, after the
+    /// callback was answered: the site may take a while to answer. One run per clientKey at a
+    /// time in this process; a run that ends while another install made the record pending
+    /// again starts once more.
+    pub fn start_site_proof(state: &web::Data<AppState>, client_key: ClientKey) {
+        fn running(
+            s: &AppState,
+        ) -> std::sync::MutexGuard<'_, std::collections::HashSet<ClientKey>> {
+            s.site_proofs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+        if !running(state).insert(client_key.clone()) {
+            return;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            let settings = state.settings.site_proof;
+            let result = state
+                .lifecycle()
+                .prove_site(&state.host, &client_key, settings)
+                .await;
+            running(&state).remove(&client_key);
+            match result {
+                Err(error) => {
+                    tracing::error!(client_key = %client_key, error = %crate::error::error_chain(&error),
+                        "site proof: cannot record the outcome; it runs again on the install's retry or at the next start")
+                }
+                Ok(_) => {
+                    let pending = state
+                        .store
+                        .load(&client_key)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.site_proof == Some(crate::store::SiteProof::Pending));
+                    if pending {
+                        Self::start_site_proof(&state, client_key);
+                    }
+                }
+            }
+        });
+    }
+
+    /// At start-up: the site proofs a stopped process left pending run again. One listing of
+    /// the store, in the background.
+    pub fn resume_site_proofs(state: &web::Data<AppState>) {
+        if !state.settings.site_proof.enabled {
+            return;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            let keys = match state.store.list_client_keys().await {
+                Ok(keys) => keys,
+                Err(error) => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "cannot list installations to resume pending site proofs");
+                    return;
+                }
+            };
+            for client_key in keys {
+                let pending = matches!(
+                    state.store.load(&client_key).await,
+                    Ok(Some(i)) if i.site_proof == Some(crate::store::SiteProof::Pending)
+                );
+                if pending {
+                    Self::start_site_proof(&state, client_key);
+                }
+            }
+        });
+    }
+
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
         let descriptor = routes::descriptor::render(&settings)
             .context("the descriptor template is not a JSON object")?;
@@ -117,6 +191,7 @@ impl AppState {
                 settings.oauth_token_url.clone(),
                 HOST_TIMEOUT,
             ),
+            site_proofs: Default::default(),
             settings: Arc::new(settings),
         })
     }
@@ -175,6 +250,7 @@ impl Application {
         };
         let port = listener.local_addr()?.port();
         let server = run(listener, state.clone(), Arc::new(routes))?;
+        AppState::resume_site_proofs(&state);
         Ok(Self {
             port,
             server,

@@ -6,11 +6,16 @@
 
 use std::sync::Arc;
 
-use connect_protocol::domain::ClientKey;
+use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::jwt;
 
-use super::{authenticate, decide, Callback, LifecycleContext, LifecycleError, Proof, SiteStep};
-use crate::store::{Commit, CommitOutcome, Installation, InstallationStore};
+use super::{
+    authenticate, decide, plan_site, Callback, LifecycleContext, LifecycleError, Proof, SitePlan,
+    SiteStep,
+};
+use crate::configuration::SiteProofSettings;
+use crate::host_client::HostClient;
+use crate::store::{Commit, CommitOutcome, Installation, InstallationStore, SiteProof};
 use crate::tenants::TenantCache;
 
 /// How often a write is retried when another writer changed the record in between.
@@ -26,6 +31,9 @@ pub struct Applied {
     pub installation: Option<Arc<Installation>>,
     /// Installations retired by this install (site import), possibly this one itself.
     pub superseded: Vec<ClientKey>,
+    /// Whether the site must now confirm the install ([`Applier::prove_site`], run in the
+    /// background once the callback is answered).
+    pub prove_site: bool,
 }
 
 /// Where a callback is applied.
@@ -51,7 +59,21 @@ impl Applier<'_> {
                 }
                 None => None,
             };
-            let decision = decide(callback, &auth, existing, seen_body, jwt::now())?;
+            let mut decision = decide(callback, &auth, existing, seen_body, jwt::now())?;
+            let others_on_site = match decision.site {
+                // Indexed before the write, so of two installs racing on one site at least
+                // the later one sees the other and is proven and ranked.
+                SiteStep::Import | SiteStep::Observe => {
+                    self.index_and_look_for_others(&payload.base_url, &payload.client_key)
+                        .await?
+                }
+                _ => false,
+            };
+            let plan = plan_site(
+                &mut decision,
+                self.policy.settings.site_proof.enabled,
+                others_on_site,
+            );
             let written = match &decision.write {
                 Some(write) => {
                     let commit = Commit {
@@ -67,11 +89,11 @@ impl Applier<'_> {
                 None => false,
             };
             let installation = decision.installation.map(Arc::new);
-            let superseded = match (&installation, decision.site) {
-                (Some(installed), SiteStep::Import) => {
+            let superseded = match (&installation, plan, decision.site) {
+                (Some(installed), SitePlan::Supersede, _) => {
                     self.supersede_previous_tenants(installed).await?
                 }
-                (Some(installed), SiteStep::Index) => {
+                (Some(installed), _, SiteStep::Index) => {
                     self.store
                         .index_site(&installed.base_url, &installed.client_key)
                         .await?;
@@ -90,23 +112,108 @@ impl Applier<'_> {
                 proof: auth.proof,
                 installation,
                 superseded,
+                prove_site: plan == SitePlan::Prove,
             });
         }
         Err(LifecycleError::Contention(payload.client_key.clone()))
     }
 
+    /// Indexes `client_key` on its site; whether other clientKeys are indexed there.
+    async fn index_and_look_for_others(
+        &self,
+        base_url: &BaseUrl,
+        client_key: &ClientKey,
+    ) -> Result<bool, LifecycleError> {
+        self.store.index_site(base_url, client_key).await?;
+        let site = self.store.client_keys_for_site(base_url).await?;
+        Ok(site.iter().any(|k| k != client_key))
+    }
+
+    /// The site proof (docs/PROTOCOL.md §7) of `client_key`, whose record says `pending`: a
+    /// `GET <baseUrl>/rest/atlassian-connect/1/addons/<appKey>` signed as the app with the
+    /// installation's current secret, tried `settings.attempts` times with a doubling backoff.
+    /// 2xx is `proven`; 401, 403 or 404 `refused`; anything else, every time, `unreachable`.
+    /// The outcome is recorded only for the secret it proved (a reinstall in between starts
+    /// over) and only while the record is still pending. Once proven, a signed import runs the
+    /// site's ranking here, the one place that retires installations. Returns the outcome
+    /// recorded, `None` when nothing was pending.
+    pub async fn prove_site(
+        &self,
+        host: &HostClient,
+        client_key: &ClientKey,
+        settings: SiteProofSettings,
+    ) -> Result<Option<SiteProof>, LifecycleError> {
+        let path = format!("/rest/atlassian-connect/1/addons/{}", host.app_key());
+        loop {
+            let Some(record) = self.store.load(client_key).await? else {
+                return Ok(None);
+            };
+            if record.site_proof != Some(SiteProof::Pending) {
+                return Ok(None);
+            }
+            let outcome = ask_site(host, &record, &path, settings).await;
+            let proven_secret = record.current_secret().secret.clone();
+            let still_pending = |now: &Installation| {
+                now.site_proof == Some(SiteProof::Pending)
+                    && now.current_secret().secret.same_as(&proven_secret)
+            };
+            // The ranking runs before `proven` is recorded: a process stopped in between
+            // leaves the proof pending, and running it again retires nobody twice.
+            let mut superseded = Vec::new();
+            if outcome == SiteProof::Proven {
+                match self.store.load(client_key).await? {
+                    Some(now) if !still_pending(&now) => continue,
+                    Some(now) if now.is_active() && now.ever_signed() => {
+                        superseded = self.supersede_previous_tenants(&now).await?;
+                    }
+                    Some(_) => {}
+                    None => return Ok(None),
+                }
+            }
+            let mut rolled = false;
+            let recorded = update_with_retry(self.store, client_key, |now| {
+                if !still_pending(now) {
+                    rolled = now.site_proof == Some(SiteProof::Pending);
+                    return None;
+                }
+                now.site_proof = Some(outcome);
+                Some(())
+            })
+            .await?;
+            for old in &superseded {
+                self.tenants.invalidate(old).await;
+            }
+            if rolled {
+                continue;
+            }
+            if !recorded {
+                return Ok(None);
+            }
+            self.tenants.invalidate(client_key).await;
+            if outcome == SiteProof::Proven {
+                tracing::info!(client_key = %client_key, base_url = %record.base_url, superseded = ?superseded, "site proof: the site confirmed the install");
+            } else {
+                tracing::warn!(client_key = %client_key, base_url = %record.base_url, site_proof = outcome.as_str(),
+                    "site proof: the site did not confirm the install; it retires nobody");
+            }
+            return Ok(Some(outcome));
+        }
+    }
+
     /// Site import (docs/PROTOCOL.md §7): a new clientKey installed, with
-    /// Atlassian's signature, on a site whose `baseUrl` belongs to other active installations.
+    /// Atlassian's signature, on a site whose `baseUrl` belongs to other active installations,
+    /// and (with site proofs on) confirmed by that site.
     /// The most recent install on a site wins: installations are ranked by their latest
     /// lifecycle event (`iat`), then by the order in which the site index first saw them, which
     /// every instance reads alike. Those ranked below this install are marked superseded by it
     /// and linked from it; should another active one rank above it (two imports racing), this
     /// installation is the one superseded. So exactly one installation of a site stays active,
     /// whatever order the writes land in. Installations Atlassian never installed (legacy
-    /// mode's unsigned installs) take no part: they neither outrank this install nor are
-    /// retired or linked by it, so a squatter can neither knock the genuine site out nor be
-    /// taken for its predecessor. Returns the clientKeys superseded (possibly this
-    /// installation's own).
+    /// mode's unsigned installs) and imports their site never confirmed take no part: they
+    /// neither outrank this install nor are retired or linked by it, so a squatter can neither
+    /// knock the genuine site out nor be taken for its predecessor. One write per installation
+    /// retired and one for all the links: O(N) writes for N installations on the site.
+    /// Returns the clientKeys superseded (possibly this installation's own).
     async fn supersede_previous_tenants(
         &self,
         installed: &Installation,
@@ -116,19 +223,21 @@ impl Applier<'_> {
             .index_site(&installed.base_url, &installed.client_key)
             .await?;
         let site_order = store.client_keys_for_site(&installed.base_url).await?;
-        let position = |key: &ClientKey| site_order.iter().position(|k| k == key);
-        let this = (installed.last_event_iat, position(&installed.client_key));
-        let mut superseded = Vec::new();
-        for other in &site_order {
+        let this = (
+            installed.last_event_iat,
+            site_order.iter().position(|k| *k == installed.client_key),
+        );
+        let mut retired = Vec::new();
+        for (position, other) in site_order.iter().enumerate() {
             if *other == installed.client_key {
                 continue;
             }
             let mut other_is_newer = false;
             let marked = update_with_retry(store, other, |old| {
-                if !old.is_active() || old.base_url != installed.base_url || !old.ever_signed() {
+                if !ranks_on_site(old, &installed.base_url) {
                     return None;
                 }
-                if (old.last_event_iat, position(other)) > this {
+                if (old.last_event_iat, Some(position)) > this {
                     other_is_newer = true;
                     return None;
                 }
@@ -139,8 +248,7 @@ impl Applier<'_> {
             if marked {
                 tracing::warn!(old_client_key = %other, new_client_key = %installed.client_key, base_url = %installed.base_url,
                     "site import: installation superseded by a new clientKey on the same site");
-                link(store, &installed.client_key, other).await?;
-                superseded.push(other.clone());
+                retired.push(other.clone());
             } else if other_is_newer {
                 let own = update_with_retry(store, &installed.client_key, |own| {
                     own.is_active()
@@ -150,25 +258,74 @@ impl Applier<'_> {
                 if own {
                     tracing::warn!(old_client_key = %installed.client_key, new_client_key = %other, base_url = %installed.base_url,
                         "site import: a newer installation on the same site supersedes this one");
-                    link(store, other, &installed.client_key).await?;
-                    superseded.push(installed.client_key.clone());
-                    break;
+                    link(store, other, std::slice::from_ref(&installed.client_key)).await?;
+                    link(store, &installed.client_key, &retired).await?;
+                    retired.push(installed.client_key.clone());
+                    return Ok(retired);
                 }
             }
         }
-        Ok(superseded)
+        link(store, &installed.client_key, &retired).await?;
+        Ok(retired)
     }
 }
 
-/// Records on `successor` that it superseded `predecessor`.
+/// Calls the site until it answers 2xx (`proven`) or 401/403/404 (`refused`); `unreachable`
+/// when every attempt failed otherwise.
+async fn ask_site(
+    host: &HostClient,
+    record: &Installation,
+    path: &str,
+    settings: SiteProofSettings,
+) -> SiteProof {
+    let mut wait = settings.backoff;
+    for attempt in 1..=settings.attempts {
+        match host.as_app(record).get(path).send().await {
+            Ok(response) if response.status().is_success() => return SiteProof::Proven,
+            Ok(response) if matches!(response.status().as_u16(), 401 | 403 | 404) => {
+                return SiteProof::Refused
+            }
+            Ok(response) => {
+                tracing::info!(client_key = %record.client_key, attempt, status = response.status().as_u16(), "site proof: the site answered without confirming; retrying")
+            }
+            Err(error) => {
+                tracing::info!(client_key = %record.client_key, attempt, error = %crate::error::error_chain(&error), "site proof: the site did not answer; retrying")
+            }
+        }
+        if attempt < settings.attempts {
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
+        }
+    }
+    SiteProof::Unreachable
+}
+
+/// Whether `other` takes part in ranking the site at `base_url`: active there, installed by
+/// Atlassian at least once, and not an import its site never confirmed.
+fn ranks_on_site(other: &Installation, base_url: &BaseUrl) -> bool {
+    other.is_active()
+        && other.base_url == *base_url
+        && other.ever_signed()
+        && !other.site_proof.is_some_and(SiteProof::is_unproven)
+}
+
+/// Records on `successor` that it superseded `predecessors`: one write for all of them.
 async fn link(
     store: &dyn InstallationStore,
     successor: &ClientKey,
-    predecessor: &ClientKey,
+    predecessors: &[ClientKey],
 ) -> Result<(), LifecycleError> {
+    if predecessors.is_empty() {
+        return Ok(());
+    }
     update_with_retry(store, successor, |record| {
-        (!record.supersedes.contains(predecessor))
-            .then(|| record.supersedes.push(predecessor.clone()))
+        let before = record.supersedes.len();
+        for predecessor in predecessors {
+            if !record.supersedes.contains(predecessor) {
+                record.supersedes.push(predecessor.clone());
+            }
+        }
+        (record.supersedes.len() > before).then_some(())
     })
     .await?;
     Ok(())
@@ -199,4 +356,83 @@ async fn update_with_retry(
         }
     }
     Err(LifecycleError::Contention(client_key.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+
+    use super::*;
+    use crate::configuration::Settings;
+    use crate::install_keys::InstallKeys;
+    use crate::lifecycle::LifecycleContext;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::testing::LoadSpy;
+    use crate::store::SharedStore;
+
+    /// A signed installation on `base_url` whose newest signed event is `iat`, stored and
+    /// indexed.
+    async fn installed(store: &LoadSpy, key: &str, base_url: &BaseUrl, iat: i64) -> Installation {
+        let mut record = Installation::new(
+            ClientKey::parse(key).unwrap(),
+            base_url.clone(),
+            "jira",
+            SharedSecret::parse(&format!("secret-{key}")).unwrap(),
+            true,
+            iat,
+        );
+        record.last_event_iat = iat;
+        record.version = 1;
+        let commit = Commit {
+            record: &record,
+            expected_version: 0,
+            token: None,
+        };
+        assert_eq!(
+            store.commit(commit).await.unwrap(),
+            CommitOutcome::Committed
+        );
+        store
+            .index_site(base_url, &record.client_key)
+            .await
+            .unwrap();
+        record
+    }
+
+    /// An import retiring N installations writes each of them once and itself once (all its
+    /// links together), never once per pair.
+    #[tokio::test]
+    async fn an_import_costs_one_write_per_retired_installation_plus_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LoadSpy::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
+        let settings = Settings::from_sources(None, Vec::new()).unwrap();
+        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let tenants = TenantCache::new(
+            store.clone() as SharedStore,
+            std::time::Duration::from_secs(30),
+        );
+        let applier = Applier {
+            policy: LifecycleContext {
+                settings: &settings,
+                keys: &keys,
+            },
+            store: store.as_ref(),
+            tenants: &tenants,
+        };
+        let site = BaseUrl::parse("https://acme.atlassian.net").unwrap();
+        const N: u64 = 12;
+        for n in 0..N {
+            installed(&store, &format!("ck-old-{n}"), &site, 1_000 + n as i64).await;
+        }
+        let new = installed(&store, "ck-new", &site, 2_000).await;
+
+        let before = store.commits();
+        let superseded = applier.supersede_previous_tenants(&new).await.unwrap();
+        assert_eq!(superseded.len() as u64, N);
+        assert_eq!(store.commits() - before, N + 1);
+        let stored = store.load(&new.client_key).await.unwrap().unwrap();
+        assert_eq!(stored.supersedes.len() as u64, N);
+    }
 }

@@ -21,7 +21,7 @@ use connect_protocol::qsh::CanonicalRequest;
 use crate::configuration::{is_staging_host, InstallAuth, Settings};
 use crate::install_keys::{InstallKeys, KeyFetchError};
 use crate::secrets::verify_lifecycle_signature;
-use crate::store::{InstallState, Installation, SeenToken, StoreError};
+use crate::store::{InstallState, Installation, SeenToken, SiteProof, StoreError};
 
 /// How long after the end of its validity an accepted lifecycle token is still remembered.
 const REPLAY_MEMORY_MARGIN_SECONDS: i64 = 60;
@@ -249,9 +249,62 @@ pub enum SiteStep {
     None,
     /// Record the installation in its site's index.
     Index,
-    /// A site import's first install: index it, then retire the installations it outranks
-    /// on its site ([`apply`] runs the ranking).
+    /// A site import's install, signed by Atlassian: index it and, once its site confirmed it
+    /// ([`plan_site`]), retire the installations it outranks on its site ([`apply`] runs the
+    /// ranking).
     Import,
+    /// An unsigned first install (legacy mode): index it and record whether its site confirms
+    /// it, so a squatter is visible. It never retires anyone.
+    Observe,
+}
+
+/// What [`apply`] does on the site once the callback's record is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SitePlan {
+    /// Nothing beyond indexing.
+    Nothing,
+    /// Run the ranking now: retire the installations this install outranks.
+    Supersede,
+    /// Ask the site to confirm the install in the background; the ranking runs only if it does.
+    Prove,
+}
+
+/// The site proof of docs/PROTOCOL.md §7 for an `Import` or `Observe` step, once [`apply`]
+/// knows whether other clientKeys are indexed on the site: a written record gets `pending`
+/// (others there) or `skipped` (alone); a retry of an install already written finishes what it
+/// started (a proof cut short by a restart runs again, a proven import's ranking runs again).
+/// With proofs off (`proofs == false`) an import ranks at once, as before proofs existed.
+pub fn plan_site(decision: &mut Decision, proofs: bool, others_on_site: bool) -> SitePlan {
+    let step = decision.site;
+    match step {
+        SiteStep::None | SiteStep::Index => return SitePlan::Nothing,
+        SiteStep::Import if !proofs => return SitePlan::Supersede,
+        SiteStep::Observe if !proofs => return SitePlan::Nothing,
+        SiteStep::Import | SiteStep::Observe => {}
+    }
+    if let Some(write) = &mut decision.write {
+        let proof = if others_on_site {
+            SiteProof::Pending
+        } else {
+            SiteProof::Skipped
+        };
+        write.record.site_proof = Some(proof);
+        if let Some(installation) = &mut decision.installation {
+            installation.site_proof = Some(proof);
+        }
+        return if others_on_site {
+            SitePlan::Prove
+        } else {
+            SitePlan::Nothing
+        };
+    }
+    let current = decision.installation.as_ref().and_then(|i| i.site_proof);
+    match (step, current) {
+        (_, Some(SiteProof::Pending)) => SitePlan::Prove,
+        // Proven, or written before proofs existed: the interrupted ranking may finish.
+        (SiteStep::Import, Some(SiteProof::Proven) | None) => SitePlan::Supersede,
+        _ => SitePlan::Nothing,
+    }
 }
 
 /// Step 3: the replay and ordering checks, then the record after `callback`. `seen_body` is
@@ -308,8 +361,16 @@ pub fn decide(
         });
     };
     record.version = expected_version + 1;
-    let site = if links_site(event, auth, &record, new_installation) {
+    // An import whose site never confirmed it is still an import when Atlassian installs it
+    // again: the new install gets its own proof.
+    let unfinished = record.site_proof.is_some_and(SiteProof::is_unproven);
+    let site = if links_site(event, auth, &record, new_installation || unfinished) {
         SiteStep::Import
+    } else if event == LifecycleEvent::Installed
+        && auth.proof == Proof::Unsigned
+        && new_installation
+    {
+        SiteStep::Observe
     } else if event == LifecycleEvent::Installed {
         SiteStep::Index
     } else {
@@ -371,8 +432,10 @@ fn is_latest(installed: &Installation, payload: &LifecyclePayload, auth: &Authen
 /// Whether this `installed` is a site import's first install that may retire other tenants
 /// on its site: proven by Atlassian's signature, active, and `first`: the install of a new
 /// clientKey, or a retry of that very install (finishing a link an interrupted first attempt
-/// did not) while it is still the installation's latest event. An unsigned install never
-/// links: it could be forged to knock a real tenant out.
+/// did not) while it is still the installation's latest event, or a reinstall of an import its
+/// site never confirmed. An unsigned install never links: it could be forged to knock a real
+/// tenant out. Even a signed one retires nobody before its site confirms it ([`plan_site`]):
+/// the token does not cover the body's `baseUrl`.
 fn links_site(
     event: LifecycleEvent,
     auth: &Authenticated,
@@ -619,6 +682,110 @@ mod tests {
         let last_accepted_second = exp + jwt::LEEWAY_SECONDS;
         assert!(claims.check_times(last_accepted_second).is_ok());
         assert!(auth.seen.unwrap().expires_at > last_accepted_second);
+    }
+
+    /// A decision for a site step: a first install (written) or a retry (nothing written) of
+    /// an installation whose recorded proof is `proof`.
+    fn site_decision(site: SiteStep, written: bool, proof: Option<SiteProof>) -> Decision {
+        let mut record = Installation::new(
+            ClientKey::parse("ck-plan").unwrap(),
+            connect_protocol::domain::BaseUrl::parse("https://acme.atlassian.net").unwrap(),
+            "jira",
+            SharedSecret::parse("s").unwrap(),
+            true,
+            0,
+        );
+        record.site_proof = proof;
+        Decision {
+            installation: Some(record.clone()),
+            write: written.then(|| Write {
+                record,
+                expected_version: 0,
+                token: None,
+            }),
+            site,
+        }
+    }
+
+    /// docs/PROTOCOL.md §7: an install sharing its site is proven before it ranks; one alone
+    /// is skipped; a retry finishes what its install started; with proofs off an import ranks
+    /// at once; an unsigned install is proven but never ranks.
+    #[test]
+    fn site_plans() {
+        use SitePlan as P;
+        use SiteProof::*;
+        use SiteStep as S;
+        for (site, written, before, proofs, others, plan, after) in [
+            (S::Import, true, None, true, true, P::Prove, Some(Pending)),
+            (
+                S::Import,
+                true,
+                None,
+                true,
+                false,
+                P::Nothing,
+                Some(Skipped),
+            ),
+            (
+                S::Import,
+                true,
+                Some(Refused),
+                true,
+                true,
+                P::Prove,
+                Some(Pending),
+            ),
+            (S::Import, true, None, false, true, P::Supersede, None),
+            (S::Observe, true, None, true, true, P::Prove, Some(Pending)),
+            (S::Observe, true, None, false, true, P::Nothing, None),
+            (
+                S::Import,
+                false,
+                Some(Pending),
+                true,
+                true,
+                P::Prove,
+                Some(Pending),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Proven),
+                true,
+                true,
+                P::Supersede,
+                Some(Proven),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Refused),
+                true,
+                true,
+                P::Nothing,
+                Some(Refused),
+            ),
+            (
+                S::Import,
+                false,
+                Some(Skipped),
+                true,
+                true,
+                P::Nothing,
+                Some(Skipped),
+            ),
+            (S::Index, true, None, true, true, P::Nothing, None),
+        ] {
+            let mut decision = site_decision(site, written, before);
+            let case =
+                format!("{site:?} written={written} {before:?} proofs={proofs} others={others}");
+            assert_eq!(plan_site(&mut decision, proofs, others), plan, "{case}");
+            let recorded = decision.installation.as_ref().unwrap().site_proof;
+            assert_eq!(recorded, after, "{case}");
+            if let Some(write) = &decision.write {
+                assert_eq!(write.record.site_proof, after, "{case}");
+            }
+        }
     }
 
     #[test]

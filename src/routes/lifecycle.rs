@@ -81,8 +81,12 @@ async fn handle(
         proof = ?applied.proof,
         written = applied.written,
         superseded = ?applied.superseded,
+        site_proof = applied.installation.as_ref().and_then(|i| i.site_proof).map(|p| p.as_str()),
         "lifecycle callback accepted"
     );
+    if applied.prove_site {
+        AppState::start_site_proof(&state, payload.client_key.clone());
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

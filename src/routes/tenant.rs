@@ -12,6 +12,7 @@ fn describe(request: &ProductRequest) -> serde_json::Value {
         "productType": request.product_type,
         "accountId": request.account_id,
         "supersedes": request.installation.supersedes.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+        "siteProof": request.installation.site_proof.map(|p| p.as_str()),
     })
 }
 

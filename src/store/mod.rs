@@ -53,6 +53,45 @@ pub enum Usability {
     Superseded { successor: ClientKey },
 }
 
+/// Whether the site named by an install's `baseUrl` confirmed that install (docs/PROTOCOL.md
+/// §7): the body's `baseUrl` is covered by no token, so an install for a new clientKey on a
+/// site where other installations live retires nobody until the site answers a call signed
+/// with the new installation's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteProof {
+    /// The call to the site has not succeeded yet (still being tried).
+    Pending,
+    /// The site answered 2xx to a call signed with this installation's secret.
+    Proven,
+    /// The site answered 401, 403 or 404: it does not know this installation.
+    Refused,
+    /// Every attempt failed without such an answer.
+    Unreachable,
+    /// No other installation was on the site: nothing to prove.
+    Skipped,
+}
+
+impl SiteProof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteProof::Pending => "pending",
+            SiteProof::Proven => "proven",
+            SiteProof::Refused => "refused",
+            SiteProof::Unreachable => "unreachable",
+            SiteProof::Skipped => "skipped",
+        }
+    }
+
+    /// Whether the site has not confirmed the install although others live there.
+    pub fn is_unproven(self) -> bool {
+        matches!(
+            self,
+            SiteProof::Pending | SiteProof::Refused | SiteProof::Unreachable
+        )
+    }
+}
+
 /// Everything `warden` knows of one installation (one host site and this app).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Installation {
@@ -87,6 +126,10 @@ pub struct Installation {
     /// The clientKeys this installation replaced through site imports.
     #[serde(default)]
     pub supersedes: Vec<ClientKey>,
+    /// Whether the site confirmed the install (docs/PROTOCOL.md §7); `None`: recorded before
+    /// site proofs existed, or with `WARDEN_SITE_PROOF=off`.
+    #[serde(default)]
+    pub site_proof: Option<SiteProof>,
     /// Whether the latest install was proven by Atlassian's RS256 signature.
     #[serde(default)]
     pub signed_install: bool,
@@ -139,6 +182,7 @@ impl Installation {
             enabled: true,
             superseded_by: None,
             supersedes: Vec::new(),
+            site_proof: None,
             signed_install: signed,
             atlassian_installed: signed,
             last_event_iat: 0,
@@ -254,6 +298,7 @@ pub(crate) mod testing {
     pub(crate) struct LoadSpy {
         inner: SharedStore,
         loads: AtomicU64,
+        commits: AtomicU64,
         stale_once: AtomicBool,
     }
 
@@ -262,12 +307,18 @@ pub(crate) mod testing {
             Arc::new(Self {
                 inner,
                 loads: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
                 stale_once: AtomicBool::new(false),
             })
         }
 
         pub(crate) fn loads(&self) -> u64 {
             self.loads.load(Ordering::SeqCst)
+        }
+
+        /// Commits attempted so far.
+        pub(crate) fn commits(&self) -> u64 {
+            self.commits.load(Ordering::SeqCst)
         }
 
         /// The next `load` answers "no record" whatever is stored.
@@ -293,6 +344,7 @@ pub(crate) mod testing {
             self.inner.seen_token(c, d).await
         }
         async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
             self.inner.commit(commit).await
         }
         async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {

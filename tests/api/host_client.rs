@@ -746,22 +746,14 @@ async fn an_installation_made_through_the_app_calls_the_host() {
     )
     .await;
     let app_key = app.state().settings.app_key.clone();
-    let mut site = Site::new();
-    let base_url = host.add_tenant(TenantRecord {
-        client_key: site.client_key.clone(),
-        base_path: "/wiki".into(),
-        shared_secret: SharedSecret::parse(&site.secret).unwrap(),
-        oauth_client_id: site.oauth_client_id.clone(),
-        app_key: app_key.clone(),
-    });
-    site.base_url = base_url.to_string();
+    let site = Site::on_host(&host, "/wiki");
     app.installed(&site).await;
 
     let inst = app
         .stored(&site.client_key)
         .await
         .expect("the install was stored");
-    assert_eq!(inst.base_url, base_url);
+    assert_eq!(inst.base_url.as_str(), site.base_url);
     let answer: Value = app
         .state()
         .host
@@ -798,15 +790,7 @@ async fn a_lifecycle_write_drops_cached_impersonation_tokens() {
             .set("WARDEN_OAUTH_TOKEN_URL", host.token_url()),
     )
     .await;
-    let mut site = Site::new();
-    let base_url = host.add_tenant(TenantRecord {
-        client_key: site.client_key.clone(),
-        base_path: String::new(),
-        shared_secret: SharedSecret::parse(&site.secret).unwrap(),
-        oauth_client_id: site.oauth_client_id.clone(),
-        app_key: app.state().settings.app_key.clone(),
-    });
-    site.base_url = base_url.to_string();
+    let site = Site::on_host(&host, "");
     app.installed(&site).await;
     let inst = app.stored(&site.client_key).await.unwrap();
 

@@ -151,15 +151,34 @@ async fn disable_and_enable_on_one_instance_are_honoured_by_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_import_on_one_instance_is_honoured_by_the_other() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let (_, a, b) = two_instances("0").await;
-    let old = installed_on_a_cached_on_b(&a, &b).await;
-    // The imported site: same baseUrl, new clientKey, no uninstall of the old one.
+    // The site lives on a fake host that confirms the import (docs/PROTOCOL.md §7).
+    let host = devtenant::FakeHost::start("127.0.0.1:0").await.unwrap();
+    let cluster = Cluster::new().await;
+    let env = [
+        ("WARDEN_SECRET_GRACE_SECONDS", "0"),
+        ("WARDEN_SECRET_CACHE_TTL_SECONDS", "3600"),
+        ("WARDEN_PRODUCT_HOSTS", "127.0.0.1"),
+    ];
+    let a = cluster.spawn("A", &env).await;
+    let b = cluster.spawn("B", &env).await;
+    let old = Site::on_host(&host, "");
+    a.installed(&old).await;
+    assert_eq!(b.tenant_status(&old, &old.secret).await, 200);
+    // The imported site: same baseUrl, new clientKey, no uninstall of the old one; the host
+    // now knows the site by the new installation.
     let mut imported = Site::new();
     imported.base_url = old.base_url.clone();
+    host.set_shared_secret(
+        &old.client_key,
+        connect_protocol::domain::SharedSecret::parse(&imported.secret).unwrap(),
+    );
     a.installed(&imported).await;
-    eventually("B refuses the superseded installation", WITHIN, 403, || {
-        b.tenant_status(&old, &old.secret)
-    })
+    eventually(
+        "B refuses the superseded installation",
+        Duration::from_secs(15),
+        403,
+        || b.tenant_status(&old, &old.secret),
+    )
     .await;
     assert_eq!(b.tenant_status(&imported, &imported.secret).await, 200);
 }

@@ -15,7 +15,7 @@ use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
     Commit, CommitOutcome, InstallState, Installation, InstallationStore, SeenToken, SharedStore,
-    StoreError,
+    SiteProof, StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -104,6 +104,7 @@ fn installation(client_key: &str) -> Installation {
         enabled: true,
         superseded_by: Some(ck("jira:newer")),
         supersedes: vec![ck("jira:old-1"), ck("jira:old-2")],
+        site_proof: Some(SiteProof::Refused),
         signed_install: true,
         atlassian_installed: true,
         last_event_iat: 1_700_000_003,

@@ -93,6 +93,8 @@ struct IssuedToken {
 #[derive(Debug)]
 pub struct HostService {
     tenants: RwLock<HashMap<String, TenantRecord>>,
+    /// Further secrets a site's app JWTs may be signed with ([`HostService::accept_also`]).
+    extra_secrets: RwLock<HashMap<String, Vec<SharedSecret>>>,
     tokens: Mutex<HashMap<String, IssuedToken>>,
     expires_in: AtomicU64,
     token_delay_ms: AtomicU64,
@@ -119,6 +121,7 @@ impl HostService {
     pub fn new() -> Self {
         Self {
             tenants: RwLock::new(HashMap::new()),
+            extra_secrets: RwLock::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             expires_in: AtomicU64::new(DEFAULT_EXPIRES_IN),
             token_delay_ms: AtomicU64::new(0),
@@ -175,6 +178,26 @@ impl HostService {
         self.update(client_key, |t| {
             t.oauth_client_id = oauth_client_id.to_owned()
         })
+    }
+
+    /// The site also accepts app JWTs signed with `secret`, besides its tenant's own: two
+    /// installations of the app on one site at once (imports racing).
+    pub fn accept_also(&self, client_key: &str, secret: SharedSecret) {
+        self.extra_secrets
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(client_key.to_owned())
+            .or_default()
+            .push(secret);
+    }
+
+    fn extra_secrets(&self, client_key: &str) -> Vec<SharedSecret> {
+        self.extra_secrets
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(client_key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Rolls the tenant's shared secret. `false` if the tenant is unknown.
@@ -310,7 +333,8 @@ async fn tenant_route(
         if req.method() != actix_web::http::Method::GET {
             return HttpResponse::MethodNotAllowed().finish();
         }
-        if let Err((check, message)) = verify_app_jwt(&req, &tenant, &tenant_base) {
+        let extra = service.extra_secrets(&client_key);
+        if let Err((check, message)) = verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
             return refused(check, message);
         }
         let app_key = app_key.trim_end_matches('/');
@@ -362,7 +386,8 @@ async fn tenant_route(
             echo["accountId"] = json!(issued.account_id);
             echo["scope"] = json!(issued.scope);
         } else {
-            let iss = match verify_app_jwt(&req, &tenant, &tenant_base) {
+            let extra = service.extra_secrets(&client_key);
+            let iss = match verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
                 Ok(iss) => iss,
                 Err((check, message)) => return refused(check, message),
             };
@@ -386,6 +411,7 @@ fn failed(check: &'static str, message: impl Into<String>) -> Refusal {
 fn verify_app_jwt(
     req: &HttpRequest,
     tenant: &TenantRecord,
+    extra_secrets: &[SharedSecret],
     tenant_base: &str,
 ) -> Result<String, Refusal> {
     let header = req
@@ -416,12 +442,15 @@ fn verify_app_jwt(
             ),
         ));
     }
-    token.verify_hs256(&tenant.shared_secret).map_err(|_| {
-        failed(
+    let signed = std::iter::once(&tenant.shared_secret)
+        .chain(extra_secrets)
+        .any(|secret| token.verify_hs256(secret).is_ok());
+    if !signed {
+        return Err(failed(
             "signature",
             "the token is not signed with this installation's shared secret",
-        )
-    })?;
+        ));
+    }
     let claims = token.into_claims();
     claims
         .check_times(jwt::now())

@@ -37,6 +37,10 @@ use connect_protocol::jwt::{self, Audience};
 use connect_protocol::lifecycle::LifecycleEvent;
 
 /// The account id of product requests unless [`Options::account_id`] says otherwise.
+/// How long the rehearsal waits for an app to retire the old site of an import (an app may
+/// confirm the import with the site first, retrying while the site does not answer).
+const SITE_IMPORT_SETTLES_WITHIN: Duration = Duration::from_secs(20);
+
 pub const DEFAULT_ACCOUNT_ID: &str = "557058:devtenant-user";
 
 /// Scenario names, as they appear in the table.
@@ -988,7 +992,26 @@ impl Ctx<'_> {
             &mut new,
         )
         .await?;
-        let now = jwt::now();
+        // An app may first confirm the import with the site (warden calls the site's
+        // `/rest/atlassian-connect/1/addons/<key>` as the app with the new secret) and retire
+        // the old installation only then: wait for the old site to be refused.
+        let deadline = Instant::now() + SITE_IMPORT_SETTLES_WITHIN;
+        let old_probe = loop {
+            let exchange = self
+                .probe(&old.client_key, &old.shared_secret, jwt::now())
+                .await?;
+            let refused = exchange.status.is_some_and(|s| (400..500).contains(&s));
+            if refused || Instant::now() >= deadline {
+                break exchange;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.check(
+            s,
+            self.probe_label("as the old site"),
+            Expected::Refused(403),
+            &old_probe,
+        );
         let new_probe = self
             .check_probe(
                 s,
@@ -996,18 +1019,9 @@ impl Ctx<'_> {
                 Expected::Accepted(200),
                 &new.client_key,
                 &new.shared_secret,
-                now,
+                jwt::now(),
             )
             .await?;
-        self.check_probe(
-            s,
-            "as the old site",
-            Expected::Refused(403),
-            &old.client_key,
-            &old.shared_secret,
-            now,
-        )
-        .await?;
 
         let expected = format!("supersedes [{}]", short_key(&old.client_key));
         let check = "link recorded (probe of the new site)";

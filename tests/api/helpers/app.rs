@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use actix_web::web;
 use connect_protocol::domain::ClientKey;
+use connect_protocol::domain::SharedSecret;
 use connect_protocol::jwt::{self, Claims};
 use connect_warden::configuration::Settings;
 use connect_warden::startup::{AppState, Application};
 use connect_warden::store::Installation;
-use devtenant::{KeyRing, KeyServer, SigningKey};
+use devtenant::{FakeHost, KeyRing, KeyServer, SigningKey, TenantRecord};
 use serde_json::json;
 
 use super::{free_port, redis_server, tokens};
@@ -25,6 +26,9 @@ pub enum Backend {
     Redis,
     Embedded,
 }
+
+/// The app key of the bundled descriptor.
+pub const APP_KEY: &str = "connect-warden";
 
 /// The app's public base URL in tests: what install tokens name as `aud`.
 pub const APP_BASE_URL: &str = "https://warden.example.com";
@@ -179,6 +183,8 @@ async fn prepare(options: &mut Options, bind: String) -> Prepared {
             "WARDEN_DESCRIPTOR".into(),
             concat!(env!("CARGO_MANIFEST_DIR"), "/atlassian-connect.json").into(),
         ),
+        // A site proof that cannot succeed (a site on no host) gives up within a second.
+        ("WARDEN_SITE_PROOF_BACKOFF_MS".into(), "20".into()),
     ];
     if options.backend == Backend::Redis {
         let prefix = options
@@ -479,6 +485,25 @@ impl TestApp {
         self.get_with_token("/api/context", token).await
     }
 
+    /// `GET /api/tenant` as `site` with its secret, issued now: the JSON body (asserting 200).
+    pub async fn tenant_body(&self, site: &Site) -> serde_json::Value {
+        let token = self.product_token(
+            &site.client_key,
+            &site.secret,
+            "GET",
+            "/api/tenant",
+            jwt::now(),
+        );
+        let response = self.tenant(&token).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "GET /api/tenant as {}",
+            site.client_key
+        );
+        response.json().await.unwrap()
+    }
+
     /// `GET /api/tenant` as `site`, signed with `secret`, issued at `iat`; returns the status.
     pub async fn tenant_status_at(&self, site: &Site, secret: &str, iat: i64) -> u16 {
         let token = self.product_token(&site.client_key, secret, "GET", "/api/tenant", iat);
@@ -615,10 +640,25 @@ impl Site {
         }
     }
 
+    /// A new site on `host` under `base_path` (`""` or e.g. `/wiki`): the host knows it by its
+    /// clientKey, secret and oauthClientId, and answers the app's calls signed with its secret.
+    pub fn on_host(host: &FakeHost, base_path: &str) -> Self {
+        let mut site = Self::new();
+        let base_url = host.add_tenant(TenantRecord {
+            client_key: site.client_key.clone(),
+            base_path: base_path.into(),
+            shared_secret: SharedSecret::parse(&site.secret).unwrap(),
+            oauth_client_id: site.oauth_client_id.clone(),
+            app_key: APP_KEY.into(),
+        });
+        site.base_url = base_url.to_string();
+        site
+    }
+
     /// The lifecycle body for `event_type`.
     pub fn body(&self, event_type: &str) -> serde_json::Value {
         let mut body = json!({
-            "key": "connect-warden",
+            "key": APP_KEY,
             "clientKey": self.client_key,
             "baseUrl": self.base_url,
             "displayUrl": self.base_url,
