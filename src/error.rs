@@ -39,7 +39,7 @@ pub enum ApiError {
     /// 413
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    /// 503
+    /// 503 (unavailable, or a write not confirmed by enough replicas), 500 (corrupt)
     #[error(transparent)]
     Store(#[from] StoreError),
     /// 401 or 503 depending on whether the key server answered.
@@ -118,7 +118,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::Store(StoreError::Unavailable(_)) => {
+            ApiError::Unavailable(_)
+            | ApiError::Store(StoreError::Unavailable(_) | StoreError::NotReplicated { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Store(StoreError::Corrupt(_)) => StatusCode::INTERNAL_SERVER_ERROR,
