@@ -53,7 +53,7 @@ pub struct Settings {
     /// Prefix of every Redis key and the invalidation channel; lets several apps share a Redis.
     pub redis_prefix: String,
     /// Replicas that must confirm a lifecycle write (`WAIT`) before it is acknowledged; 0: off
-    /// (docs/PROTOCOL.md §12).
+    /// (docs/PROTOCOL.md §10).
     pub redis_min_replicas: u32,
     /// How long a write waits for those replicas before the callback answers `503`.
     pub redis_wait_timeout: Duration,

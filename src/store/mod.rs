@@ -25,7 +25,7 @@ pub enum StoreError {
     #[error("the installation store holds a record it cannot read: {0}")]
     Corrupt(String),
     /// The primary wrote it, but fewer replicas than required confirmed it in time
-    /// (docs/PROTOCOL.md §12): not acknowledged, though it may still exist and replicate.
+    /// (docs/PROTOCOL.md §10): not acknowledged, though it may still exist and replicate.
     #[error("the write reached {confirmed} of the {required} Redis replicas required (WARDEN_REDIS_MIN_REPLICAS) in time; it may still exist on the primary: retry")]
     NotReplicated { confirmed: u64, required: u32 },
 }
@@ -214,7 +214,7 @@ pub trait InstallationStore: Send + Sync + 'static {
 
     /// A callback retried with a token already accepted (`token`): makes sure what the first
     /// attempt wrote for `client_key` is as durable as a commit before the retry is
-    /// acknowledged (docs/PROTOCOL.md §12). A store that acknowledges every write durably has
+    /// acknowledged (docs/PROTOCOL.md §10). A store that acknowledges every write durably has
     /// nothing to do.
     async fn reconfirm(&self, client_key: &ClientKey, token: &SeenToken) -> Result<(), StoreError> {
         let _ = (client_key, token);

@@ -23,7 +23,7 @@
 //! With [`Replication`] (`WARDEN_REDIS_MIN_REPLICAS` ≥ 1) every write is followed by `WAIT`
 //! on the very connection that wrote it (in a cluster: routed to the primary owning the key
 //! just written) and is acknowledged only when enough replicas confirmed it
-//! (docs/PROTOCOL.md §12). `WAIT` blocks the connection it runs on, so in a cluster such
+//! (docs/PROTOCOL.md §10). `WAIT` blocks the connection it runs on, so in a cluster such
 //! writes take a connection of their own ([`ClusterBackend::writer`]) instead of the shared
 //! one every read uses.
 

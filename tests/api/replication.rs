@@ -1,4 +1,4 @@
-//! Failover without loss (docs/PROTOCOL.md §12): with `WARDEN_REDIS_MIN_REPLICAS`, a lifecycle
+//! Failover without loss (docs/PROTOCOL.md §10): with `WARDEN_REDIS_MIN_REPLICAS`, a lifecycle
 //! write is acknowledged only once that many replicas confirmed it (`WAIT`), so an
 //! acknowledged install survives the loss of its primary. Each test runs its own Redis
 //! processes (a primary and a replica; a cluster of three primaries with one replica each)
