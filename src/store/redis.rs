@@ -410,8 +410,17 @@ impl RedisStore {
             .arg(replication.timeout.as_millis() as u64);
         let reply = match &mut conn {
             Conn::Single(c) => wait.query_async::<Value>(c).await,
-            Conn::Cluster(c) => route_to_primary(c, wait, key).await,
-            Conn::Writer(w) => route_to_primary(&mut w.connection, wait, key).await,
+            Conn::Cluster(c) => {
+                route_to_primary(c, wait, Route::with_key(key, SlotAddr::Master)).await
+            }
+            Conn::Writer(w) => {
+                route_to_primary(
+                    &mut w.connection,
+                    wait,
+                    Route::with_key(key, SlotAddr::Master),
+                )
+                .await
+            }
         }
         .map_err(|e| self.redis_error(e))?;
         let confirmed: u64 =
@@ -469,16 +478,11 @@ impl RedisStore {
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
             let reply = match (slot, &mut *conn) {
-                (Some(slot), Conn::Cluster(c)) => c
-                    .route_command(
-                        scan,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-                            slot,
-                            SlotAddr::Master,
-                        ))),
-                    )
-                    .await
-                    .map_err(|e| self.redis_error(e))?,
+                (Some(slot), Conn::Cluster(c)) => {
+                    route_to_primary(c, scan, Route::new(slot, SlotAddr::Master))
+                        .await
+                        .map_err(|e| self.redis_error(e))?
+                }
                 _ => scan
                     .query_async::<Value>(&mut *conn)
                     .await
@@ -528,19 +532,16 @@ fn stale_topology(e: &RedisError) -> bool {
     })
 }
 
-/// Sends `cmd` to the primary serving `key`'s slot.
+/// Sends `cmd` to the node of `route` (a slot's primary).
 async fn route_to_primary(
     connection: &mut ClusterConnection,
     cmd: Cmd,
-    key: &str,
+    route: Route,
 ) -> redis::RedisResult<Value> {
     connection
         .route_command(
             cmd,
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-                key,
-                SlotAddr::Master,
-            ))),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
         )
         .await
 }

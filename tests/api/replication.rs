@@ -25,15 +25,13 @@ fn app_options(urls: &str, prefix: &str) -> Options {
         .set("WARDEN_REDIS_WAIT_TIMEOUT_MS", "300")
 }
 
-/// One `installed` of `site` with a fresh Atlassian token: the token and the status.
-async fn install(app: &TestApp, site: &Site) -> (String, u16) {
+/// One `installed` of `site` with a fresh Atlassian token: the token and the response.
+async fn install(app: &TestApp, site: &Site) -> (String, reqwest::Response) {
     let token = app.install_token(&site.client_key, "/installed");
-    let status = app
+    let response = app
         .post_lifecycle("/installed", Some(&token), &site.body("installed"))
-        .await
-        .status()
-        .as_u16();
-    (token, status)
+        .await;
+    (token, response)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,8 +43,8 @@ async fn an_install_is_acknowledged_only_once_a_replica_holds_it() {
     // Both up: installs succeed and the replica holds each one as soon as it is acknowledged.
     for _ in 0..3 {
         let site = Site::new();
-        let (_, status) = install(&app, &site).await;
-        assert_eq!(status, 204);
+        let (_, response) = install(&app, &site).await;
+        assert_eq!(response.status(), 204);
         assert!(
             stored_on(redis.replica.port, prefix, &site),
             "on the replica"
@@ -57,10 +55,7 @@ async fn an_install_is_acknowledged_only_once_a_replica_holds_it() {
     // The replica dies: an install is written on the primary but not acknowledged.
     redis.replica.kill9();
     let site = Site::new();
-    let token = app.install_token(&site.client_key, "/installed");
-    let response = app
-        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
-        .await;
+    let (token, response) = install(&app, &site).await;
     assert_eq!(response.status(), 503);
     let error = error_of(response).await;
     assert!(error.contains("replicas"), "{error}");
@@ -77,7 +72,7 @@ async fn an_install_is_acknowledged_only_once_a_replica_holds_it() {
     assert!(stored_on(redis.replica.port, prefix, &site));
     assert_eq!(app.tenant_status(&site, &site.secret).await, 200);
     let next = Site::new();
-    assert_eq!(install(&app, &next).await.1, 204);
+    assert_eq!(install(&app, &next).await.1.status(), 204);
     assert!(stored_on(redis.replica.port, prefix, &next));
 }
 
@@ -138,8 +133,8 @@ async fn no_acknowledged_install_is_lost_when_a_cluster_primary_fails_over() {
                     let answer = cluster.node(heir).cli(&["cluster", "failover", "takeover"]);
                     assert_eq!(answer.trim(), "OK", "CLUSTER FAILOVER TAKEOVER");
                 }
-                let (token, status) = install(app, site).await;
-                (i, token, status)
+                let (token, response) = install(app, site).await;
+                (i, token, response.status().as_u16())
             }
         })
         .buffer_unordered(CONCURRENCY)

@@ -168,21 +168,7 @@ rm -rf "$dir""#;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    let output = Command::new("redis-cli")
-        .arg("--cluster")
-        .arg("create")
-        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
+    cluster_create(ports, 0)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if ports.iter().all(|p| cluster_state_ok(*p)) {
@@ -202,6 +188,26 @@ rm -rf "$dir""#;
             .collect(),
         _child: Mutex::new(child),
     })
+}
+
+/// `redis-cli --cluster create` of the nodes on `ports`, `replicas` per primary.
+fn cluster_create(ports: &[u16], replicas: u8) -> Result<(), String> {
+    let output = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run redis-cli: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the node on `port` says `cluster_state:ok` and knows every slot and three nodes.
@@ -415,20 +421,9 @@ impl ReplicatedCluster {
                 )
             })
             .collect();
-        let output = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli runs");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        if let Err(e) = cluster_create(ports, 1) {
+            panic!("{e}");
+        }
         let cluster = ReplicatedCluster { nodes, _dir: dir };
         cluster.await_healthy(Duration::from_secs(20));
         cluster
