@@ -337,7 +337,13 @@ impl RedisStore {
     /// Every write is acknowledged only once `replication.min_replicas` replicas confirmed it
     /// (`WAIT`); `None` or zero replicas: as soon as the primary wrote it.
     pub fn with_replication(mut self, replication: Option<Replication>) -> Self {
-        self.replication = replication.filter(|r| r.min_replicas > 0);
+        // `WAIT n 0` would block until a replica confirms: never wait less than 1 ms.
+        self.replication = replication
+            .filter(|r| r.min_replicas > 0)
+            .map(|r| Replication {
+                timeout: r.timeout.max(Duration::from_millis(1)),
+                ..r
+            });
         self
     }
 
