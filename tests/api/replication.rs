@@ -107,8 +107,10 @@ const INSTALLS: usize = 200;
 const CONCURRENCY: usize = 8;
 
 /// An install burst on a cluster during which one primary is killed (`kill -9`) and its
-/// replica takes over: every acknowledged install is still there afterwards, every refused
-/// one succeeds when retried, and warden recovers without a restart.
+/// replica takes over: the heir, left without a replica, acknowledges nothing; every
+/// acknowledged install is still there afterwards, every refused one succeeds when retried
+/// once the old primary rejoined as a replica, and warden follows the new primary without a
+/// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_install_is_lost_when_a_cluster_primary_fails_over() {
     let started = Instant::now();
@@ -159,6 +161,20 @@ async fn no_acknowledged_install_is_lost_when_a_cluster_primary_fails_over() {
     assert!(
         refused.iter().all(|(_, _, s)| *s == 503),
         "a refusal other than 503"
+    );
+
+    // Every install after the takeover started once the heir had lost its only replica: none
+    // of them may have been acknowledged on the heir's slots.
+    let on_lonely_heir: Vec<&str> = acknowledged
+        .iter()
+        .filter(|i| **i > failover_at)
+        .map(|i| &sites[*i])
+        .filter(|site| stored_on(heir, prefix, site))
+        .map(|site| site.client_key.as_str())
+        .collect();
+    assert!(
+        on_lonely_heir.is_empty(),
+        "acknowledged by a primary without a replica: {on_lonely_heir:?}"
     );
 
     // The old primary comes back and rejoins as the replica of its heir, so writes to its
