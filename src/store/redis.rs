@@ -128,8 +128,8 @@ struct ClusterBackend {
     writer_permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
-/// A cluster connection held by one write until it is handed back (only after success: a
-/// connection that failed is dropped, the next write opens a fresh one).
+/// A cluster connection held by one write until it is handed back (once its commands were
+/// answered; a connection whose command failed is dropped, the next write opens a fresh one).
 struct Writer {
     connection: ClusterConnection,
     _permit: tokio::sync::OwnedSemaphorePermit,
