@@ -2,6 +2,7 @@
 //! `WARDEN_*` environment variables. Everything is parsed here, once, into typed values; a bad
 //! setting stops start-up with a message naming the variable.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -68,6 +69,12 @@ pub struct Settings {
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
     pub key_fetch_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the real sender of a request.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body, counted from its headers.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -80,6 +87,33 @@ impl Settings {
 
     pub fn host_allowed(&self, host: &str) -> bool {
         self.product_hosts.iter().any(|p| p.matches(host))
+    }
+
+    /// The address a request came from: the peer, or, when the peer is a trusted proxy, the
+    /// right-most `X-Forwarded-For` entry that is not a trusted proxy (entries further left
+    /// are whatever the sender wrote). An entry that is not an address ends the walk at the
+    /// last trusted hop.
+    pub fn request_source(
+        &self,
+        peer: Option<IpAddr>,
+        forwarded_for: Option<&str>,
+    ) -> Option<IpAddr> {
+        let mut source = peer?;
+        if !self.trusted_proxies.contains(&source) {
+            return Some(source);
+        }
+        for hop in forwarded_for.unwrap_or("").rsplit(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    source = ip;
+                    if !self.trusted_proxies.contains(&ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Some(source)
     }
 }
 
@@ -139,6 +173,9 @@ struct Raw {
     descriptor: Option<String>,
     secret_cache_ttl_seconds: Option<String>,
     key_fetch_timeout_seconds: Option<String>,
+    trusted_proxies: Option<List>,
+    header_timeout_seconds: Option<String>,
+    body_timeout_seconds: Option<String>,
 }
 
 impl Settings {
@@ -236,6 +273,20 @@ impl Settings {
                 "no host pattern given; no install could ever be accepted",
             ));
         }
+        let trusted_proxies = raw
+            .trusted_proxies
+            .map(|l| l.items())
+            .unwrap_or_default()
+            .iter()
+            .map(|ip| {
+                ip.parse::<IpAddr>().map_err(|_| {
+                    bad(
+                        "WARDEN_TRUSTED_PROXIES",
+                        format!("{ip:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let install_auth = match raw.install_auth.as_deref().map(str::trim) {
             None | Some("signed") => InstallAuth::Signed,
             Some("legacy") => InstallAuth::Legacy,
@@ -265,6 +316,18 @@ impl Settings {
                 ));
             }
             Ok(Duration::from_secs(n))
+        };
+        // A timeout of 0 would refuse every request (actix would even take it as "none").
+        let timeout = |name: &'static str,
+                       value: Option<String>,
+                       default: u64,
+                       max: u64|
+         -> Result<Duration, SettingsError> {
+            let duration = seconds(name, value, default, max)?;
+            if duration.is_zero() {
+                return Err(bad(name, "must be at least 1 second"));
+            }
+            Ok(duration)
         };
         let keys_url = raw
             .keys_url
@@ -377,6 +440,19 @@ impl Settings {
                 5,
                 60,
             )?,
+            trusted_proxies,
+            header_timeout: timeout(
+                "WARDEN_HEADER_TIMEOUT_SECONDS",
+                raw.header_timeout_seconds,
+                5,
+                60,
+            )?,
+            body_timeout: timeout(
+                "WARDEN_BODY_TIMEOUT_SECONDS",
+                raw.body_timeout_seconds,
+                5,
+                60,
+            )?,
         })
     }
 }
@@ -406,6 +482,8 @@ mod tests {
         assert!(s.keys_url.is_none());
         assert_eq!(s.install_auth, InstallAuth::Signed);
         assert_eq!(s.secret_grace, Duration::from_secs(180));
+        assert_eq!(s.header_timeout, Duration::from_secs(5));
+        assert_eq!(s.body_timeout, Duration::from_secs(5));
         assert!(s.host_allowed("acme.atlassian.net"));
         assert!(s.host_allowed("x.jira-dev.com"));
         assert!(!s.host_allowed("evil.example.com"));
@@ -439,6 +517,32 @@ mod tests {
     }
 
     #[test]
+    fn the_sender_behind_a_trusted_proxy_is_the_right_most_untrusted_hop() {
+        let s = Settings::from_sources(
+            None,
+            env(&[("WARDEN_TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2")]),
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let source = |peer: &str, xff: Option<&str>| s.request_source(Some(ip(peer)), xff);
+        // Not from a proxy: what the sender wrote is ignored.
+        assert_eq!(
+            source("203.0.113.9", Some("1.2.3.4")),
+            Some(ip("203.0.113.9"))
+        );
+        // Through two proxies; the left-most entry is the sender's own claim.
+        assert_eq!(
+            source("10.0.0.1", Some("1.2.3.4, 198.51.100.7, 10.0.0.2")),
+            Some(ip("198.51.100.7"))
+        );
+        assert_eq!(
+            source("10.0.0.1", Some("junk, 10.0.0.2")),
+            Some(ip("10.0.0.2"))
+        );
+        assert_eq!(source("10.0.0.1", None), Some(ip("10.0.0.1")));
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (name, value) in [
             ("WARDEN_BASE_URL", "ftp://x"),
@@ -447,6 +551,12 @@ mod tests {
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),
             ("WARDEN_REDIS_CLUSTER", "maybe"),
+            ("WARDEN_TRUSTED_PROXIES", "proxy.example.com"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_HEADER_TIMEOUT_SECONDS", "61"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "0"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "-1"),
+            ("WARDEN_BODY_TIMEOUT_SECONDS", "61"),
             ("WARDEN_REDIS_MIN_REPLICAS", "two"),
             ("WARDEN_REDIS_MIN_REPLICAS", "1"),
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "0"),

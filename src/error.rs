@@ -39,6 +39,9 @@ pub enum ApiError {
     /// 413
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// 408: the body did not arrive in full within `WARDEN_BODY_TIMEOUT_SECONDS`.
+    #[error("the request body was not received within {seconds} s")]
+    BodyTimeout { seconds: u64 },
     /// 503 (unavailable, or a write not confirmed by enough replicas), 500 (corrupt)
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -118,6 +121,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_)
             | ApiError::Store(StoreError::Unavailable(_) | StoreError::NotReplicated { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -160,6 +164,10 @@ impl ResponseError for ApiError {
                 span.record("error", tracing::field::display(error_chain(self)));
             }
         }
-        HttpResponse::build(status).json(serde_json::json!({ "error": self.to_string() }))
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let Some(request_id) = crate::telemetry::RequestId::current() {
+            body["requestId"] = request_id.into();
+        }
+        HttpResponse::build(status).json(body)
     }
 }

@@ -33,9 +33,9 @@
 //! sign: [`AccessToken`]'s `Debug` is redacted, error messages never carry the shared secret, a
 //! token or an assertion, and bodies quoted in errors are scrubbed of them.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
@@ -71,6 +71,9 @@ const MAX_ERROR_BODY: usize = 8 * 1024;
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 /// An `expires_in` above this is taken as this (a day).
 const MAX_EXPIRES_IN: u64 = 86_400;
+/// How long a tenant's generation is kept after it was forgotten: longer than any token is
+/// cached (at most [`MAX_EXPIRES_IN`]).
+const GENERATION_TTL: Duration = Duration::from_secs(MAX_EXPIRES_IN + 3600);
 const REDACTED: &str = "[REDACTED]";
 
 /// Why a call to the host or its authorization server failed. `Display` and `Debug` never
@@ -224,8 +227,11 @@ struct TokenKey {
     client_key: ClientKey,
     /// The tenant's generation when the token was cached: [`HostClient::forget_tenant`] moves
     /// the tenant to a new one, so its older tokens are never found again (and expire on their
-    /// own) without a scan of the cache.
+    /// own) without a scan of the cache. A fetch in flight during the move caches its token
+    /// under the old generation, where nobody looks.
     generation: u64,
+    /// The same for [`HostClient::forget_all`], across every tenant.
+    epoch: u64,
     oauth_client_id: String,
     base_url: BaseUrl,
     account_id: String,
@@ -261,10 +267,13 @@ pub struct HostClient {
     token_endpoint: Result<TokenEndpoint, String>,
     token_margin: Duration,
     tokens: Cache<TokenKey, AccessToken>,
-    /// Per tenant, the generation of its cached tokens; absent = 0. Never evicted (a tenant
-    /// evicted back to 0 would find its forgotten tokens again): one small entry per tenant
-    /// that ever changed.
-    generations: Arc<RwLock<HashMap<ClientKey, u64>>>,
+    /// Per tenant forgotten lately, the generation of its cached tokens (absent = 0); each
+    /// generation is a fresh value of `next_generation`. An entry outlives every token cached
+    /// before it was set ([`GENERATION_TTL`] > the longest a token is cached), so a tenant
+    /// that falls back to 0 has no forgotten token left to find.
+    generations: moka::sync::Cache<ClientKey, u64>,
+    next_generation: Arc<AtomicU64>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for HostClient {
@@ -320,7 +329,12 @@ impl HostClient {
                 .max_capacity(MAX_CACHED_TOKENS)
                 .expire_after(UntilRefresh)
                 .build(),
-            generations: Arc::default(),
+            generations: moka::sync::Cache::builder()
+                .name("impersonation_token_generations")
+                .time_to_live(GENERATION_TTL)
+                .build(),
+            next_generation: Arc::default(),
+            epoch: Arc::default(),
         }
     }
 
@@ -396,7 +410,8 @@ impl HostClient {
         let scopes = normalize_scopes(scopes)?;
         let key = TokenKey {
             client_key: client_key.clone(),
-            generation: self.generation(client_key),
+            generation: self.generations.get(client_key).unwrap_or(0),
+            epoch: self.epoch.load(Ordering::SeqCst),
             oauth_client_id: oauth_client_id.to_owned(),
             base_url: installation.base_url.clone(),
             account_id: account_id.to_owned(),
@@ -427,17 +442,14 @@ impl HostClient {
     /// reinstall (new `oauthClientId` or secret), site import, uninstall.
     /// O(1) whatever the number of cached tokens.
     pub fn forget_tenant(&self, client_key: &ClientKey) {
-        let mut generations = self.generations.write().unwrap_or_else(|e| e.into_inner());
-        *generations.entry(client_key.clone()).or_insert(0) += 1;
+        let generation = self.next_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.generations.insert(client_key.clone(), generation);
     }
 
-    fn generation(&self, client_key: &ClientKey) -> u64 {
-        let generations = self.generations.read().unwrap_or_else(|e| e.into_inner());
-        generations.get(client_key).copied().unwrap_or(0)
-    }
-
-    /// Drops every cached access token (when invalidation messages may have been lost).
+    /// Drops every cached access token (when invalidation messages may have been lost),
+    /// including those of fetches still in flight.
     pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.tokens.invalidate_all();
     }
 

@@ -13,9 +13,12 @@
 //! sender cannot spend the global one; and the lifecycle policy checks every claim before it
 //! asks for a key, so a token that fails any other check costs no fetch at all.
 //!
-//! With a store ([`InstallKeys::remembering`]), every fetched key is remembered there and
-//! loaded at start-up: an instance started while the key server is down still verifies the
-//! kids any instance has seen.
+//! With a store ([`InstallKeys::remembering`]), every fetched key is remembered there with the
+//! time it was fetched, and loaded at start-up: an instance started while the key server is
+//! down still verifies the kids any instance has seen. A remembered key is trusted without
+//! asking the key server only for [`KEY_TTL`] after its fetch; after that it is a fallback,
+//! used only while the key server cannot answer (down, or over the fetch budget), and a key
+//! server that no longer knows the kid (a revoked key) makes every instance forget it.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,9 +84,10 @@ fn unavailable_message(cause: &(dyn std::error::Error + Send + Sync + 'static)) 
     }
 }
 
-/// Whether `cause` is, or shares, a [`FetchBudgetExhausted`].
+/// Whether `cause` is, or shares, a [`FetchBudgetExhausted`] or [`SourceBudgetExhausted`].
 fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     cause.is::<FetchBudgetExhausted>()
+        || cause.is::<SourceBudgetExhausted>()
         || cause
             .downcast_ref::<SharedKeyFetchError>()
             .and_then(SharedKeyFetchError::cause)
@@ -94,6 +98,11 @@ fn is_budget_cause(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> b
 #[derive(Debug, thiserror::Error)]
 #[error("the global limit on requests to install-key servers is reached")]
 pub struct FetchBudgetExhausted;
+
+/// The cause of a [`KeyFetchError::Unavailable`] refused by the sender's own fetch budget.
+#[derive(Debug, thiserror::Error)]
+#[error("this sender's limit on install-key fetches is reached")]
+pub struct SourceBudgetExhausted;
 
 /// How many requests to key servers may be made: [`FETCH_BURST`] at once, refilled at
 /// [`FETCHES_PER_SECOND`].
@@ -174,6 +183,8 @@ pub struct InstallKeys {
     budget: TokenBucket,
     per_source: Cache<IpAddr, Arc<TokenBucket>>,
     memory: Option<SharedStore>,
+    /// Every key known, however old: used only when the key server cannot answer.
+    fallback: Cache<String, Arc<RsaVerifyingKey>>,
     fetches: AtomicU64,
     over_budget: AtomicU64,
 }
@@ -232,28 +243,40 @@ impl InstallKeys {
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
             memory: None,
+            fallback: Cache::builder()
+                .name("install_keys_fallback")
+                .max_capacity(MAX_CACHED_KEYS)
+                .build(),
             fetches: AtomicU64::new(0),
             over_budget: AtomicU64::new(0),
         }
     }
 
-    /// Remembers every fetched key in `store` and looks there before fetching.
+    /// Remembers every fetched key in `store` (see [`preload`](Self::preload)).
     pub fn remembering(mut self, store: SharedStore) -> Self {
         self.memory = Some(store);
         self
     }
 
-    /// Loads every key remembered in the store into the cache; returns how many. Start-up
-    /// calls it, so known kids need no key server even when it is down.
+    /// Loads every key remembered in the store; returns how many. Start-up calls it, so known
+    /// kids need no key server even when it is down. Keys fetched within [`KEY_TTL`] are
+    /// trusted at once; older ones (and entries of versions that did not record the time)
+    /// only when the key server cannot answer.
     pub async fn preload(&self) -> Result<usize, StoreError> {
         let Some(store) = &self.memory else {
             return Ok(0);
         };
         let mut loaded = 0;
-        for (url, pem) in store.install_keys().await? {
+        let now = now_unix();
+        for (url, entry) in store.install_keys().await? {
+            let (fetched_at, pem) = decode_remembered(&entry);
             match parse_public_key(pem.as_bytes()) {
                 Ok(key) => {
-                    self.keys.insert(url, Arc::new(key)).await;
+                    let key = Arc::new(key);
+                    if now.saturating_sub(fetched_at) < KEY_TTL.as_secs() as i64 {
+                        self.keys.insert(url.clone(), key.clone()).await;
+                    }
+                    self.fallback.insert(url, key).await;
                     loaded += 1;
                 }
                 Err(_) => {
@@ -289,10 +312,22 @@ impl InstallKeys {
                 kid: kid.to_string(),
             });
         }
-        self.keys
-            .try_get_with(url.clone(), self.fetch(kid, &url, source))
-            .await
-            .map_err(|shared| unshare(kid, shared))
+        // Concurrent misses share the fetch of whoever came first, charged to that sender's
+        // budget. A genuine install that joined a fetch refused for its starter's budget must
+        // not fail for it: it tries once more, as the starter of its own fetch.
+        for attempt in 0..2 {
+            let mut started_here = false;
+            let fetch = async {
+                started_here = true;
+                self.fetch(kid, &url, source).await
+            };
+            match self.keys.try_get_with(url.clone(), fetch).await {
+                Ok(key) => return Ok(key),
+                Err(shared) if !started_here && attempt == 0 && is_source_refusal(&shared) => {}
+                Err(shared) => return Err(unshare(kid, shared)),
+            }
+        }
+        unreachable!("the second pass returns")
     }
 
     /// Number of HTTP requests made to key servers so far.
@@ -324,20 +359,13 @@ impl InstallKeys {
         url: &str,
         source: Option<IpAddr>,
     ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
-        if let Some(key) = self.remembered(url).await {
-            return Ok(key);
-        }
         if let Some(source) = source {
-            let bucket = self
-                .per_source
-                .get_with(source, async {
-                    Arc::new(TokenBucket::new(PER_SOURCE_BUDGET))
-                })
-                .await;
-            if !bucket.try_take() {
+            if !self.source_budget(source).await.try_take() {
                 self.over_budget.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
-                return Err(unavailable(FetchBudgetExhausted));
+                return self
+                    .fallback_or(url, unavailable(SourceBudgetExhausted))
+                    .await;
             }
         }
         if !self.budget.try_take() {
@@ -345,44 +373,78 @@ impl InstallKeys {
             if refused == 1 || refused.is_power_of_two() {
                 tracing::warn!(%kid, refused, "install-key fetch refused: global fetch budget exhausted");
             }
-            return Err(unavailable(FetchBudgetExhausted));
+            return self
+                .fallback_or(url, unavailable(FetchBudgetExhausted))
+                .await;
         }
         self.fetches.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%kid, %url, "fetching install key");
         let result = self.fetch_uncounted(kid, url).await;
-        match &result {
-            Ok((_, pem)) => {
+        match result {
+            Ok((key, pem)) => {
                 tracing::debug!(%kid, %url, "install key fetched");
-                self.remember(url, pem).await;
+                self.remember(url, &key, &pem).await;
+                Ok(key)
             }
-            Err(KeyFetchError::NotFound { .. }) => {
+            Err(error @ KeyFetchError::NotFound { .. }) => {
                 tracing::info!(%kid, %url, "install key server does not know this kid");
                 self.not_found.insert(url.to_owned(), ()).await;
+                self.forget(url).await;
+                Err(error)
             }
             Err(error) => {
-                tracing::warn!(%kid, %url, error = %ErrorChain(error), "install key fetch failed")
-            }
-        }
-        result.map(|(key, _)| key)
-    }
-
-    /// The key remembered in the store for `url`, if any. A store outage only costs the fetch.
-    async fn remembered(&self, url: &str) -> Option<Arc<RsaVerifyingKey>> {
-        let store = self.memory.as_ref()?;
-        match store.install_key(url).await {
-            Ok(Some(pem)) => parse_public_key(pem.as_bytes()).ok().map(Arc::new),
-            Ok(None) => None,
-            Err(error) => {
-                tracing::warn!(%url, error = %ErrorChain(&error), "cannot read remembered install keys; fetching");
-                None
+                tracing::warn!(%kid, %url, error = %ErrorChain(&error), "install key fetch failed");
+                self.fallback_or(url, error).await
             }
         }
     }
 
-    async fn remember(&self, url: &str, pem: &str) {
+    /// The per-source bucket of `source`; IPv6 senders are counted per /64, the block one
+    /// host usually has, so a single sender cannot multiply its budget.
+    async fn source_budget(&self, source: IpAddr) -> Arc<TokenBucket> {
+        let source = match source {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            v4 => v4,
+        };
+        self.per_source
+            .get_with(source, async {
+                Arc::new(TokenBucket::new(PER_SOURCE_BUDGET))
+            })
+            .await
+    }
+
+    /// The key known for `url` from an earlier fetch, when the key server cannot answer now.
+    async fn fallback_or(
+        &self,
+        url: &str,
+        error: KeyFetchError,
+    ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
+        match self.fallback.get(url).await {
+            Some(key) => {
+                tracing::info!(%url, error = %ErrorChain(&error), "key server unavailable; using the key fetched earlier for this kid");
+                Ok(key)
+            }
+            None => Err(error),
+        }
+    }
+
+    async fn remember(&self, url: &str, key: &Arc<RsaVerifyingKey>, pem: &str) {
+        self.fallback.insert(url.to_owned(), key.clone()).await;
         if let Some(store) = &self.memory {
-            if let Err(error) = store.remember_install_key(url, pem).await {
+            let entry = encode_remembered(now_unix(), pem);
+            if let Err(error) = store.remember_install_key(url, &entry).await {
                 tracing::warn!(%url, error = %ErrorChain(&error), "cannot remember an install key in the store");
+            }
+        }
+    }
+
+    /// The key server no longer knows the kid: no instance may trust it again.
+    async fn forget(&self, url: &str) {
+        self.keys.invalidate(url).await;
+        self.fallback.invalidate(url).await;
+        if let Some(store) = &self.memory {
+            if let Err(error) = store.forget_install_key(url).await {
+                tracing::warn!(%url, error = %ErrorChain(&error), "cannot forget a revoked install key in the store");
             }
         }
     }
@@ -427,6 +489,32 @@ impl InstallKeys {
         let pem = String::from_utf8(body).map_err(|_| KeyFetchError::InvalidKey)?;
         Ok((Arc::new(key), pem.trim().to_owned()))
     }
+}
+
+/// Whether a shared fetch failed only because its starter's own budget was spent.
+fn is_source_refusal(error: &KeyFetchError) -> bool {
+    matches!(error, KeyFetchError::Unavailable(cause) if cause.is::<SourceBudgetExhausted>())
+}
+
+/// A key as remembered in the store: when it was fetched (Unix seconds), a newline, its PEM.
+fn encode_remembered(fetched_at: i64, pem: &str) -> String {
+    format!("{fetched_at}\n{pem}")
+}
+
+/// `(fetched_at, pem)` of a remembered entry. Entries written before the time was recorded
+/// are the bare PEM: fetched at an unknown time, so never trusted without the key server.
+fn decode_remembered(entry: &str) -> (i64, &str) {
+    match entry.split_once('\n') {
+        Some((at, pem)) if !at.starts_with('-') => match at.parse() {
+            Ok(at) => (at, pem),
+            Err(_) => (0, entry),
+        },
+        _ => (0, entry),
+    }
+}
+
+fn now_unix() -> i64 {
+    connect_protocol::jwt::now()
 }
 
 /// An RSA public key in PEM form, SPKI (`PUBLIC KEY`) or PKCS#1 (`RSA PUBLIC KEY`), parsed
@@ -531,6 +619,18 @@ mod tests {
             configured.key_url(&kid(), &staging),
             format!("http://127.0.0.1:9/keys/{}", kid())
         );
+    }
+
+    #[test]
+    fn a_remembered_entry_keeps_when_it_was_fetched() {
+        let pem = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----";
+        assert_eq!(
+            decode_remembered(&encode_remembered(1_700_000_000, pem)),
+            (1_700_000_000, pem)
+        );
+        // Written by a version that did not record the time: as old as can be.
+        assert_eq!(decode_remembered(pem), (0, pem));
+        assert_eq!(decode_remembered("junk\nmore"), (0, "junk\nmore"));
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! "Many instances, one store": every `warden` instance sharing a Redis honours a lifecycle
-//! write made by any of them (roll, uninstall, disable, site import) within about a second.
+//! write made by any of them (roll, uninstall, disable, site import) within a second of the
+//! write, whatever the outage before it (docs/PROTOCOL.md §10).
 //!
 //! The Redis store's commit script publishes the written clientKey on `<prefix>:invalidate`
 //! ([`channel`]). Each instance runs one [`Listener`]: a background task subscribed to that
-//! channel, which drops the clientKey from its [`TenantCache`] for every message. When the
-//! subscription is lost (closed, or silent: a `PING` every second must be answered within a
-//! second) it drops the whole cache, reconnects with a bounded backoff (100 ms doubling to
-//! 5 s) and, once subscribed again, drops the whole cache again: messages sent while it was
-//! away are lost.
+//! channel, which drops the clientKey from its [`TenantCache`] for every message. The listener
+//! also tells the cache whether it is subscribed ([`Subscription`]): from its start until the
+//! first `SUBSCRIBE` succeeds, and from a lost subscription (closed, or silent: a `PING` every
+//! second must be answered within a second) until the next one, the cache serves nothing from
+//! memory and reads the store instead, since messages sent meanwhile are lost. It reconnects
+//! with a bounded backoff (100 ms doubling to 1 s, less up to 20 % jitter) and, once subscribed
+//! again, drops the whole cache before serving from it.
 //! Should even that fail, cached entries still expire after `WARDEN_SECRET_CACHE_TTL_SECONDS`.
 //!
 //! Other code that caches per tenant (the host client's impersonation tokens) follows along
@@ -23,12 +26,14 @@ use rand::Rng as _;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::tenants::TenantCache;
+use crate::tenants::{Subscription, TenantCache};
 use connect_protocol::domain::ClientKey;
 
 /// First wait before reconnecting; doubled after each failure up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between attempts. While not subscribed every lookup reads the store, so this
+/// bounds that extra load after an outage, not the staleness (which the read-through bounds).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Bound on connecting and subscribing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the subscription is checked with `PING`: a connection that died without a reset
@@ -136,8 +141,9 @@ pub struct Listener {
 
 impl Listener {
     /// Starts listening on `channel` of the Redis at `url` for the clientKeys to drop from
-    /// `tenants`. Fails only if `url` is not a valid Redis URL; an unreachable Redis is
-    /// retried in the background. Must be called within a tokio runtime.
+    /// `tenants`, which is not subscribed from now until the first `SUBSCRIBE` succeeds. Fails
+    /// only if `url` is not a valid Redis URL; an unreachable Redis is retried in the
+    /// background. Must be called within a tokio runtime.
     pub fn start(url: &str, channel: String, tenants: TenantCache) -> anyhow::Result<Self> {
         Self::start_on_any(&[url], channel, tenants)
     }
@@ -162,6 +168,8 @@ impl Listener {
                     .map_err(|e| anyhow::anyhow!("the Redis URL is not valid ({:?})", e.kind()))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Writes made elsewhere go unheard until subscribed.
+        tenants.set_subscription(Subscription::NotSubscribed);
         let task = tokio::spawn(listen(clients, channel, tenants));
         Ok(Self { task })
     }
@@ -186,8 +194,9 @@ async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCac
     loop {
         match subscribe_any(&clients, &mut first, &channel).await {
             Ok(pubsub) => {
-                // Whatever was published while we were not subscribed is lost.
-                tenants.invalidate_all();
+                // Whatever was published while we were not subscribed is lost: the cache drops
+                // everything, then serves again.
+                tenants.set_subscription(Subscription::Subscribed);
                 if failures > 0 {
                     tracing::info!(%channel, failed_attempts = failures, "invalidation channel subscribed again; tenant cache cleared");
                 } else {
@@ -197,10 +206,12 @@ async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCac
                 let since = Instant::now();
                 let reason = receive(pubsub, &tenants).await;
                 // Messages may already be lost (a half-open connection drops them silently),
-                // and more will be until subscribed again: drop what may be stale now rather
-                // than at the reconnect, which a partition can delay indefinitely.
+                // and more will be until subscribed again: read the store from now on, and
+                // announce the drop now (for the other per-tenant caches) rather than at the
+                // reconnect, which a partition can delay indefinitely.
+                tenants.set_subscription(Subscription::NotSubscribed);
                 tenants.invalidate_all();
-                tracing::warn!(%channel, reason = %reason, "invalidation channel lost; tenant cache cleared; reconnecting");
+                tracing::warn!(%channel, reason = %reason, "invalidation channel lost; tenant cache cleared and bypassed until subscribed; reconnecting");
                 if since.elapsed() >= MAX_BACKOFF {
                     // A connection that held for a while starts the backoff afresh; one that
                     // keeps dropping at once keeps backing off.
@@ -221,10 +232,13 @@ async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCac
     }
 }
 
-/// Up to +20 %, so that instances do not reconnect in lockstep.
+/// Up to 20 % less, so that instances do not reconnect in lockstep and [`MAX_BACKOFF`] stays
+/// the longest wait.
 fn with_jitter(d: Duration) -> Duration {
-    let max_extra = (d.as_millis() as u64 / 5).max(1);
-    d + Duration::from_millis(rand::thread_rng().gen_range(0..=max_extra))
+    let max_less = (d.as_millis() as u64 / 5).max(1);
+    d.saturating_sub(Duration::from_millis(
+        rand::thread_rng().gen_range(0..=max_less),
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,14 +354,38 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_a_fifth() {
+    fn jitter_stays_within_a_fifth_below() {
         for _ in 0..100 {
             let d = with_jitter(Duration::from_millis(100));
             assert!(
-                d >= Duration::from_millis(100) && d <= Duration::from_millis(120),
+                d >= Duration::from_millis(80) && d <= Duration::from_millis(100),
                 "{d:?}"
             );
+            assert!(with_jitter(MAX_BACKOFF) <= Duration::from_secs(1));
         }
+    }
+
+    /// Until its first `SUBSCRIBE` succeeds (here never: nothing listens on the port), the
+    /// listener's cache is not subscribed and so serves nothing from memory.
+    #[tokio::test]
+    async fn the_cache_is_not_subscribed_until_the_listener_is() {
+        let store: crate::store::SharedStore = std::sync::Arc::new(
+            RedisStore::connect("redis://127.0.0.1:1", "p")
+                .await
+                .unwrap(),
+        );
+        let tenants = TenantCache::new(store, Duration::from_secs(60));
+        assert_eq!(tenants.subscription(), Subscription::Subscribed);
+        let listener = Listener::start(
+            "redis://127.0.0.1:1",
+            "p:invalidate".into(),
+            tenants.clone(),
+        )
+        .unwrap();
+        assert_eq!(tenants.subscription(), Subscription::NotSubscribed);
+        tokio::time::sleep(INITIAL_BACKOFF * 3).await;
+        assert_eq!(tenants.subscription(), Subscription::NotSubscribed);
+        assert!(!listener.is_finished());
     }
 
     #[tokio::test]

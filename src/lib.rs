@@ -4,8 +4,8 @@
 //! bodies, domain newtypes) are the `connect-protocol` crate. This crate serves them.
 //!
 //! Layout, one job each, in the order an install callback meets them:
-//! - [`startup`]: builds the actix `App` and binds it; [`routes`]: thin handlers that read the
-//!   request and answer;
+//! - [`startup`]: builds the actix `App` and binds it; [`limits`]: how long a client may take
+//!   to send headers and body; [`routes`]: thin handlers that read the request and answer;
 //! - [`lifecycle`]: what each install callback may do (a decision), and the one place that
 //!   applies a decision to the store and announces what it invalidates;
 //! - [`install_keys`]: Atlassian's RS256 install keys, fetched by `kid` through a cache;
@@ -28,6 +28,7 @@ pub mod host_client;
 pub mod install_keys;
 pub mod invalidation;
 pub mod lifecycle;
+pub mod limits;
 pub mod routes;
 pub mod secrets;
 pub mod startup;

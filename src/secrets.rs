@@ -60,10 +60,11 @@ impl<'de> Deserialize<'de> for SecretVersion {
 }
 
 impl Installation {
-    /// Whether Atlassian's signature ever proved an install of this installation (a secret
-    /// in its history came with one). Legacy mode's unsigned installs may be squatters.
+    /// Whether Atlassian's signature ever proved an install of this installation. Legacy
+    /// mode's unsigned installs may be squatters. The flag is sticky; records written before
+    /// it existed are judged by their secret history.
     pub fn ever_signed(&self) -> bool {
-        self.secrets.iter().any(|s| s.signed)
+        self.atlassian_installed || self.secrets.iter().any(|s| s.signed)
     }
 
     pub fn current_secret(&self) -> &SecretVersion {
@@ -80,6 +81,7 @@ impl Installation {
     /// Makes `secret` current unless it already is; the history stays bounded. `signed`: it
     /// arrived with an install proven by Atlassian's signature.
     pub fn roll_secret(&mut self, secret: SharedSecret, signed: bool, now: i64) -> bool {
+        self.atlassian_installed |= signed;
         if self.current_secret().secret.same_as(&secret) {
             // The same secret, now also proven by a signed install.
             if signed {

@@ -20,7 +20,7 @@ use crate::routes;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{RedisStore, Replication};
 use crate::store::SharedStore;
-use crate::telemetry::RedactingRootSpan;
+use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
 
 /// Bound on one call to a host site or the authorization server.
@@ -133,7 +133,7 @@ pub struct Application {
     server: Server,
     state: web::Data<AppState>,
     /// With Redis: the subscription to other instances' writes; stops when this is dropped.
-    invalidation: Option<invalidation::Listener>,
+    _invalidation: Option<invalidation::Listener>,
 }
 
 impl Application {
@@ -151,36 +151,42 @@ impl Application {
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
         let state = web::Data::new(AppState::build(settings).await?);
+        // Started before serving: from here the tenant cache is not subscribed (reads go to
+        // the store) until the listener is, so no request is answered from a cache that may
+        // miss another instance's write.
+        let invalidation = match &state.settings.redis_url {
+            Some(url) => {
+                let channel = invalidation::channel(&state.settings.redis_prefix);
+                let listener = if state.settings.redis_cluster {
+                    // PUBLISH reaches every node of a cluster: one subscription on any seed
+                    // node hears every commit.
+                    invalidation::Listener::start_on_any(
+                        &crate::store::redis::seed_urls(url.expose_secret()),
+                        channel,
+                        state.tenants.clone(),
+                    )
+                } else {
+                    invalidation::Listener::start(
+                        url.expose_secret(),
+                        channel,
+                        state.tenants.clone(),
+                    )
+                };
+                Some(
+                    listener
+                        .context("cannot subscribe to Redis invalidations (WARDEN_REDIS_URL)")?,
+                )
+            }
+            None => None,
+        };
         let port = listener.local_addr()?.port();
         let server = run(listener, state.clone(), Arc::new(routes))?;
-        let mut app = Self {
+        Ok(Self {
             port,
             server,
             state,
-            invalidation: None,
-        };
-        if let Some(url) = &app.state.settings.redis_url {
-            let channel = invalidation::channel(&app.state.settings.redis_prefix);
-            let listener = if app.state.settings.redis_cluster {
-                // PUBLISH reaches every node of a cluster: one subscription on any seed node
-                // hears every commit.
-                invalidation::Listener::start_on_any(
-                    &crate::store::redis::seed_urls(url.expose_secret()),
-                    channel,
-                    app.state.tenants.clone(),
-                )
-            } else {
-                invalidation::Listener::start(
-                    url.expose_secret(),
-                    channel,
-                    app.state.tenants.clone(),
-                )
-            };
-            app.invalidation = Some(
-                listener.context("cannot subscribe to Redis invalidations (WARDEN_REDIS_URL)")?,
-            );
-        }
-        Ok(app)
+            _invalidation: invalidation,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -234,13 +240,18 @@ fn run(
     extra: ExtraRoutes,
 ) -> anyhow::Result<Server> {
     let base_path = state.settings.base_url.path().to_owned();
+    let header_timeout = state.settings.header_timeout;
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(crate::limits::body_deadline))
+            .wrap(actix_web::middleware::from_fn(telemetry::request_id_scope))
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
             .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
             .default_service(web::to(routes::not_found))
     })
+    // Headers not complete in time: actix answers 408 and closes (docs/PROTOCOL.md §14).
+    .client_request_timeout(header_timeout)
     .listen(listener)?
     .run();
     Ok(server)

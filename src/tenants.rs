@@ -24,10 +24,20 @@
 //! - A clientKey the store does not know is remembered as unknown for [`UNKNOWN_FOR`], under
 //!   the same invalidations and the same epoch rule: an install, here or on another instance,
 //!   invalidates its clientKey and is found by the next request.
+//!
+//! Cached entries are only as good as the invalidations heard. While other instances' writes
+//! may go unheard (on Redis: until the [`Listener`](crate::invalidation::Listener) has
+//! subscribed, and from a lost subscription until it is back), the cache is
+//! [`Subscription::NotSubscribed`]: [`get`](TenantCache::get) reads the store every time (still
+//! single-flight) and no "unknown" is answered from memory, so a roll made anywhere is honoured
+//! here at once, whatever the outage before it (docs/PROTOCOL.md §10). What is read is still
+//! kept, so a [`reload`](TenantCache::reload) right after a read (a failed signature) reuses it
+//! under the [`FRESH_FOR`] rule. Subscribed again, the cache drops everything, then serves.
+//! The embedded store has no other writer: its cache is always subscribed.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +67,17 @@ pub const FRESH_FOR: Duration = Duration::from_millis(100);
 /// store (unless an invalidation of the key comes first).
 pub const UNKNOWN_FOR: Duration = Duration::from_secs(1);
 
+/// Whether this instance hears every write made elsewhere, i.e. whether its cached entries may
+/// be served (docs/PROTOCOL.md §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// Every write made elsewhere reaches the cache as an invalidation (or there is no
+    /// elsewhere: the embedded store). Cached entries are served.
+    Subscribed,
+    /// Writes made elsewhere may go unheard: lookups read the store.
+    NotSubscribed,
+}
+
 #[derive(Clone)]
 pub struct TenantCache {
     store: SharedStore,
@@ -66,6 +87,8 @@ pub struct TenantCache {
     flights: Arc<Flights>,
     fresh_for: Duration,
     invalidations: Invalidations,
+    /// [`Subscription::Subscribed`] as `true`; shared by every clone, set by the listener.
+    subscribed: Arc<AtomicBool>,
 }
 
 /// A cached installation and when the read that found it began.
@@ -225,6 +248,7 @@ impl TenantCache {
             flights: Arc::new(Flights::default()),
             fresh_for,
             invalidations,
+            subscribed: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -233,18 +257,49 @@ impl TenantCache {
         &self.invalidations
     }
 
+    /// Whether cached entries are served. A new cache is subscribed; the invalidation listener
+    /// says otherwise from its start until it has subscribed.
+    pub fn subscription(&self) -> Subscription {
+        if self.subscribed.load(Ordering::SeqCst) {
+            Subscription::Subscribed
+        } else {
+            Subscription::NotSubscribed
+        }
+    }
+
+    /// Called by the invalidation listener. Becoming subscribed drops every entry first, then
+    /// serves from the cache again: what was published before the subscription is lost, and no
+    /// entry read before it may be served after it. Becoming unsubscribed only stops serving;
+    /// what is cached is dropped at the next subscription.
+    pub fn set_subscription(&self, subscription: Subscription) {
+        match subscription {
+            Subscription::Subscribed => {
+                self.invalidate_all();
+                self.subscribed.store(true, Ordering::SeqCst);
+            }
+            Subscription::NotSubscribed => self.subscribed.store(false, Ordering::SeqCst),
+        }
+    }
+
+    fn is_subscribed(&self) -> bool {
+        self.subscription() == Subscription::Subscribed
+    }
+
     /// The installation, from the cache or the store. A clientKey the store does not hold is
     /// answered as unknown for [`UNKNOWN_FOR`] without reading the store again; an install
-    /// invalidates its clientKey, so it is found at once all the same.
+    /// invalidates its clientKey, so it is found at once all the same. Not subscribed, always
+    /// from the store.
     pub async fn get(
         &self,
         client_key: &ClientKey,
     ) -> Result<Option<Arc<Installation>>, StoreError> {
-        if let Some(hit) = self.cache.get(client_key).await {
-            return Ok(Some(hit.installation));
-        }
-        if self.unknown.get(client_key).await.is_some() {
-            return Ok(None);
+        if self.is_subscribed() {
+            if let Some(hit) = self.cache.get(client_key).await {
+                return Ok(Some(hit.installation));
+            }
+            if self.unknown.get(client_key).await.is_some() {
+                return Ok(None);
+            }
         }
         self.read(client_key).await
     }
@@ -254,7 +309,9 @@ impl TenantCache {
     /// and the cache refreshed, unless the cached entry (or unknown) was itself read after
     /// every invalidation of the key and less than [`FRESH_FOR`] ago; concurrent reads of one
     /// key share one store round trip. What was read is returned in any case, but cached only
-    /// if no invalidation of this key happened while reading.
+    /// if no invalidation of this key happened while reading. Not subscribed, a fresh entry is
+    /// still reused (it is as new as a read would be): a forged signature after a `get` costs
+    /// no second read.
     pub async fn reload(
         &self,
         client_key: &ClientKey,
@@ -263,7 +320,7 @@ impl TenantCache {
             if hit.read_at.elapsed() < self.fresh_for {
                 return Ok(Some(hit.installation));
             }
-        } else if self.unknown.get(client_key).await.is_some() {
+        } else if self.is_subscribed() && self.unknown.get(client_key).await.is_some() {
             return Ok(None);
         }
         self.read(client_key).await
@@ -459,8 +516,8 @@ mod tests {
         async fn remember_install_key(&self, _: &str, _: &str) -> Result<(), StoreError> {
             Ok(())
         }
-        async fn install_key(&self, _: &str) -> Result<Option<String>, StoreError> {
-            Ok(None)
+        async fn forget_install_key(&self, _: &str) -> Result<(), StoreError> {
+            Ok(())
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             Ok(Vec::new())
@@ -576,6 +633,36 @@ mod tests {
         ClientKey::parse(&format!("ck-attacker-{}", uuid::Uuid::new_v4())).unwrap()
     }
 
+    /// Starts 100 concurrent `lookup`s of `key` while the store holds the first `load`, lets
+    /// them all wait for it, then releases it; returns what each lookup got.
+    async fn hundred_at_once<F, Fut>(
+        tenants: &TenantCache,
+        gated: &GatedStore,
+        key: &ClientKey,
+        lookup: F,
+    ) -> Vec<Option<Arc<Installation>>>
+    where
+        F: Fn(TenantCache, ClientKey) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Arc<Installation>>, StoreError>>
+            + Send
+            + 'static,
+    {
+        let (release, gate) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some(gate);
+        let lookups: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(lookup(tenants.clone(), key.clone())))
+            .collect();
+        gated.entered.notified().await;
+        // Every lookup has started and is waiting for the one read.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        let mut found = Vec::new();
+        for lookup in lookups {
+            found.push(lookup.await.unwrap().unwrap());
+        }
+        found
+    }
+
     #[tokio::test]
     async fn an_unknown_client_key_costs_one_store_read_per_negative_window() {
         let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
@@ -653,20 +740,12 @@ mod tests {
         assert_eq!(store.loads(), 1);
 
         *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
-        let (release, gate) = oneshot::channel();
-        *gated.gate.lock().unwrap() = Some(gate);
-        let reloads: Vec<_> = (0..100)
-            .map(|_| {
-                let (tenants, key) = (tenants.clone(), key.clone());
-                tokio::spawn(async move { tenants.reload(&key).await })
-            })
-            .collect();
-        gated.entered.notified().await;
-        // Every reload has started and is waiting for the one read.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        release.send(()).unwrap();
+        let reloads = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.reload(&key).await
+        })
+        .await;
         for reload in reloads {
-            assert_eq!(reload.await.unwrap().unwrap().unwrap().version, 2);
+            assert_eq!(reload.unwrap().version, 2);
         }
         assert_eq!(store.loads(), 2, "100 concurrent reloads, one store read");
         assert_eq!(tenants.cached(&key).await.unwrap().version, 2);
@@ -676,20 +755,11 @@ mod tests {
     async fn concurrent_lookups_of_an_unknown_key_share_one_store_read() {
         let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
         let key = random_client_key();
-        let (release, gate) = oneshot::channel();
-        *gated.gate.lock().unwrap() = Some(gate);
-        let lookups: Vec<_> = (0..100)
-            .map(|_| {
-                let (tenants, key) = (tenants.clone(), key.clone());
-                tokio::spawn(async move { tenants.get(&key).await })
-            })
-            .collect();
-        gated.entered.notified().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        release.send(()).unwrap();
-        for lookup in lookups {
-            assert!(lookup.await.unwrap().unwrap().is_none());
-        }
+        let lookups = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.get(&key).await
+        })
+        .await;
+        assert!(lookups.iter().all(Option::is_none));
         assert_eq!(store.loads(), 1);
     }
 
@@ -759,6 +829,76 @@ mod tests {
             2,
             "the stale read does not replace the new one"
         );
+    }
+
+    #[tokio::test]
+    async fn not_subscribed_every_get_reads_the_store_and_subscribing_clears_then_serves() {
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
+        let key = ClientKey::parse("ck-1").unwrap();
+        tenants.set_subscription(Subscription::NotSubscribed);
+        assert_eq!(tenants.subscription(), Subscription::NotSubscribed);
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 1);
+
+        // A roll elsewhere whose message nobody hears: the next lookup sees it all the same.
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 2));
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 2);
+        assert_eq!(store.loads(), 2, "no entry is served");
+        // A failed signature right after the read reuses it, as when subscribed.
+        assert_eq!(tenants.reload(&key).await.unwrap().unwrap().version, 2);
+        assert_eq!(store.loads(), 2);
+
+        *gated.record.lock().unwrap() = Some(installation("ck-1", 3));
+        tenants.set_subscription(Subscription::Subscribed);
+        assert!(
+            tenants.cached(&key).await.is_none(),
+            "what was read unsubscribed is dropped before serving again"
+        );
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 3);
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 3);
+        assert_eq!(store.loads(), 3, "subscribed, the cache serves again");
+    }
+
+    #[tokio::test]
+    async fn not_subscribed_unknown_is_not_served() {
+        let (tenants, store, gated) = counted(None, FRESH_FOR, UNKNOWN_FOR);
+        let key = random_client_key();
+        tenants.set_subscription(Subscription::NotSubscribed);
+        assert!(tenants.get(&key).await.unwrap().is_none());
+        assert!(tenants.reload(&key).await.unwrap().is_none());
+        assert_eq!(store.loads(), 2);
+        // Installed elsewhere, unheard: found by the next lookup.
+        *gated.record.lock().unwrap() = Some(installation(key.as_str(), 1));
+        assert_eq!(tenants.get(&key).await.unwrap().unwrap().version, 1);
+        assert_eq!(store.loads(), 3);
+    }
+
+    #[tokio::test]
+    async fn not_subscribed_concurrent_lookups_of_one_key_share_one_store_read() {
+        let (tenants, store, gated) =
+            counted(Some(installation("ck-1", 1)), FRESH_FOR, UNKNOWN_FOR);
+        tenants.set_subscription(Subscription::NotSubscribed);
+        let key = ClientKey::parse("ck-1").unwrap();
+        let lookups = hundred_at_once(&tenants, &gated, &key, async |tenants, key| {
+            tenants.get(&key).await
+        })
+        .await;
+        for lookup in lookups {
+            assert_eq!(lookup.unwrap().version, 1);
+        }
+        assert_eq!(store.loads(), 1, "100 concurrent lookups, one store read");
+    }
+
+    #[tokio::test]
+    async fn a_read_begun_before_the_subscription_is_not_cached() {
+        let key = ClientKey::parse("ck-1").unwrap();
+        let (tenants, _store) = reload_racing_with(async |tenants, _| {
+            tenants.set_subscription(Subscription::NotSubscribed);
+            tenants.set_subscription(Subscription::Subscribed);
+        })
+        .await;
+        assert!(tenants.cached(&key).await.is_none());
     }
 
     #[tokio::test]

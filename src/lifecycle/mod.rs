@@ -186,7 +186,10 @@ pub async fn authenticate(
             body_digest: payload.body_digest,
             // Remembered well past the last second `check_times` accepts the token, so the
             // memory can never lapse while the token still passes (clock skew included).
-            expires_at: exp + jwt::LEEWAY_SECONDS + REPLAY_MEMORY_MARGIN_SECONDS,
+            // `exp` is the sender's number, up to `i64::MAX`.
+            expires_at: exp
+                .saturating_add(jwt::LEEWAY_SECONDS)
+                .saturating_add(REPLAY_MEMORY_MARGIN_SECONDS),
         }),
     })
 }
@@ -328,14 +331,18 @@ pub fn decide(
 /// a tenant-signed event (which anyone holding a leaked secret can make) never holds back a
 /// signed one, and a product clock a second ahead on `disabled` never refuses the signed
 /// `uninstalled` that follows. A tenant-signed reinstall also rolls the secret, so it must not
-/// be older than the last signed event either.
+/// be older than the last signed event either; other tenant-signed events may trail it by
+/// the clock leeway at most (a `disabled` issued before Atlassian's last signed event and
+/// delivered after it is stale).
 fn ordering_floor(event: LifecycleEvent, proof: Proof, current: &Installation) -> i64 {
     match proof {
         Proof::AtlassianSignature => current.last_event_iat,
         _ if event == LifecycleEvent::Installed => {
             current.last_event_iat.max(current.last_tenant_event_iat)
         }
-        _ => current.last_tenant_event_iat,
+        _ => current
+            .last_tenant_event_iat
+            .max(current.last_event_iat - jwt::LEEWAY_SECONDS),
     }
 }
 

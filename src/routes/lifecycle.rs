@@ -66,7 +66,12 @@ async fn handle(
             .headers()
             .get(header::AUTHORIZATION)
             .map(|v| v.as_bytes()),
-        source: req.peer_addr().map(|a| a.ip()),
+        source: state.settings.request_source(
+            req.peer_addr().map(|a| a.ip()),
+            req.headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok()),
+        ),
     };
     let applied = state.lifecycle().apply(&callback).await?;
     tracing::info!(

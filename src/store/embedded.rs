@@ -311,26 +311,28 @@ impl InstallationStore for EmbeddedStore {
         .await
     }
 
-    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
-        let (url, pem) = (url.to_owned(), pem.to_owned());
+    async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError> {
+        let (url, entry) = (url.to_owned(), entry.to_owned());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(io)?;
             txn.open_table(INSTALL_KEYS)
                 .map_err(io)?
-                .insert(url.as_str(), pem.as_str())
+                .insert(url.as_str(), entry.as_str())
                 .map_err(io)?;
             txn.commit().map_err(io)
         })
         .await
     }
 
-    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
+    async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
         let url = url.to_owned();
         self.blocking(move |db| {
-            let txn = db.begin_read().map_err(io)?;
-            let table = txn.open_table(INSTALL_KEYS).map_err(io)?;
-            let pem = table.get(url.as_str()).map_err(io)?;
-            Ok(pem.map(|v| v.value().to_owned()))
+            let txn = db.begin_write().map_err(io)?;
+            txn.open_table(INSTALL_KEYS)
+                .map_err(io)?
+                .remove(url.as_str())
+                .map_err(io)?;
+            txn.commit().map_err(io)
         })
         .await
     }

@@ -94,6 +94,11 @@ pub struct Installation {
     /// Whether the latest install was proven by Atlassian's RS256 signature.
     #[serde(default)]
     pub signed_install: bool,
+    /// Sticky: Atlassian's signature proved an install of this clientKey at least once, even
+    /// after the secret that came with it left the bounded history (see
+    /// [`Installation::ever_signed`]).
+    #[serde(default)]
+    pub atlassian_installed: bool,
     /// `iat` of the newest lifecycle event signed by Atlassian (RS256), never ahead of the
     /// server clock when it was stored; older signed events are refused.
     pub last_event_iat: i64,
@@ -139,6 +144,7 @@ impl Installation {
             superseded_by: None,
             supersedes: Vec::new(),
             signed_install: signed,
+            atlassian_installed: signed,
             last_event_iat: 0,
             last_tenant_event_iat: 0,
             installed_at: now,
@@ -239,14 +245,14 @@ pub trait InstallationStore: Send + Sync + 'static {
     /// Answers when the store is reachable; `/readyz` uses it.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Remembers an install-signing public key (PEM) fetched from `url` (a key never changes
-    /// under its `kid`, so this is written once and never expires).
-    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError>;
+    /// Remembers an install-signing public key fetched from `url`; `entry` is opaque to the
+    /// store (`install_keys` encodes the key and when it was fetched).
+    async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError>;
 
-    /// The PEM remembered for `url`.
-    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError>;
+    /// Forgets the key remembered for `url` (the key server no longer knows it).
+    async fn forget_install_key(&self, url: &str) -> Result<(), StoreError>;
 
-    /// Every remembered install key as `(url, pem)`.
+    /// Every remembered install key as `(url, entry)`.
     async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
@@ -320,8 +326,8 @@ pub(crate) mod testing {
         async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
             self.inner.remember_install_key(url, pem).await
         }
-        async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
-            self.inner.install_key(url).await
+        async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
+            self.inner.forget_install_key(url).await
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             self.inner.install_keys().await

@@ -877,26 +877,27 @@ impl InstallationStore for RedisStore {
         Ok(())
     }
 
-    async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
+    async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
         let _: Value = redis::cmd("HSET")
             .arg(self.install_keys_key())
             .arg(url)
-            .arg(pem)
+            .arg(entry)
             .query_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
         Ok(())
     }
 
-    async fn install_key(&self, url: &str) -> Result<Option<String>, StoreError> {
+    async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
         let mut conn = self.conn().await?;
-        redis::cmd("HGET")
+        let _: Value = redis::cmd("HDEL")
             .arg(self.install_keys_key())
             .arg(url)
             .query_async(&mut conn)
             .await
-            .map_err(|e| self.redis_error(e))
+            .map_err(|e| self.redis_error(e))?;
+        Ok(())
     }
 
     async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {

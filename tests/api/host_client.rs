@@ -390,6 +390,29 @@ async fn forget_tenant_drops_only_that_tenants_tokens() {
     assert_eq!(f.token_requests(), 4);
 }
 
+/// A token request still in flight when every token is forgotten (invalidation messages may
+/// have been lost) must not leave its answer in the cache: the next call asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_all_covers_a_token_request_in_flight() {
+    let f = Fixture::new("").await;
+    f.host.set_token_delay(Duration::from_millis(500));
+    let in_flight = {
+        let (client, inst) = (f.client.clone(), f.inst.clone());
+        tokio::spawn(async move { client.as_user(&inst, "acct", &["READ"]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.client.forget_all();
+    in_flight.await.unwrap().unwrap();
+    assert_eq!(f.token_requests(), 1);
+    f.host.set_token_delay(Duration::ZERO);
+    f.client.as_user(&f.inst, "acct", &["READ"]).await.unwrap();
+    assert_eq!(
+        f.token_requests(),
+        2,
+        "the forgotten token was served from the cache"
+    );
+}
+
 #[tokio::test]
 async fn a_token_is_replaced_shortly_before_it_expires() {
     let f = Fixture::new("").await;

@@ -22,7 +22,7 @@ use connect_warden::tenants::TenantCache;
 /// The requirement: every instance honours a write within one second.
 const WITHIN: Duration = Duration::from_secs(1);
 
-/// After its subscription is killed, the listener waits 100 ms (+ up to 20 % jitter) before
+/// After its subscription is killed, the listener waits 100 ms (less up to 20 % jitter) before
 /// reconnecting, doubling on each further loss in a row (the test kills it for about 100 ms,
 /// so once or twice), subscribes on loopback in a few ms, then drops its whole cache: well
 /// under 1 s. 2 s leaves room for a loaded machine.

@@ -184,3 +184,94 @@ async fn a_refused_request_is_one_info_line() {
         "an ordinary 4xx is not a warning:\n{log}"
     );
 }
+
+/// A customer's report names the request id an error body gave them; the vendor finds the
+/// one log line of that request. A sane `X-Request-Id` from a proxy is kept end to end; one
+/// that could forge a log line is replaced.
+#[tokio::test]
+async fn a_request_id_ties_an_error_body_to_its_log_line() {
+    use crate::helpers::app::{Options, TestApp};
+    let app = TestApp::spawn_process(
+        "request-id",
+        Options::new(Backend::Embedded).set("RUST_LOG", "info"),
+    )
+    .await;
+    let response = app
+        .client
+        .get(app.url("/api/tenant"))
+        .header("x-request-id", "lb-7f3a:42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.headers()["x-request-id"], "lb-7f3a:42");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["requestId"], "lb-7f3a:42");
+
+    let response = app
+        .client
+        .get(app.url("/api/tenant"))
+        .header("x-request-id", "x status=200 forged")
+        .send()
+        .await
+        .unwrap();
+    let generated = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["requestId"], generated.as_str());
+
+    let ok = app.healthz().await;
+    assert!(ok.headers().contains_key("x-request-id"));
+
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = app.log();
+    for id in ["lb-7f3a:42", generated.as_str()] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+        assert_eq!(lines.len(), 1, "{id}:\n{log}");
+        assert!(lines[0].contains("status=401"), "{}", lines[0]);
+    }
+    assert!(!log.contains("forged"), "{log}");
+}
+
+/// A `qsh` that does not match is explained by method, path and parameter names only: the
+/// query's values (anything the caller put in the URL) reach neither the answer nor the log.
+#[tokio::test]
+async fn a_qsh_mismatch_shows_no_query_value() {
+    use crate::helpers::app::{error_of, Options, TestApp};
+    let app = TestApp::spawn_process(
+        "qsh-log",
+        Options::new(Backend::Embedded).set("RUST_LOG", "trace"),
+    )
+    .await;
+    let site = Site::new();
+    app.installed(&site).await;
+    // Signed for another value of `name`.
+    let token = app.product_token(
+        &site.client_key,
+        &site.secret,
+        "GET",
+        "/api/tenant?name=othervalue",
+        jwt::now(),
+    );
+    let response = app
+        .get_with_token("/api/tenant?name=secretvalue123", &token)
+        .await;
+    assert_eq!(response.status(), 401);
+    let error = error_of(response).await;
+    assert!(
+        error.contains("GET&/api/tenant&name=…"),
+        "the message names method, path and parameter: {error}"
+    );
+    assert!(!error.contains("secretvalue123"), "{error}");
+    // The process writes its line as it answers; give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = app.log();
+    assert!(
+        log.contains("qsh does not match"),
+        "the refusal is logged:\n{log}"
+    );
+    assert!(!log.contains("secretvalue123"), "{log}");
+}

@@ -5,12 +5,14 @@ mod helpers;
 
 mod cli;
 mod cluster;
+mod coherence;
 mod devtenant;
 mod host_client;
 mod install_keys;
 mod instances;
 mod legacy;
 mod lifecycle;
+mod limits;
 mod logging;
 mod ordering;
 mod product_requests;

@@ -4,7 +4,7 @@
 //! a junk install token must cost no key fetch.
 
 use crate::helpers::app::{
-    both_stores, spawn_app, spawn_app_with, Backend, Options, Site, TestApp,
+    both_stores, error_of, spawn_app, spawn_app_with, Backend, Options, Site, TestApp,
 };
 use connect_protocol::jwt::{self, Audience, Claims};
 use connect_protocol::qsh::CanonicalRequest;
@@ -101,6 +101,56 @@ async fn an_older_signed_install_is_still_refused(backend: Backend) {
     site.secret = "older".into();
     let older = install_token_at(&app, &site.client_key, "/installed", t - 10);
     assert_eq!(post(&app, &site, "installed", &older).await, 409);
+}
+
+/// A tenant-signed `disabled` issued before Atlassian's last signed install and delivered
+/// after it is stale: it cannot undo what the signed event established.
+async fn a_tenant_event_older_than_the_last_signed_one_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let site = Site::new();
+    let t = jwt::now();
+    let install = install_token_at(&app, &site.client_key, "/installed", t);
+    assert_eq!(post(&app, &site, "installed", &install).await, 204);
+    let delayed = tenant_token_at(&app, &site.client_key, &site.secret, "/disabled", t - 60);
+    assert_eq!(post(&app, &site, "disabled", &delayed).await, 409);
+    assert!(app.stored(&site.client_key).await.unwrap().enabled);
+    // Within the leeway of the signed event it still lands (clock skew between the two).
+    let skewed = tenant_token_at(&app, &site.client_key, &site.secret, "/disabled", t - 5);
+    assert_eq!(post(&app, &site, "disabled", &skewed).await, 204);
+}
+
+/// Legacy mode: someone holding a genuine tenant's leaked secret rolls it ten times with
+/// HS256 reinstalls, pushing the secret of Atlassian's signed install out of the history. The
+/// tenant is still known as installed by Atlassian: the next reinstall cannot move it to a
+/// staging site (where staging-signed tokens would then rewrite it).
+async fn secret_rolls_do_not_erase_that_atlassian_installed_a_tenant(backend: Backend) {
+    let app = legacy_app(backend).await;
+    let mut site = Site::new();
+    app.installed(&site).await;
+    let now = jwt::now();
+    for i in 0..connect_warden::secrets::SECRET_HISTORY_LEN as i64 {
+        let token = tenant_token_at(&app, &site.client_key, &site.secret, "/installed", now + i);
+        site.secret = format!("rolled-by-the-attacker-{i}");
+        assert_eq!(
+            post(&app, &site, "installed", &token).await,
+            204,
+            "roll {i}"
+        );
+    }
+    let stored = app.stored(&site.client_key).await.unwrap();
+    assert!(
+        stored.secrets.iter().all(|s| !s.signed),
+        "the signed secret is out of the history"
+    );
+    let token = tenant_token_at(&app, &site.client_key, &site.secret, "/installed", now + 11);
+    site.base_url = "https://moved.jira-dev.com".into();
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(response.status(), 403);
+    assert!(error_of(response).await.contains("production and staging"));
+    let stored = app.stored(&site.client_key).await.unwrap();
+    assert_ne!(stored.base_url.as_str(), "https://moved.jira-dev.com");
 }
 
 async fn legacy_app(backend: Backend) -> TestApp {
@@ -218,6 +268,8 @@ both_stores!(
     a_leaked_secret_cannot_hold_back_atlassians_signed_events,
     disabled_ahead_then_uninstalled_both_land,
     an_older_signed_install_is_still_refused,
+    a_tenant_event_older_than_the_last_signed_one_is_refused,
+    secret_rolls_do_not_erase_that_atlassian_installed_a_tenant,
     a_legacy_squatter_cannot_retire_or_be_linked_from_the_genuine_site,
     a_signed_install_takes_over_a_squatted_client_key,
     junk_install_tokens_cost_no_key_fetch,
@@ -298,4 +350,115 @@ async fn a_new_instance_verifies_known_kids_while_the_key_server_is_down() {
         .post_lifecycle("/installed", Some(&token), &site.body("installed"))
         .await;
     assert_eq!(response.status(), 503);
+}
+
+/// A key remembered long ago (here: by a version that did not record when) is not trusted on
+/// its own. While the key server is down it still verifies; once the key server answers that
+/// it no longer knows the kid (a revoked key), installs signed with it are refused and the
+/// store forgets it, so no instance started later trusts it again.
+#[tokio::test]
+async fn a_revoked_install_key_is_not_trusted_from_the_store() {
+    let cluster = crate::helpers::app::Cluster::new().await;
+    let first = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    first.installed(&Site::new()).await;
+    let store = first.state().store.clone();
+    let (url, entry) = store.install_keys().await.unwrap().pop().unwrap();
+    let (_, pem) = entry
+        .split_once('\n')
+        .expect("an entry records when it was fetched");
+    store.remember_install_key(&url, pem).await.unwrap();
+
+    cluster.keys.set_failing(true);
+    let second = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    second.installed(&Site::new()).await;
+
+    cluster.keys.set_failing(false);
+    let kid = cluster.keys.keyring().read().unwrap().current().kid.clone();
+    cluster.keys.revoke(&kid);
+    let third = TestApp::spawn(Options::new(Backend::Redis).shared(&cluster)).await;
+    let site = Site::new();
+    let token = third.install_token(&site.client_key, "/installed");
+    let response = third
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(
+        response.status(),
+        401,
+        "an install signed with a revoked key"
+    );
+    assert!(third.stored(&site.client_key).await.is_none());
+    assert!(
+        store.install_keys().await.unwrap().is_empty(),
+        "the revoked key is still remembered"
+    );
+}
+
+/// Behind a reverse proxy every callback comes from the proxy's address. With the proxy
+/// trusted (`WARDEN_TRUSTED_PROXIES`), the per-source budget applies to the sender it names:
+/// junk from one sender does not spend the budget of a genuine install through the same proxy,
+/// and an untrusted sender cannot pick its own source by writing `X-Forwarded-For`.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_budget_is_per_real_sender() {
+    let app =
+        spawn_app_with(Options::new(Backend::Embedded).set("WARDEN_TRUSTED_PROXIES", "127.0.0.1"))
+            .await;
+    let junk = |forwarded_for: &'static str| {
+        let site = Site::new();
+        let claims = app.install_claims(&site.client_key, "/installed");
+        let key = app.keys.keyring().read().unwrap().current().clone();
+        let token =
+            devtenant::sign_rs256_with_kid(&key, &uuid::Uuid::new_v4().to_string(), &claims);
+        app.client
+            .post(app.url("/installed"))
+            .header("authorization", format!("JWT {token}"))
+            .header("x-forwarded-for", forwarded_for)
+            .json(&site.body("installed"))
+    };
+    let per_source = connect_warden::install_keys::PER_SOURCE_BUDGET;
+    let before = app.keys.total_fetches();
+    for _ in 0..3 * per_source.burst {
+        let status = junk("203.0.113.66").send().await.unwrap().status().as_u16();
+        assert!(matches!(status, 401 | 503), "{status}");
+    }
+    let spent = app.keys.total_fetches() - before;
+    assert!(spent <= u64::from(per_source.burst) + 1, "{spent} fetches");
+
+    // A sender not behind the proxy cannot claim another source.
+    let outsider = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 3]))
+        .build()
+        .unwrap();
+    let before = app.keys.total_fetches();
+    for i in 0..3 * per_source.burst {
+        let site = Site::new();
+        let claims = app.install_claims(&site.client_key, "/installed");
+        let key = app.keys.keyring().read().unwrap().current().clone();
+        let token =
+            devtenant::sign_rs256_with_kid(&key, &uuid::Uuid::new_v4().to_string(), &claims);
+        outsider
+            .post(app.url("/installed"))
+            .header("authorization", format!("JWT {token}"))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .json(&site.body("installed"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let spent = app.keys.total_fetches() - before;
+    assert!(spent <= u64::from(per_source.burst) + 1, "{spent} fetches");
+
+    // The genuine install through the proxy, for another sender, with Atlassian's new key.
+    app.keys.keyring().write().unwrap().rotate().unwrap();
+    let site = Site::new();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app
+        .client
+        .post(app.url("/installed"))
+        .header("authorization", format!("JWT {token}"))
+        .header("x-forwarded-for", "192.0.2.10")
+        .json(&site.body("installed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
 }

@@ -44,6 +44,10 @@ async fn health_and_readiness() {
             assert_eq!(response.status(), 200, "{route} on {backend:?}");
         }
     }
+    // One process, nothing to hear from others: always served from the cache.
+    let app = spawn_app(Backend::Embedded).await;
+    let body: serde_json::Value = app.readyz().await.json().await.unwrap();
+    assert_eq!(body["invalidations"], "subscribed");
 }
 
 #[tokio::test]

@@ -105,6 +105,7 @@ fn installation(client_key: &str) -> Installation {
         superseded_by: Some(ck("jira:newer")),
         supersedes: vec![ck("jira:old-1"), ck("jira:old-2")],
         signed_install: true,
+        atlassian_installed: true,
         last_event_iat: 1_700_000_003,
         last_tenant_event_iat: 0,
         installed_at: 1_700_000_000,

@@ -77,7 +77,14 @@ impl fmt::Display for ClientKey {
 pub struct BaseUrl(String);
 
 impl BaseUrl {
+    /// The limit of every text field of a lifecycle body applies to `baseUrl` too: it is
+    /// stored, cached and indexed, and a message naming it must stay readable.
+    pub const MAX_LEN: usize = crate::lifecycle::MAX_FIELD_CHARS;
+
     pub fn parse(raw: &str) -> Result<Self, ParseError> {
+        // Before anything echoes `raw` into a message. Counted again once normalised, as
+        // percent-encoding lengthens.
+        Self::check_len(raw)?;
         let url = Url::parse(raw.trim())
             .map_err(|e| invalid(format!("baseUrl {raw:?} is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -97,7 +104,18 @@ impl BaseUrl {
             )));
         }
         let text = url.as_str().trim_end_matches('/').to_owned();
+        Self::check_len(&text)?;
         Ok(Self(text))
+    }
+
+    fn check_len(text: &str) -> Result<(), ParseError> {
+        if text.chars().count() > Self::MAX_LEN {
+            return Err(invalid(format!(
+                "baseUrl is longer than {} characters",
+                Self::MAX_LEN
+            )));
+        }
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -289,6 +307,22 @@ mod tests {
         assert!(BaseUrl::parse("https://u:p@x").is_err());
         assert!(BaseUrl::parse("https://x/?a=1").is_err());
         assert!(BaseUrl::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn base_url_is_bounded_like_any_body_field() {
+        let at_limit = format!(
+            "https://x.atlassian.net/{}",
+            "a".repeat(BaseUrl::MAX_LEN - 24)
+        );
+        assert_eq!(at_limit.len(), BaseUrl::MAX_LEN);
+        assert!(BaseUrl::parse(&at_limit).is_ok());
+        let err = BaseUrl::parse(&format!("{at_limit}b")).unwrap_err();
+        assert_eq!(err.0, "baseUrl is longer than 2048 characters");
+        // Percent-encoding lengthens: the stored form is bounded too.
+        let encoded = format!("https://x.atlassian.net/{}", "\u{e9}".repeat(1000));
+        assert!(encoded.chars().count() < BaseUrl::MAX_LEN);
+        assert!(BaseUrl::parse(&encoded).is_err());
     }
 
     #[test]

@@ -46,8 +46,10 @@ pub enum JwtError {
     ExpiresBeforeIssued,
     #[error("the token's aud does not name this app's base URL")]
     WrongAudience,
+    /// `canonical` is [`CanonicalRequest::without_query_values`]: query values never reach a
+    /// message or a log.
     #[error(
-        "the token's qsh does not match this request (expected canonical request {canonical:?})"
+        "the token's qsh does not match this request (expected canonical request {canonical:?}, query values hidden)"
     )]
     QshMismatch { canonical: String },
     #[error("a context token (qsh \"context-qsh\") is not accepted on this route")]
@@ -273,10 +275,12 @@ impl Claims {
     pub fn check_times(&self, now: i64) -> Result<(i64, i64), JwtError> {
         let exp = self.exp.ok_or(JwtError::MissingClaim("exp"))?;
         let iat = self.iat.ok_or(JwtError::MissingClaim("iat"))?;
-        if exp + LEEWAY_SECONDS < now {
+        // Saturating: the claims are anyone's numbers, `i64::MAX` included (an overflow
+        // panicked in debug builds and wrapped to "expired" in release ones).
+        if exp.saturating_add(LEEWAY_SECONDS) < now {
             return Err(JwtError::Expired);
         }
-        if iat > now + LEEWAY_SECONDS {
+        if iat > now.saturating_add(LEEWAY_SECONDS) {
             return Err(JwtError::IssuedInFuture);
         }
         if exp < iat {
@@ -317,7 +321,7 @@ impl Claims {
             Ok(())
         } else {
             Err(JwtError::QshMismatch {
-                canonical: request.as_str().to_owned(),
+                canonical: request.without_query_values(),
             })
         }
     }

@@ -20,7 +20,12 @@ const RFC3986: &AsciiSet = &NON_ALPHANUMERIC
 
 /// `METHOD&PATH&QUERY` as Atlassian defines it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CanonicalRequest(String);
+pub struct CanonicalRequest {
+    text: String,
+    /// Where QUERY starts in `text`: the method may hold a `&` (the CLI takes any), so the
+    /// parts are not found again by splitting.
+    query_start: usize,
+}
 
 impl CanonicalRequest {
     /// `path` is the request path as received (still percent-encoded), `query` the raw query
@@ -32,8 +37,12 @@ impl CanonicalRequest {
         out.push('&');
         push_canonical_path(&mut out, path, base_path);
         out.push('&');
+        let query_start = out.len();
         push_canonical_query(&mut out, query);
-        Self(out)
+        Self {
+            text: out,
+            query_start,
+        }
     }
 
     /// Splits a URL (absolute, or a path with optional query) and canonicalizes it relative to
@@ -57,12 +66,31 @@ impl CanonicalRequest {
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// The canonical request with every query value replaced by `…` (`GET&/p&id=…&q=…`):
+    /// what error messages and logs may show. Query values can be anything the caller put in
+    /// a URL (search terms, ids, tokens of other systems); method, path and parameter names
+    /// are enough to see why a `qsh` did not match (docs/PROTOCOL.md §9).
+    pub fn without_query_values(&self) -> String {
+        let (head, query) = self.text.split_at(self.query_start);
+        let mut out = String::with_capacity(self.text.len());
+        out.push_str(head);
+        // Encoded names hold neither `&` nor `=`, so the split is exact.
+        for (i, pair) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            out.push_str(pair.split_once('=').map_or(pair, |(name, _)| name));
+            out.push_str("=…");
+        }
+        out
     }
 
     /// Lower-case hex SHA-256 of the canonical request.
     pub fn qsh(&self) -> String {
-        let digest = Sha256::digest(self.0.as_bytes());
+        let digest = Sha256::digest(self.text.as_bytes());
         let mut hex = String::with_capacity(64);
         for byte in digest {
             let _ = write!(hex, "{byte:02x}");
@@ -72,7 +100,7 @@ impl CanonicalRequest {
 
     /// Compares with a claimed `qsh` without building the hex string.
     pub fn matches(&self, claimed: &str) -> bool {
-        let digest = Sha256::digest(self.0.as_bytes());
+        let digest = Sha256::digest(self.text.as_bytes());
         claimed.len() == 64
             && digest
                 .iter()
@@ -446,6 +474,24 @@ mod tests {
             CanonicalRequest::from_url("GET", "/installed?x=1", "").as_str(),
             "GET&/installed&x=1"
         );
+    }
+
+    #[test]
+    fn without_query_values_keeps_method_path_and_names_only() {
+        let shown = |method, path, query| {
+            CanonicalRequest::new(method, path, query, "").without_query_values()
+        };
+        assert_eq!(
+            shown(
+                "GET",
+                "/api/tenant",
+                "name=secretvalue123&ids=1&ids=2&jwt=x&e"
+            ),
+            "GET&/api/tenant&e=…&ids=…&name=…"
+        );
+        assert_eq!(shown("POST", "/installed", ""), "POST&/installed&");
+        // A method with `&` (the CLI takes any) does not shift the query.
+        assert_eq!(shown("A&B", "/p", "k=v"), "A&B&/p&k=…");
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct KeyService {
     failing: AtomicBool,
     delay_ms: AtomicU64,
     raw_bodies: Mutex<HashMap<String, String>>,
+    revoked: Mutex<std::collections::HashSet<String>>,
     fetches: Mutex<HashMap<String, u64>>,
     total_fetches: AtomicU64,
 }
@@ -45,6 +46,7 @@ impl KeyService {
             failing: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             raw_bodies: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(Default::default()),
             fetches: Mutex::new(HashMap::new()),
             total_fetches: AtomicU64::new(0),
         }
@@ -99,6 +101,12 @@ impl KeyService {
         Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
     }
 
+    /// Answers `404` for `kid` from now on, as Atlassian's server does for a revoked key
+    /// (the key itself stays in the ring, so tokens can still be signed with it).
+    pub fn revoke(&self, kid: &str) {
+        lock(&self.revoked).insert(kid.to_owned());
+    }
+
     fn answer(&self, kid: &str) -> HttpResponse {
         if self.failing.load(Ordering::SeqCst) {
             return HttpResponse::ServiceUnavailable()
@@ -111,7 +119,7 @@ impl KeyService {
                 .body(body.clone());
         }
         let ring = self.keyring.read().unwrap_or_else(PoisonError::into_inner);
-        match ring.get(kid) {
+        match ring.get(kid).filter(|_| !lock(&self.revoked).contains(kid)) {
             Some(key) => HttpResponse::Ok()
                 .content_type(PEM_CONTENT_TYPE)
                 .body(key.public_pem().to_owned()),
@@ -209,6 +217,11 @@ impl KeyServer {
     /// See [`KeyService::set_delay`].
     pub fn set_delay(&self, delay: Duration) {
         self.service.set_delay(delay);
+    }
+
+    /// See [`KeyService::revoke`].
+    pub fn revoke(&self, kid: &str) {
+        self.service.revoke(kid);
     }
 
     /// See [`KeyService::serve_raw`].

@@ -59,6 +59,8 @@ pub struct Options {
     env: Vec<(String, String)>,
     /// Vendor routes (in-process only).
     routes: Option<Routes>,
+    /// A Redis other than this binary's private one.
+    redis_url: Option<String>,
     /// A Redis prefix shared with other instances instead of a fresh one.
     redis_prefix: Option<String>,
     /// An install-key server shared with other instances instead of a fresh one.
@@ -71,6 +73,7 @@ impl Options {
             backend,
             env: Vec::new(),
             routes: None,
+            redis_url: None,
             redis_prefix: None,
             keys: None,
         }
@@ -93,9 +96,10 @@ impl Options {
         self.set("WARDEN_INSTALL_AUTH", "legacy")
     }
 
-    /// Shares `cluster`'s Redis prefix and install-key server.
+    /// Shares `cluster`'s Redis, prefix and install-key server.
     pub fn shared(mut self, cluster: &Cluster) -> Self {
         self.backend = Backend::Redis;
+        self.redis_url = Some(cluster.redis_url.clone());
         self.redis_prefix = Some(cluster.redis_prefix.clone());
         self.keys = Some(cluster.keys.clone());
         self
@@ -181,7 +185,11 @@ async fn prepare(options: &mut Options, bind: String) -> Prepared {
             .redis_prefix
             .take()
             .unwrap_or_else(redis_server::unique_prefix);
-        env.push(("WARDEN_REDIS_URL".into(), redis_server::redis_url().into()));
+        let url = options
+            .redis_url
+            .take()
+            .unwrap_or_else(|| redis_server::redis_url().into());
+        env.push(("WARDEN_REDIS_URL".into(), url));
         env.push(("WARDEN_REDIS_PREFIX".into(), prefix));
     }
     env.append(&mut options.env);
@@ -522,16 +530,23 @@ impl TestApp {
     }
 }
 
-/// What several instances share: the Redis (this binary's private server), a key prefix no
-/// other test uses, and the install-key server.
+/// What several instances share: the Redis (this binary's private server unless told
+/// otherwise), a key prefix no other test uses, and the install-key server.
 pub struct Cluster {
+    pub redis_url: String,
     pub redis_prefix: String,
     pub keys: Arc<KeyServer>,
 }
 
 impl Cluster {
     pub async fn new() -> Self {
+        Self::on(redis_server::redis_url()).await
+    }
+
+    /// Instances on the Redis at `redis_url` (e.g. a test's own [`redis_server::OwnRedis`]).
+    pub async fn on(redis_url: &str) -> Self {
         Self {
+            redis_url: redis_url.to_owned(),
             redis_prefix: redis_server::unique_prefix(),
             keys: start_key_server().await,
         }

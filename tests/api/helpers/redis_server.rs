@@ -230,6 +230,136 @@ fn cluster_state_ok(port: u16) -> bool {
     info.lines().any(|l| l.trim() == "cluster_state:ok")
         && info.lines().any(|l| l.trim() == "cluster_slots_ok:16384")
         && info.lines().any(|l| l.trim() == "cluster_known_nodes:3")
+        && all_links_connected(port)
+}
+
+/// Whether this node's cluster-bus links to every other node are up: until they are, a
+/// `PUBLISH` on this node is not forwarded to the nodes it has no link to yet.
+fn all_links_connected(port: u16) -> bool {
+    let Ok(output) = Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "cluster",
+            "nodes",
+        ])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return false;
+    };
+    let nodes = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = nodes.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.len() == 3 && lines.iter().all(|l| l.contains(" connected"))
+}
+
+/// A `redis-server` owned by one test, which may kill it (`SIGKILL`, as a crash) and start it
+/// again on the same port with the same data: an append-only file synced on every write, so a
+/// kill loses nothing. Each incarnation runs under a wrapper shell, as [`server`]'s does, which
+/// stops it when its stdin closes (this value dropped, or the test process gone).
+pub struct OwnRedis {
+    pub url: String,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    running: Option<Incarnation>,
+}
+
+struct Incarnation {
+    /// The wrapper shell; its stdin is what keeps the server up.
+    wrapper: Child,
+    /// The `redis-server` process itself, as the wrapper reported it.
+    pid: u32,
+}
+
+impl OwnRedis {
+    /// Starts a new server on a free loopback port.
+    pub fn start() -> Self {
+        let mut redis = Self {
+            url: String::new(),
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            running: None,
+        };
+        redis.url = format!("redis://127.0.0.1:{}", redis.port);
+        redis.restart();
+        redis
+    }
+
+    /// Kills the server with `SIGKILL` and waits until it is gone: every connection to it is
+    /// reset, nothing answers on its port.
+    pub fn kill(&mut self) {
+        let Some(mut incarnation) = self.running.take() else {
+            return;
+        };
+        let status = Command::new("kill")
+            .args(["-KILL", &incarnation.pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -KILL {} failed", incarnation.pid);
+        // Closing its stdin lets the wrapper reap the server and exit.
+        drop(incarnation.wrapper.stdin.take());
+        let _ = incarnation.wrapper.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ping(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server still answers after kill"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the server again on the same port and data; returns once it answers `PING`.
+    pub fn restart(&mut self) {
+        assert!(self.running.is_none(), "the server is running");
+        let script = r#"redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always --dir "$2" --logfile "$2/redis.log" &
+pid=$!
+echo "$pid"
+cat >/dev/null
+kill "$pid" 2>/dev/null
+wait "$pid" 2>/dev/null"#;
+        let mut wrapper = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(self.port.to_string())
+            .arg(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(wrapper.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let pid = line.trim().parse().expect("the wrapper reports the pid");
+        // From here on, a failure drops the incarnation with `self`: the server stops.
+        self.running = Some(Incarnation { wrapper, pid });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s; its log:\n{}",
+                self.port,
+                std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut incarnation) = self.running.take() {
+            drop(incarnation.wrapper.stdin.take());
+            let _ = incarnation.wrapper.wait();
+        }
+    }
 }
 
 /// One `redis-server` process that a test may kill (`kill -9`) and start again on the same
