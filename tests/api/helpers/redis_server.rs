@@ -255,6 +255,29 @@ fn all_links_connected(port: u16) -> bool {
     lines.len() == 3 && lines.iter().all(|l| l.contains(" connected"))
 }
 
+/// Runs `script` under `sh` with `args`; the script starts a server, prints its pid on the
+/// first line of its output, and stops it when its stdin closes. Returns the wrapper and the pid.
+fn spawn_wrapper(script: &str, args: &[&std::ffi::OsStr]) -> (Child, u32) {
+    let mut wrapper = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sh runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(wrapper.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid = line.trim().parse().expect("the wrapper reports the pid");
+    (wrapper, pid)
+}
+
 /// A `redis-server` owned by one test, which may kill it (`SIGKILL`, as a crash) and start it
 /// again on the same port with the same data: an append-only file synced on every write, so a
 /// kill loses nothing. Each incarnation runs under a wrapper shell, as [`server`]'s does, which
@@ -320,24 +343,8 @@ echo "$pid"
 cat >/dev/null
 kill "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null"#;
-        let mut wrapper = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .arg(self.port.to_string())
-            .arg(self.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh runs");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(wrapper.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let pid = line.trim().parse().expect("the wrapper reports the pid");
+        let port = self.port.to_string();
+        let (wrapper, pid) = spawn_wrapper(script, &[port.as_ref(), self.dir.path().as_os_str()]);
         // From here on, a failure drops the incarnation with `self`: the server stops.
         self.running = Some(Incarnation { wrapper, pid });
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -388,25 +395,10 @@ echo "$pid"
 cat >/dev/null
 kill -9 "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null"#;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .arg(port.to_string())
-            .arg(dir)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh runs");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let pid: u32 = line.trim().parse().expect("the wrapper prints the pid");
+        let port_arg = port.to_string();
+        let mut wrapper_args: Vec<&std::ffi::OsStr> = vec![port_arg.as_ref(), dir.as_os_str()];
+        wrapper_args.extend(args.iter().map(|a| std::ffi::OsStr::new(a.as_str())));
+        let (child, pid) = spawn_wrapper(script, &wrapper_args);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ping(port) {
             assert!(
