@@ -26,6 +26,11 @@ pub const OAUTH_TOKEN_URL: &str =
     "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";
 
 /// The descriptor shipped with the binary, used when no template file is found on disk.
+/// Upper bound of `WARDEN_REDIS_WAIT_TIMEOUT_MS`: the host expects a quick answer to a
+/// lifecycle callback, and a Redis command of the store times out after 2 s.
+pub const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
+/// Upper bound of `WARDEN_REDIS_MIN_REPLICAS` (a sanity bound, not a Redis limit).
+pub const MAX_MIN_REPLICAS: u32 = 16;
 pub const BUNDLED_DESCRIPTOR: &str = include_str!("../atlassian-connect.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +53,11 @@ pub struct Settings {
     pub redis_cluster: bool,
     /// Prefix of every Redis key and the invalidation channel; lets several apps share a Redis.
     pub redis_prefix: String,
+    /// Replicas that must confirm a lifecycle write (`WAIT`) before it is acknowledged; 0: off
+    /// (docs/PROTOCOL.md §10).
+    pub redis_min_replicas: u32,
+    /// How long a write waits for those replicas before the callback answers `503`.
+    pub redis_wait_timeout: Duration,
     pub data_dir: PathBuf,
     pub keys_url: Option<BaseUrl>,
     pub product_hosts: Vec<HostPattern>,
@@ -165,6 +175,8 @@ struct Raw {
     redis_url: Option<String>,
     redis_cluster: Option<String>,
     redis_prefix: Option<String>,
+    redis_min_replicas: Option<String>,
+    redis_wait_timeout_ms: Option<String>,
     data_dir: Option<String>,
     keys_url: Option<String>,
     product_hosts: Option<List>,
@@ -352,6 +364,41 @@ impl Settings {
                 ))
             }
         };
+        let whole = |name: &'static str, value: Option<String>, default: u64| {
+            value.map_or(Ok(default), |v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad(name, format!("{v:?} is not a whole number")))
+            })
+        };
+        let redis_min_replicas = whole("WARDEN_REDIS_MIN_REPLICAS", raw.redis_min_replicas, 0)?;
+        let redis_min_replicas = u32::try_from(redis_min_replicas)
+            .ok()
+            .filter(|n| *n <= MAX_MIN_REPLICAS)
+            .ok_or_else(|| {
+                bad(
+                    "WARDEN_REDIS_MIN_REPLICAS",
+                    format!("{redis_min_replicas} is more than the maximum of {MAX_MIN_REPLICAS}"),
+                )
+            })?;
+        if redis_min_replicas > 0 && redis_url.is_none() {
+            return Err(bad(
+                "WARDEN_REDIS_MIN_REPLICAS",
+                "replicas are a Redis feature: set WARDEN_REDIS_URL too",
+            ));
+        }
+        // Bounded so that a callback waiting for replicas still answers the host quickly.
+        let wait_ms = whole(
+            "WARDEN_REDIS_WAIT_TIMEOUT_MS",
+            raw.redis_wait_timeout_ms,
+            500,
+        )?;
+        if !(1..=MAX_WAIT_TIMEOUT_MS).contains(&wait_ms) {
+            return Err(bad(
+                "WARDEN_REDIS_WAIT_TIMEOUT_MS",
+                format!("{wait_ms} is not between 1 and {MAX_WAIT_TIMEOUT_MS} milliseconds"),
+            ));
+        }
         if redis_cluster && redis_url.is_none() {
             return Err(bad(
                 "WARDEN_REDIS_CLUSTER",
@@ -372,6 +419,8 @@ impl Settings {
             redis_url,
             redis_cluster,
             redis_prefix,
+            redis_min_replicas,
+            redis_wait_timeout: Duration::from_millis(wait_ms),
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
             keys_url,
             product_hosts,
@@ -500,6 +549,8 @@ mod tests {
         assert!(s.allowed_base_urls.is_empty());
         assert!(s.redis_url.is_none());
         assert!(!s.redis_cluster);
+        assert_eq!(s.redis_min_replicas, 0);
+        assert_eq!(s.redis_wait_timeout, Duration::from_millis(500));
         assert_eq!(s.data_dir, PathBuf::from("./data"));
         assert!(s.keys_url.is_none());
         assert_eq!(s.install_auth, InstallAuth::Signed);
@@ -590,6 +641,10 @@ mod tests {
             ("WARDEN_BODY_TIMEOUT_SECONDS", "0"),
             ("WARDEN_BODY_TIMEOUT_SECONDS", "-1"),
             ("WARDEN_BODY_TIMEOUT_SECONDS", "61"),
+            ("WARDEN_REDIS_MIN_REPLICAS", "two"),
+            ("WARDEN_REDIS_MIN_REPLICAS", "1"),
+            ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "0"),
+            ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1501"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");
@@ -615,6 +670,21 @@ mod tests {
         let err =
             Settings::from_sources(None, env(&[("WARDEN_REDIS_CLUSTER", "true")])).unwrap_err();
         assert_eq!(err.name, "WARDEN_REDIS_CLUSTER", "{err}");
+    }
+
+    #[test]
+    fn replicas_to_wait_for_need_redis() {
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_REDIS_URL", "redis://10.0.0.1:6379"),
+                ("WARDEN_REDIS_MIN_REPLICAS", "2"),
+                ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1500"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.redis_min_replicas, 2);
+        assert_eq!(s.redis_wait_timeout, Duration::from_millis(1500));
     }
 
     #[test]

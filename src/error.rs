@@ -42,7 +42,7 @@ pub enum ApiError {
     /// 408: the body did not arrive in full within `WARDEN_BODY_TIMEOUT_SECONDS`.
     #[error("the request body was not received within {seconds} s")]
     BodyTimeout { seconds: u64 },
-    /// 503
+    /// 503 (unavailable, or a write not confirmed by enough replicas), 500 (corrupt)
     #[error(transparent)]
     Store(#[from] StoreError),
     /// 401 or 503 depending on whether the key server answered.
@@ -122,7 +122,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) | ApiError::Store(StoreError::Unavailable(_)) => {
+            ApiError::Unavailable(_)
+            | ApiError::Store(StoreError::Unavailable(_) | StoreError::NotReplicated { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Store(StoreError::Corrupt(_)) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -18,7 +18,7 @@ use crate::lifecycle::apply::Applier;
 use crate::lifecycle::LifecycleContext;
 use crate::routes;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::redis::RedisStore;
+use crate::store::redis::{RedisStore, Replication};
 use crate::store::SharedStore;
 use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
@@ -46,6 +46,10 @@ pub struct AppState {
 
 impl AppState {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let replication = Some(Replication {
+            min_replicas: settings.redis_min_replicas,
+            timeout: settings.redis_wait_timeout,
+        });
         let store: SharedStore = match &settings.redis_url {
             Some(urls) if settings.redis_cluster => Arc::new(
                 RedisStore::connect_cluster(
@@ -53,12 +57,14 @@ impl AppState {
                     &settings.redis_prefix,
                 )
                 .await
-                .context("cannot set up the Redis Cluster store (WARDEN_REDIS_URL)")?,
+                .context("cannot set up the Redis Cluster store (WARDEN_REDIS_URL)")?
+                .with_replication(replication),
             ),
             Some(url) => Arc::new(
                 RedisStore::connect(url.expose_secret(), &settings.redis_prefix)
                     .await
-                    .context("cannot set up the Redis store (WARDEN_REDIS_URL)")?,
+                    .context("cannot set up the Redis store (WARDEN_REDIS_URL)")?
+                    .with_replication(replication),
             ),
             None => Arc::new(EmbeddedStore::open(&settings.data_dir).with_context(|| {
                 format!(

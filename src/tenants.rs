@@ -204,7 +204,9 @@ impl std::error::Error for SharedStoreError {
 
 fn unshare(error: Arc<StoreError>) -> StoreError {
     match &*error {
-        StoreError::Unavailable(_) => StoreError::unavailable(SharedStoreError(error)),
+        StoreError::Unavailable(_) | StoreError::NotReplicated { .. } => {
+            StoreError::unavailable(SharedStoreError(error))
+        }
         StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
     }
 }

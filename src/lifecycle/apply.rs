@@ -101,6 +101,13 @@ impl Applier<'_> {
                 }
                 _ => Vec::new(),
             };
+            // A retry of a callback already applied writes nothing, yet it must not be
+            // acknowledged before what the first attempt wrote is durable: that attempt may
+            // have been refused for want of replicas (docs/PROTOCOL.md §10). Last, so that it
+            // also covers the site step's writes.
+            if let (Some(seen), Some(_), None) = (&auth.seen, seen_body, &decision.write) {
+                self.store.reconfirm(&payload.client_key, seen).await?;
+            }
             if written || !superseded.is_empty() {
                 self.tenants.invalidate(&payload.client_key).await;
             }

@@ -24,6 +24,10 @@ pub enum StoreError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the installation store holds a record it cannot read: {0}")]
     Corrupt(String),
+    /// The primary wrote it, but fewer replicas than required confirmed it in time
+    /// (docs/PROTOCOL.md §10): not acknowledged, though it may still exist and replicate.
+    #[error("the write reached {confirmed} of the {required} Redis replicas required (WARDEN_REDIS_MIN_REPLICAS) in time; it may still exist on the primary: retry")]
+    NotReplicated { confirmed: u64, required: u32 },
 }
 
 impl StoreError {
@@ -253,7 +257,19 @@ pub trait InstallationStore: Send + Sync + 'static {
         token_digest: &[u8; 32],
     ) -> Result<Option<[u8; 32]>, StoreError>;
 
+    /// Commits and site indexing are acknowledged only once durable as configured (Redis:
+    /// replicated to `WARDEN_REDIS_MIN_REPLICAS` replicas, else
+    /// [`StoreError::NotReplicated`]).
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError>;
+
+    /// A callback retried with a token already accepted (`token`): makes sure what the first
+    /// attempt wrote for `client_key` is as durable as a commit before the retry is
+    /// acknowledged (docs/PROTOCOL.md §10). A store that acknowledges every write durably has
+    /// nothing to do.
+    async fn reconfirm(&self, client_key: &ClientKey, token: &SeenToken) -> Result<(), StoreError> {
+        let _ = (client_key, token);
+        Ok(())
+    }
 
     /// Records that `client_key` was installed on the site at `base_url`. Idempotent: the
     /// first call fixes its position in the site's order.
@@ -346,6 +362,9 @@ pub(crate) mod testing {
         async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
             self.commits.fetch_add(1, Ordering::SeqCst);
             self.inner.commit(commit).await
+        }
+        async fn reconfirm(&self, c: &ClientKey, t: &SeenToken) -> Result<(), StoreError> {
+            self.inner.reconfirm(c, t).await
         }
         async fn index_site(&self, b: &BaseUrl, c: &ClientKey) -> Result<(), StoreError> {
             self.inner.index_site(b, c).await

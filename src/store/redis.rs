@@ -19,6 +19,13 @@
 //! touches one slot (a tenant's keys share one; a site index is a key of its own), so the
 //! commit script and the `load` transaction stay single-slot. `PUBLISH` reaches every node of
 //! a cluster, so a subscriber on any node hears every commit. Listings `SCAN` every primary.
+//!
+//! With [`Replication`] (`WARDEN_REDIS_MIN_REPLICAS` ≥ 1) every write is followed by `WAIT`
+//! on the very connection that wrote it (in a cluster: routed to the primary owning the key
+//! just written) and is acknowledged only when enough replicas confirmed it
+//! (docs/PROTOCOL.md §10). `WAIT` blocks the connection it runs on, so in a cluster such
+//! writes take a connection of their own ([`ClusterBackend::writer`]) instead of the shared
+//! one every read uses.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -31,7 +38,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
-use super::{Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, StoreError};
+use super::{
+    Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, SeenToken, StoreError,
+};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
 /// How long to wait for a connection from the pool, for a new connection, or for an answer.
@@ -88,7 +97,19 @@ pub struct RedisStore {
     backend: Backend,
     prefix: String,
     commit_script: Script,
+    replication: Option<Replication>,
 }
+
+/// How many replicas must confirm a write before it is acknowledged, and how long `WAIT`
+/// may take for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replication {
+    pub min_replicas: u32,
+    pub timeout: Duration,
+}
+
+/// At most this many cluster connections are reserved for writes that `WAIT`.
+const CLUSTER_WRITERS: usize = 8;
 
 /// Where commands go: one Redis (a pool of connections) or a Redis Cluster.
 enum Backend {
@@ -102,6 +123,16 @@ enum Backend {
 struct ClusterBackend {
     client: ClusterClient,
     connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// Idle connections of writes that `WAIT`, and how many may exist at once.
+    writers: std::sync::Mutex<Vec<ClusterConnection>>,
+    writer_permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// A cluster connection held by one write until it is handed back (once its commands were
+/// answered; a connection whose command failed is dropped, the next write opens a fresh one).
+struct Writer {
+    connection: ClusterConnection,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ClusterBackend {
@@ -126,6 +157,43 @@ impl ClusterBackend {
         })?
     }
 
+    /// A cluster connection no other request uses until [`give_back`](Self::give_back):
+    /// a `WAIT` on it blocks only this write.
+    async fn writer(&self) -> Result<Writer, StoreError> {
+        let attempt = async {
+            let permit = self
+                .writer_permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(StoreError::unavailable)?;
+            let idle = self.writers.lock().ok().and_then(|mut idle| idle.pop());
+            let connection = match idle {
+                Some(connection) => connection,
+                None => self
+                    .client
+                    .get_async_connection()
+                    .await
+                    .map_err(StoreError::unavailable)?,
+            };
+            Ok(Writer {
+                connection,
+                _permit: permit,
+            })
+        };
+        tokio::time::timeout(TIMEOUT, attempt).await.map_err(|_| {
+            StoreError::unavailable(ConfigError(format!(
+                "no connection to the Redis Cluster within {TIMEOUT:?}"
+            )))
+        })?
+    }
+
+    fn give_back(&self, writer: Writer) {
+        if let Ok(mut idle) = self.writers.lock() {
+            idle.push(writer.connection);
+        }
+    }
+
     /// After a connection-level failure the next command opens a fresh cluster connection.
     fn forget_connection(&self) {
         if let Ok(mut cached) = self.connection.try_lock() {
@@ -138,6 +206,8 @@ impl ClusterBackend {
 enum Conn {
     Single(deadpool_redis::Connection),
     Cluster(ClusterConnection),
+    /// A cluster connection of one write ([`ClusterBackend::writer`]).
+    Writer(Writer),
 }
 
 impl ConnectionLike for Conn {
@@ -145,6 +215,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Writer(w) => w.connection.req_packed_command(cmd),
         }
     }
 
@@ -157,6 +228,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Writer(w) => w.connection.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -164,6 +236,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Writer(w) => w.connection.get_db(),
         }
     }
 }
@@ -211,6 +284,7 @@ impl RedisStore {
             backend: Backend::Single(pool),
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
+            replication: None,
         })
     }
 
@@ -251,10 +325,26 @@ impl RedisStore {
             backend: Backend::Cluster(Box::new(ClusterBackend {
                 client,
                 connection: tokio::sync::Mutex::new(None),
+                writers: std::sync::Mutex::new(Vec::new()),
+                writer_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(CLUSTER_WRITERS)),
             })),
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
+            replication: None,
         })
+    }
+
+    /// Every write is acknowledged only once `replication.min_replicas` replicas confirmed it
+    /// (`WAIT`); `None` or zero replicas: as soon as the primary wrote it.
+    pub fn with_replication(mut self, replication: Option<Replication>) -> Self {
+        // `WAIT n 0` would block until a replica confirms: never wait less than 1 ms.
+        self.replication = replication
+            .filter(|r| r.min_replicas > 0)
+            .map(|r| Replication {
+                timeout: r.timeout.max(Duration::from_millis(1)),
+                ..r
+            });
+        self
     }
 
     /// Whether this store speaks to a Redis Cluster.
@@ -305,6 +395,59 @@ impl RedisStore {
         }
     }
 
+    /// The connection of a write: with replication required in a cluster, one of its own, so
+    /// that its `WAIT` neither blocks nor is answered for other requests.
+    async fn write_conn(&self) -> Result<Conn, StoreError> {
+        match (&self.backend, self.replication) {
+            (Backend::Cluster(cluster), Some(_)) => cluster.writer().await.map(Conn::Writer),
+            _ => self.conn().await,
+        }
+    }
+
+    /// Ends a write on `conn`: with replication required, `WAIT`s on that same connection (in
+    /// a cluster, on the primary owning `key`, the key just written) until enough replicas
+    /// confirmed every write it made. Then hands a cluster writer connection back.
+    async fn confirm_write(&self, mut conn: Conn, key: &str) -> Result<(), StoreError> {
+        let Some(replication) = self.replication else {
+            return Ok(());
+        };
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replication.min_replicas)
+            .arg(replication.timeout.as_millis() as u64);
+        let reply = match &mut conn {
+            Conn::Single(c) => wait.query_async::<Value>(c).await,
+            Conn::Cluster(c) => {
+                route_to_primary(c, wait, Route::with_key(key, SlotAddr::Master)).await
+            }
+            Conn::Writer(w) => {
+                route_to_primary(
+                    &mut w.connection,
+                    wait,
+                    Route::with_key(key, SlotAddr::Master),
+                )
+                .await
+            }
+        }
+        .map_err(|e| self.redis_error(e))?;
+        let confirmed: u64 =
+            redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
+        self.release(conn);
+        if confirmed < u64::from(replication.min_replicas) {
+            return Err(StoreError::NotReplicated {
+                confirmed,
+                required: replication.min_replicas,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hands a cluster writer connection that answered back for the next write.
+    fn release(&self, conn: Conn) {
+        if let (Backend::Cluster(cluster), Conn::Writer(writer)) = (&self.backend, conn) {
+            cluster.give_back(writer);
+        }
+    }
+
     /// Classifies a command's error; in cluster mode a connection-level failure also drops
     /// the cluster connection, so the next command starts afresh.
     fn redis_error(&self, e: RedisError) -> StoreError {
@@ -313,6 +456,7 @@ impl RedisStore {
                 || e.is_connection_dropped()
                 || e.is_timeout()
                 || e.is_unrecoverable_error()
+                || stale_topology(&e)
             {
                 cluster.forget_connection();
             }
@@ -340,16 +484,11 @@ impl RedisStore {
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
             let reply = match (slot, &mut *conn) {
-                (Some(slot), Conn::Cluster(c)) => c
-                    .route_command(
-                        scan,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-                            slot,
-                            SlotAddr::Master,
-                        ))),
-                    )
-                    .await
-                    .map_err(|e| self.redis_error(e))?,
+                (Some(slot), Conn::Cluster(c)) => {
+                    route_to_primary(c, scan, Route::new(slot, SlotAddr::Master))
+                        .await
+                        .map_err(|e| self.redis_error(e))?
+                }
                 _ => scan
                     .query_async::<Value>(&mut *conn)
                     .await
@@ -375,6 +514,42 @@ impl RedisStore {
             cursor = next;
         }
     }
+}
+
+/// Whether `e` says that the slot map a cluster connection follows is out of date (after a
+/// failover): redis-rs follows a plain `MOVED` itself, but not one inside a transaction (the
+/// `load` reads), which comes back as `EXECABORT`, so the connection would stay stale.
+fn stale_topology(e: &RedisError) -> bool {
+    use redis::ServerErrorKind as Kind;
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors.iter().any(|(_, error)| {
+            matches!(
+                error.kind(),
+                Some(
+                    Kind::Moved
+                        | Kind::Ask
+                        | Kind::TryAgain
+                        | Kind::ClusterDown
+                        | Kind::MasterDown
+                        | Kind::ReadOnly
+                )
+            )
+        })
+    })
+}
+
+/// Sends `cmd` to the node of `route` (a slot's primary).
+async fn route_to_primary(
+    connection: &mut ClusterConnection,
+    cmd: Cmd,
+    route: Route,
+) -> redis::RedisResult<Value> {
+    connection
+        .route_command(
+            cmd,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+        )
+        .await
 }
 
 fn check_prefix(prefix: &str) -> Result<(), StoreError> {
@@ -582,16 +757,38 @@ impl InstallationStore for RedisStore {
             invocation.arg(secret.as_str());
         }
 
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let written: i64 = invocation
             .invoke_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
-        Ok(if written == 1 {
-            CommitOutcome::Committed
-        } else {
-            CommitOutcome::Conflict
-        })
+        if written != 1 {
+            self.release(conn);
+            return Ok(CommitOutcome::Conflict);
+        }
+        self.confirm_write(conn, &self.installation_key(client_key))
+            .await?;
+        Ok(CommitOutcome::Committed)
+    }
+
+    async fn reconfirm(&self, client_key: &ClientKey, token: &SeenToken) -> Result<(), StoreError> {
+        if self.replication.is_none() {
+            return Ok(());
+        }
+        // Writing the token key again (same value, same expiry) moves this connection's
+        // replication offset past every earlier write of this primary, so the `WAIT` that
+        // follows covers the first attempt's writes too.
+        let key = self.token_key(client_key, &token.token_digest);
+        let mut conn = self.write_conn().await?;
+        let _: Value = redis::cmd("SET")
+            .arg(&key)
+            .arg(hex::encode(token.body_digest))
+            .arg("EXAT")
+            .arg(token.expires_at)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        self.confirm_write(conn, &key).await
     }
 
     async fn index_site(
@@ -599,20 +796,21 @@ impl InstallationStore for RedisStore {
         base_url: &BaseUrl,
         client_key: &ClientKey,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         // The first indexing fixes the position (NX); ties sort by clientKey, the same for all.
         let first_indexed_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let site_key = self.site_key(base_url);
         let _: i64 = redis::cmd("ZADD")
-            .arg(self.site_key(base_url))
+            .arg(&site_key)
             .arg("NX")
             .arg(first_indexed_ms)
             .arg(client_key.as_str())
             .query_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
-        Ok(())
+        self.confirm_write(conn, &site_key).await
     }
 
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
@@ -641,7 +839,9 @@ impl InstallationStore for RedisStore {
         let mut conn = self.conn().await?;
         let mut found = BTreeSet::new();
         match &mut conn {
-            Conn::Single(_) => self.scan_into(&mut conn, None, &mut found).await?,
+            Conn::Single(_) | Conn::Writer(_) => {
+                self.scan_into(&mut conn, None, &mut found).await?
+            }
             Conn::Cluster(cluster) => {
                 // Every primary holds its own slots: SCAN each of them.
                 let reply = cluster

@@ -16,6 +16,7 @@ mod limits;
 mod logging;
 mod ordering;
 mod product_requests;
+mod replication;
 mod service;
 mod site_import;
 mod store;
