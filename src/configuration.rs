@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use connect_protocol::domain::{BaseUrl, HostPattern};
 
+use crate::store::sealing::KeyRing;
+
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
@@ -58,6 +60,10 @@ pub struct Settings {
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
     pub key_fetch_timeout: Duration,
+    /// Keys that seal shared secrets at rest (`WARDEN_SECRET_KEYS`); empty: plaintext.
+    pub secret_keys: KeyRing,
+    /// Refuse to start without `secret_keys` (`WARDEN_REQUIRE_ENCRYPTION`).
+    pub require_encryption: bool,
 }
 
 impl Settings {
@@ -127,6 +133,8 @@ struct Raw {
     descriptor: Option<String>,
     secret_cache_ttl_seconds: Option<String>,
     key_fetch_timeout_seconds: Option<String>,
+    secret_keys: Option<List>,
+    require_encryption: Option<String>,
 }
 
 impl Settings {
@@ -275,27 +283,19 @@ impl Settings {
             .redis_url
             .filter(|u| !u.trim().is_empty())
             .map(SecretString::from);
-        let redis_cluster = match raw
-            .redis_cluster
-            .as_deref()
-            .map(|v| v.trim().to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("") | Some("false") | Some("0") | Some("no") => false,
-            Some("true") | Some("1") | Some("yes") => true,
-            Some(other) => {
-                return Err(bad(
-                    "WARDEN_REDIS_CLUSTER",
-                    format!("{other:?} is neither \"true\" nor \"false\""),
-                ))
-            }
-        };
+        let redis_cluster = boolean("WARDEN_REDIS_CLUSTER", raw.redis_cluster.as_deref())?;
         if redis_cluster && redis_url.is_none() {
             return Err(bad(
                 "WARDEN_REDIS_CLUSTER",
                 "a Redis Cluster needs its seed node URLs in WARDEN_REDIS_URL",
             ));
         }
+        let secret_keys = KeyRing::parse(&raw.secret_keys.map(|l| l.items()).unwrap_or_default())
+            .map_err(|e| bad("WARDEN_SECRET_KEYS", e))?;
+        let require_encryption = boolean(
+            "WARDEN_REQUIRE_ENCRYPTION",
+            raw.require_encryption.as_deref(),
+        )?;
         Ok(Self {
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -328,7 +328,21 @@ impl Settings {
                 5,
                 60,
             )?,
+            secret_keys,
+            require_encryption,
         })
+    }
+}
+
+/// A boolean setting: `true`/`1`/`yes` or `false`/`0`/`no` (unset or empty: false).
+fn boolean(name: &'static str, value: Option<&str>) -> Result<bool, SettingsError> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
+        Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some(other) => Err(bad(
+            name,
+            format!("{other:?} is neither \"true\" nor \"false\""),
+        )),
     }
 }
 
@@ -359,6 +373,28 @@ mod tests {
         assert!(s.host_allowed("x.jira-dev.com"));
         assert!(!s.host_allowed("evil.example.com"));
         assert!(!s.app_key.is_empty());
+        assert!(s.secret_keys.is_empty());
+        assert!(!s.require_encryption);
+    }
+
+    #[test]
+    fn secret_keys_are_a_ring_whose_debug_hides_the_keys() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_SECRET_KEYS", &format!("new:{key}, old:{key}")),
+                ("WARDEN_REQUIRE_ENCRYPTION", "true"),
+            ]),
+        )
+        .unwrap();
+        let ids: Vec<&str> = s.secret_keys.ids().map(|id| id.as_str()).collect();
+        assert_eq!(ids, ["new", "old"]);
+        assert!(s.require_encryption);
+        assert!(!format!("{s:?}").contains(key));
+        let err =
+            Settings::from_sources(None, env(&[("WARDEN_SECRET_KEYS", "new:short")])).unwrap_err();
+        assert_eq!(err.name, "WARDEN_SECRET_KEYS");
     }
 
     #[test]
@@ -396,6 +432,8 @@ mod tests {
             ("WARDEN_PRODUCT_HOSTS", "a/b"),
             ("WARDEN_KEYS_URL", "not a url"),
             ("WARDEN_REDIS_CLUSTER", "maybe"),
+            ("WARDEN_SECRET_KEYS", "a:c2hvcnQ="),
+            ("WARDEN_REQUIRE_ENCRYPTION", "maybe"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -39,7 +39,7 @@ pub enum ApiError {
     /// 413
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    /// 503
+    /// 503 when unavailable; 500 for a record it cannot read or whose secret does not open
     #[error(transparent)]
     Store(#[from] StoreError),
     /// 401 or 503 depending on whether the key server answered.
@@ -121,7 +121,9 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Store(StoreError::Unavailable(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Store(StoreError::Corrupt(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Store(StoreError::Corrupt(_) | StoreError::Unsealable(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::InstallKey(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InstallKey(_) => StatusCode::UNAUTHORIZED,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,

@@ -183,6 +183,7 @@ fn unshare(error: Arc<StoreError>) -> StoreError {
     match &*error {
         StoreError::Unavailable(_) => StoreError::unavailable(SharedStoreError(error)),
         StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
+        StoreError::Unsealable(what) => StoreError::Unsealable(what.clone()),
     }
 }
 

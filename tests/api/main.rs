@@ -14,6 +14,7 @@ mod lifecycle;
 mod logging;
 mod ordering;
 mod product_requests;
+mod secrets_at_rest;
 mod service;
 mod site_import;
 mod store;
