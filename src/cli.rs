@@ -17,7 +17,7 @@ use connect_protocol::qsh::CanonicalRequest;
 site that installs the app, verifies each callback (Atlassian's RS256 signed installs, HS256 tenant tokens), keeps one \
 shared secret per installation with its history, and authenticates the requests the sites send.\n\n\
 Settings come from an optional TOML file named by WARDEN_CONFIG, overridden by WARDEN_* environment variables \
-(WARDEN_BIND, WARDEN_BASE_URL, WARDEN_REDIS_URL, WARDEN_DATA_DIR, ...; see README.md). Without WARDEN_REDIS_URL the \
+(WARDEN_BIND, WARDEN_BASE_URL, WARDEN_REDIS_URL, WARDEN_DATA_DIR, WARDEN_SECRET_KEYS, ...; see README.md). Without WARDEN_REDIS_URL the \
 embedded store under WARDEN_DATA_DIR is used. Log level: RUST_LOG (default info); WARDEN_LOG_FORMAT=json for JSON lines."
 )]
 pub struct Cli {

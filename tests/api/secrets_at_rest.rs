@@ -403,14 +403,27 @@ fn required_encryption_without_a_key_refuses_to_start() {
                 command.env_remove(var);
             }
         }
-        command
+        let mut child = command
             .arg("serve")
             .args(args)
             .env("WARDEN_BIND", "127.0.0.1:0")
             .env("WARDEN_DATA_DIR", dir.path())
             .envs(env.iter().copied())
-            .output()
-            .unwrap()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A service that starts anyway would never exit: stop it and fail.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("warden serve {args:?} {env:?} started without a key");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
     };
     for out in [
         serve(&["--require-encryption"], &[]),
