@@ -13,14 +13,14 @@ use connect_protocol::domain::SharedSecret;
 use connect_protocol::jwt::{self, Claims, Token};
 use connect_protocol::qsh::CanonicalRequest;
 use connect_warden::guard::{self, RequestLine};
-use connect_warden::secrets;
+use connect_warden::secrets::{self, SecretVersion};
 use connect_warden::store::Installation;
 
 const SECRET: &str = "a-shared-secret-of-realistic-length-0123456789-abcdefghij";
 const CLIENT_KEY: &str = "jira:5b9c7a3e-2f1d-4c8b-9e6a-0d4f3b2a1c7e";
 
 fn installation(now: i64) -> Installation {
-    serde_json::from_value(serde_json::json!({
+    let mut installation: Installation = serde_json::from_value(serde_json::json!({
         "client_key": CLIENT_KEY,
         "base_url": "https://acme.atlassian.net",
         "product_type": "jira",
@@ -29,13 +29,21 @@ fn installation(now: i64) -> Installation {
         "last_event_iat": now - 3600,
         "installed_at": now - 3600,
         "updated_at": now - 3600,
-        "secrets": [
-            {"secret": "the-previous-secret-0123456789", "since": now - 7200},
-            {"secret": SECRET, "since": now - 3600}
-        ],
         "version": 2
     }))
-    .expect("a valid installation")
+    .expect("a valid installation");
+    installation.secrets = [
+        ("the-previous-secret-0123456789", now - 7200),
+        (SECRET, now - 3600),
+    ]
+    .into_iter()
+    .map(|(secret, since)| SecretVersion {
+        secret: SharedSecret::parse(secret).unwrap(),
+        since,
+        signed: false,
+    })
+    .collect();
+    installation
 }
 
 /// A token as Jira sends it on a REST call or iframe load.

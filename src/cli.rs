@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 use crate::configuration::Settings;
 use crate::startup::Application;
+use crate::store::sealing::{self, Sealer};
 use connect_protocol::domain::BaseUrl;
 use connect_protocol::qsh::CanonicalRequest;
 
@@ -16,7 +17,7 @@ use connect_protocol::qsh::CanonicalRequest;
 site that installs the app, verifies each callback (Atlassian's RS256 signed installs, HS256 tenant tokens), keeps one \
 shared secret per installation with its history, and authenticates the requests the sites send.\n\n\
 Settings come from an optional TOML file named by WARDEN_CONFIG, overridden by WARDEN_* environment variables \
-(WARDEN_BIND, WARDEN_BASE_URL, WARDEN_REDIS_URL, WARDEN_DATA_DIR, ...; see README.md). Without WARDEN_REDIS_URL the \
+(WARDEN_BIND, WARDEN_BASE_URL, WARDEN_REDIS_URL, WARDEN_DATA_DIR, WARDEN_SECRET_KEYS, ...; see README.md). Without WARDEN_REDIS_URL the \
 embedded store under WARDEN_DATA_DIR is used. Log level: RUST_LOG (default info); WARDEN_LOG_FORMAT=json for JSON lines."
 )]
 pub struct Cli {
@@ -27,10 +28,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the HTTP service (the default when no subcommand is given).
-    Serve,
+    Serve(ServeArgs),
     /// Debugging aids for Connect JWTs ("query hash does not match" and friends).
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Shared secrets at rest (WARDEN_SECRET_KEYS).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Refuse to start unless WARDEN_SECRET_KEYS is set (as WARDEN_REQUIRE_ENCRYPTION=true).
+    #[arg(long)]
+    pub require_encryption: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Seal every installation's secrets under the first key of WARDEN_SECRET_KEYS: plaintext
+    /// ones and those sealed under older keys (same settings as `serve`). With the embedded
+    /// store, stop the service first: its database file admits one process at a time.
+    Rekey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,8 +75,9 @@ pub enum JwtCommand {
 /// Runs the command line; the `warden` binary's whole `main`.
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve().await,
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args).await,
+        Command::Secrets(SecretsCommand::Rekey) => rekey().await,
         Command::Jwt(JwtCommand::Canonical {
             method,
             url,
@@ -82,9 +102,10 @@ pub async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::telemetry::init("info");
-    let settings = Settings::load()?;
+    let mut settings = Settings::load()?;
+    settings.require_encryption |= args.require_encryption;
     let store = if settings.redis_url.is_some() && settings.redis_cluster {
         "redis cluster".to_owned()
     } else if settings.redis_url.is_some() {
@@ -102,6 +123,40 @@ async fn serve() -> anyhow::Result<()> {
         "warden listening"
     );
     app.run_until_stopped().await?;
+    Ok(())
+}
+
+/// `warden secrets rekey`: prints what it did; fails when a record could not be sealed.
+async fn rekey() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    if settings.secret_keys.is_empty() {
+        anyhow::bail!(
+            "WARDEN_SECRET_KEYS is not set: there is no key to seal the shared secrets with"
+        );
+    }
+    let sealer = Sealer::new(settings.secret_keys.clone());
+    let key_id = sealer
+        .sealing_key()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let store = crate::startup::open_store(&settings, sealer.clone()).await?;
+    let report = sealing::rekey(store.as_ref(), &sealer)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", crate::error::error_chain(&e)))?;
+    println!("sealing every shared secret under key {key_id:?}");
+    println!("plaintext records sealed: {}", report.sealed_plaintext);
+    println!("records sealed again from older keys: {}", report.resealed);
+    println!("records already under {key_id:?}: {}", report.unchanged);
+    println!("records that failed: {}", report.failed.len());
+    for (client_key, why) in &report.failed {
+        eprintln!("{client_key}: {why}");
+    }
+    if !report.failed.is_empty() {
+        anyhow::bail!(
+            "{} installation(s) could not be sealed under key {key_id:?}",
+            report.failed.len()
+        );
+    }
     Ok(())
 }
 

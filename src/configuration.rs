@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 use connect_protocol::domain::{BaseUrl, HostPattern};
 
+use crate::store::sealing::KeyRing;
+
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
@@ -69,6 +71,10 @@ pub struct Settings {
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
     pub key_fetch_timeout: Duration,
+    /// Keys that seal shared secrets at rest (`WARDEN_SECRET_KEYS`); empty: plaintext.
+    pub secret_keys: KeyRing,
+    /// Refuse to start without `secret_keys` (`WARDEN_REQUIRE_ENCRYPTION`).
+    pub require_encryption: bool,
     /// Reverse proxies whose `X-Forwarded-For` names the real sender of a request.
     pub trusted_proxies: Vec<IpAddr>,
     /// How long a client may take to send a request's headers.
@@ -192,6 +198,8 @@ struct Raw {
     site_proof: Option<String>,
     site_proof_attempts: Option<String>,
     site_proof_backoff_ms: Option<String>,
+    secret_keys: Option<List>,
+    require_encryption: Option<String>,
 }
 
 impl Settings {
@@ -349,21 +357,7 @@ impl Settings {
             .redis_url
             .filter(|u| !u.trim().is_empty())
             .map(SecretString::from);
-        let redis_cluster = match raw
-            .redis_cluster
-            .as_deref()
-            .map(|v| v.trim().to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("") | Some("false") | Some("0") | Some("no") => false,
-            Some("true") | Some("1") | Some("yes") => true,
-            Some(other) => {
-                return Err(bad(
-                    "WARDEN_REDIS_CLUSTER",
-                    format!("{other:?} is neither \"true\" nor \"false\""),
-                ))
-            }
-        };
+        let redis_cluster = boolean("WARDEN_REDIS_CLUSTER", raw.redis_cluster.as_deref())?;
         let whole = |name: &'static str, value: Option<String>, default: u64| {
             value.map_or(Ok(default), |v| {
                 v.trim()
@@ -409,6 +403,12 @@ impl Settings {
             raw.site_proof,
             raw.site_proof_attempts,
             raw.site_proof_backoff_ms,
+        )?;
+        let secret_keys = KeyRing::parse(&raw.secret_keys.map(|l| l.items()).unwrap_or_default())
+            .map_err(|e| bad("WARDEN_SECRET_KEYS", e))?;
+        let require_encryption = boolean(
+            "WARDEN_REQUIRE_ENCRYPTION",
+            raw.require_encryption.as_deref(),
         )?;
         Ok(Self {
             site_proof,
@@ -458,6 +458,8 @@ impl Settings {
                 5,
                 60,
             )?,
+            secret_keys,
+            require_encryption,
         })
     }
 }
@@ -530,6 +532,18 @@ fn parse_site_proof(
     })
 }
 
+/// A boolean setting: `true`/`1`/`yes` or `false`/`0`/`no` (unset or empty: false).
+fn boolean(name: &'static str, value: Option<&str>) -> Result<bool, SettingsError> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
+        Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some(other) => Err(bad(
+            name,
+            format!("{other:?} is neither \"true\" nor \"false\""),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +583,28 @@ mod tests {
                 backoff: Duration::from_millis(1000),
             }
         );
+        assert!(s.secret_keys.is_empty());
+        assert!(!s.require_encryption);
+    }
+
+    #[test]
+    fn secret_keys_are_a_ring_whose_debug_hides_the_keys() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_SECRET_KEYS", &format!("new:{key}, old:{key}")),
+                ("WARDEN_REQUIRE_ENCRYPTION", "true"),
+            ]),
+        )
+        .unwrap();
+        let ids: Vec<&str> = s.secret_keys.ids().map(|id| id.as_str()).collect();
+        assert_eq!(ids, ["new", "old"]);
+        assert!(s.require_encryption);
+        assert!(!format!("{s:?}").contains(key));
+        let err =
+            Settings::from_sources(None, env(&[("WARDEN_SECRET_KEYS", "new:short")])).unwrap_err();
+        assert_eq!(err.name, "WARDEN_SECRET_KEYS");
     }
 
     #[test]
@@ -645,6 +681,8 @@ mod tests {
             ("WARDEN_REDIS_MIN_REPLICAS", "1"),
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "0"),
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1501"),
+            ("WARDEN_SECRET_KEYS", "a:c2hvcnQ="),
+            ("WARDEN_REQUIRE_ENCRYPTION", "maybe"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

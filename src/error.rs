@@ -42,7 +42,8 @@ pub enum ApiError {
     /// 408: the body did not arrive in full within `WARDEN_BODY_TIMEOUT_SECONDS`.
     #[error("the request body was not received within {seconds} s")]
     BodyTimeout { seconds: u64 },
-    /// 503 (unavailable, or a write not confirmed by enough replicas), 500 (corrupt)
+    /// 503 (unavailable, or a write not confirmed by enough replicas); 500 for a record it
+    /// cannot read or whose secret does not open
     #[error(transparent)]
     Store(#[from] StoreError),
     /// 401 or 503 depending on whether the key server answered.
@@ -126,7 +127,9 @@ impl ApiError {
             | ApiError::Store(StoreError::Unavailable(_) | StoreError::NotReplicated { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Store(StoreError::Corrupt(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Store(StoreError::Corrupt(_) | StoreError::Unsealable(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::InstallKey(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InstallKey(_) => StatusCode::UNAUTHORIZED,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,

@@ -10,7 +10,8 @@
 //!   applies a decision to the store and announces what it invalidates;
 //! - [`install_keys`]: Atlassian's RS256 install keys, fetched by `kid` through a cache;
 //! - [`secrets`]: the secret rules (roll, history, grace window, which secrets verify what);
-//! - [`store`]: installations on Redis (one or a Cluster) or embedded (redb);
+//! - [`store`]: installations on Redis (one or a Cluster) or embedded (redb), their shared
+//!   secrets sealed at rest under `WARDEN_SECRET_KEYS`;
 //! - [`tenants`]: the cache in front of the store; [`invalidation`]: how instances tell each
 //!   other that a cached installation is stale;
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);

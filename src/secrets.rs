@@ -6,8 +6,6 @@
 //! - a legacy reinstall: the current secret or one kept in the history, back to the newest one
 //!   that came with an install signed by Atlassian.
 
-use serde::{Deserialize, Serialize};
-
 use connect_protocol::domain::SharedSecret;
 use connect_protocol::jwt::{JwtError, Token};
 use connect_protocol::lifecycle::LifecycleEvent;
@@ -18,45 +16,14 @@ use crate::store::Installation;
 pub const SECRET_HISTORY_LEN: usize = 10;
 
 /// One shared secret, the moment (Unix seconds) it became current, and whether it arrived
-/// with an install proven by Atlassian's RS256 signature.
+/// with an install proven by Atlassian's RS256 signature. Only the store writes it out, sealed
+/// (`store::sealing`).
 #[derive(Debug, Clone)]
 pub struct SecretVersion {
     pub secret: SharedSecret,
     pub since: i64,
     /// Secrets from unsigned (legacy) installs are never trusted past a signed one.
     pub signed: bool,
-}
-
-// Storage format only: the secret is written out in clear because the store must hold it.
-// `Debug` stays redacted through `SharedSecret`.
-#[derive(Serialize, Deserialize)]
-struct SecretVersionRepr {
-    secret: String,
-    since: i64,
-    #[serde(default)]
-    signed: bool,
-}
-
-impl Serialize for SecretVersion {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        SecretVersionRepr {
-            secret: self.secret.expose().to_owned(),
-            since: self.since,
-            signed: self.signed,
-        }
-        .serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretVersion {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let repr = SecretVersionRepr::deserialize(d)?;
-        Ok(Self {
-            secret: SharedSecret::parse(&repr.secret).map_err(serde::de::Error::custom)?,
-            since: repr.since,
-            signed: repr.signed,
-        })
-    }
 }
 
 impl Installation {

@@ -19,6 +19,7 @@ use crate::lifecycle::LifecycleContext;
 use crate::routes;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{RedisStore, Replication};
+use crate::store::sealing::{self, Sealer};
 use crate::store::SharedStore;
 use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
@@ -46,33 +47,13 @@ pub struct AppState {
 
 impl AppState {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let replication = Some(Replication {
-            min_replicas: settings.redis_min_replicas,
-            timeout: settings.redis_wait_timeout,
-        });
-        let store: SharedStore = match &settings.redis_url {
-            Some(urls) if settings.redis_cluster => Arc::new(
-                RedisStore::connect_cluster(
-                    &crate::store::redis::seed_urls(urls.expose_secret()),
-                    &settings.redis_prefix,
-                )
-                .await
-                .context("cannot set up the Redis Cluster store (WARDEN_REDIS_URL)")?
-                .with_replication(replication),
-            ),
-            Some(url) => Arc::new(
-                RedisStore::connect(url.expose_secret(), &settings.redis_prefix)
-                    .await
-                    .context("cannot set up the Redis store (WARDEN_REDIS_URL)")?
-                    .with_replication(replication),
-            ),
-            None => Arc::new(EmbeddedStore::open(&settings.data_dir).with_context(|| {
-                format!(
-                    "cannot open the embedded store in {} (WARDEN_DATA_DIR)",
-                    settings.data_dir.display()
-                )
-            })?),
-        };
+        let sealer =
+            Sealer::for_service(settings.secret_keys.clone(), settings.require_encryption)?;
+        match sealer.sealing_key() {
+            Some(key_id) => tracing::info!(%key_id, "shared secrets are sealed at rest"),
+            None => tracing::warn!("{}", sealing::PLAINTEXT_WARNING),
+        }
+        let store = open_store(&settings, sealer).await?;
         let state = Self::with_store(settings, store)?;
         // Keys any instance fetched: verified without the key server. A store that is down
         // now only costs the fetches.
@@ -201,6 +182,44 @@ impl AppState {
             settings: Arc::new(settings),
         })
     }
+}
+
+/// The store `settings` name, sealing shared secrets with `sealer`. Nothing is sent to Redis
+/// yet; the embedded store's file is opened (and locked: one process at a time).
+pub async fn open_store(settings: &Settings, sealer: Sealer) -> anyhow::Result<SharedStore> {
+    let replication = Some(Replication {
+        min_replicas: settings.redis_min_replicas,
+        timeout: settings.redis_wait_timeout,
+    });
+    Ok(match &settings.redis_url {
+        Some(urls) if settings.redis_cluster => Arc::new(
+            RedisStore::connect_cluster(
+                &crate::store::redis::seed_urls(urls.expose_secret()),
+                &settings.redis_prefix,
+            )
+            .await
+            .context("cannot set up the Redis Cluster store (WARDEN_REDIS_URL)")?
+            .with_replication(replication)
+            .with_sealer(sealer),
+        ),
+        Some(url) => Arc::new(
+            RedisStore::connect(url.expose_secret(), &settings.redis_prefix)
+                .await
+                .context("cannot set up the Redis store (WARDEN_REDIS_URL)")?
+                .with_replication(replication)
+                .with_sealer(sealer),
+        ),
+        None => Arc::new(
+            EmbeddedStore::open(&settings.data_dir)
+                .with_context(|| {
+                    format!(
+                        "cannot open the embedded store in {} (WARDEN_DATA_DIR; one process at a time)",
+                        settings.data_dir.display()
+                    )
+                })?
+                .with_sealer(sealer),
+        ),
+    })
 }
 
 pub struct Application {

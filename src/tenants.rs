@@ -208,6 +208,7 @@ fn unshare(error: Arc<StoreError>) -> StoreError {
             StoreError::unavailable(SharedStoreError(error))
         }
         StoreError::Corrupt(what) => StoreError::Corrupt(what.clone()),
+        StoreError::Unsealable(what) => StoreError::Unsealable(what.clone()),
     }
 }
 

@@ -3,7 +3,8 @@
 //! is nobody to notify).
 //!
 //! Tables:
-//! - `installations`: clientKey -> JSON of the whole [`Installation`], secrets included.
+//! - `installations`: clientKey -> JSON of the whole [`Installation`] in its stored form
+//!   (`super::record`), the secret history under `secrets`, sealed.
 //! - `tokens`: (clientKey, token digest) -> (body digest, expires_at); expired entries of a
 //!   clientKey are pruned by its commits, and never reported by [`InstallationStore::seen_token`].
 //! - `site_installs`: (baseUrl, clientKey) -> the order in which the clientKey was first
@@ -15,6 +16,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
+use super::record;
+use super::sealing::Sealer;
 use super::{Commit, CommitOutcome, Installation, InstallationStore, StoreError};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
@@ -49,6 +52,7 @@ struct TaskError(String);
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    sealer: Sealer,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -70,22 +74,17 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-fn decode(client_key: &str, raw: &[u8]) -> Result<Installation, StoreError> {
+fn decode(client_key: &ClientKey, raw: &[u8], sealer: &Sealer) -> Result<Installation, StoreError> {
     // A serde message could quote a secret: only say which record is broken.
-    let installation: Installation = serde_json::from_slice(raw)
-        .map_err(|_| StoreError::Corrupt(format!("installation {client_key} is not valid")))?;
-    if installation.client_key.as_str() != client_key {
-        return Err(StoreError::Corrupt(format!(
-            "the record stored for {client_key} names the clientKey {}",
-            installation.client_key
-        )));
-    }
-    if installation.secrets.is_empty() {
-        return Err(StoreError::Corrupt(format!(
-            "installation {client_key} has no shared secret"
-        )));
-    }
-    Ok(installation)
+    let invalid = || StoreError::Corrupt(format!("installation {client_key} is not valid"));
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(raw) else {
+        return Err(invalid());
+    };
+    let secrets = match fields.remove("secrets") {
+        Some(serde_json::Value::Array(entries)) => entries,
+        _ => return Err(invalid()),
+    };
+    record::decode(client_key, fields, secrets, sealer)
 }
 
 impl EmbeddedStore {
@@ -115,7 +114,14 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db: Arc::new(db),
             path,
+            sealer: Sealer::plaintext(),
         })
+    }
+
+    /// Seals secrets with `sealer` from now on (without it they are written in plaintext).
+    pub fn with_sealer(mut self, sealer: Sealer) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     /// The database file.
@@ -139,12 +145,13 @@ impl EmbeddedStore {
 #[async_trait]
 impl InstallationStore for EmbeddedStore {
     async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
-        let client_key = client_key.as_str().to_owned();
+        let client_key = client_key.clone();
+        let sealer = self.sealer.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(io)?;
             let table = txn.open_table(INSTALLATIONS).map_err(io)?;
             match table.get(client_key.as_str()).map_err(io)? {
-                Some(raw) => decode(&client_key, raw.value()).map(Some),
+                Some(raw) => decode(&client_key, raw.value(), &sealer).map(Some),
                 None => Ok(None),
             }
         })
@@ -175,19 +182,18 @@ impl InstallationStore for EmbeddedStore {
 
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
         let client_key = commit.record.client_key.as_str().to_owned();
-        if commit.record.secrets.is_empty() {
-            return Err(StoreError::Corrupt(format!(
-                "refusing to store installation {client_key} without a shared secret"
-            )));
-        }
         let expected = commit.expected_version;
-        let mut record = commit.record.clone();
-        record.version = expected.checked_add(1).ok_or_else(|| {
+        let version = expected.checked_add(1).ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "the version of installation {client_key} overflows"
             ))
         })?;
-        let json = serde_json::to_vec(&record).map_err(|_| {
+        let record::StoredRecord {
+            mut fields,
+            secrets,
+        } = record::encode(commit.record, version, &self.sealer)?;
+        fields.insert("secrets".into(), serde_json::Value::Array(secrets));
+        let json = serde_json::to_vec(&fields).map_err(|_| {
             StoreError::Corrupt(format!("cannot serialize installation {client_key}"))
         })?;
         let token = commit.token;

@@ -4,10 +4,13 @@
 //!
 //! The store knows nothing of the protocol: the lifecycle policy decides what a record becomes
 //! and hands it over with the version it read, and the store writes it atomically only if
-//! nobody else wrote in between (compare-and-set on `version`).
+//! nobody else wrote in between (compare-and-set on `version`). Both stores keep a record in
+//! the one stored form of [`record`], whose secrets [`sealing`] seals.
 
 pub mod embedded;
+mod record;
 pub mod redis;
+pub mod sealing;
 
 use std::sync::Arc;
 
@@ -17,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 
 use crate::secrets::SecretVersion;
+use sealing::AtRest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,6 +32,10 @@ pub enum StoreError {
     /// (docs/PROTOCOL.md §10): not acknowledged, though it may still exist and replicate.
     #[error("the write reached {confirmed} of the {required} Redis replicas required (WARDEN_REDIS_MIN_REPLICAS) in time; it may still exist on the primary: retry")]
     NotReplicated { confirmed: u64, required: u32 },
+    /// A sealed shared secret does not open with `WARDEN_SECRET_KEYS` (docs/PROTOCOL.md §10):
+    /// the installation is unusable until the right key is configured.
+    #[error("cannot open the shared secrets of {0}")]
+    Unsealable(String),
 }
 
 impl StoreError {
@@ -151,10 +159,15 @@ pub struct Installation {
     pub last_tenant_event_iat: i64,
     pub installed_at: i64,
     pub updated_at: i64,
-    /// Secrets, oldest first; the last one is current. Never empty.
+    /// Secrets, oldest first; the last one is current. Never empty. Not serialized with the
+    /// record: only [`record`] writes them, sealed.
+    #[serde(skip)]
     pub secrets: Vec<SecretVersion>,
     /// Bumped by every write; the compare-and-set token.
     pub version: u64,
+    /// How the secrets were found in the store (set by a load).
+    #[serde(skip)]
+    pub at_rest: AtRest,
 }
 
 impl Installation {
@@ -199,6 +212,7 @@ impl Installation {
                 signed,
             }],
             version: 0,
+            at_rest: AtRest::Unread,
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `P:{CK}:installation`: a HASH with one field per top-level field of [`Installation`]
 //!   except `secrets`, each value the field serialized as JSON (absent options are `null`);
 //!   the field `version` is the compare-and-set version.
-//! - `P:{CK}:secrets`: a LIST of JSON [`SecretVersion`](super::SecretVersion) entries, oldest first.
+//! - `P:{CK}:secrets`: a LIST of the JSON secret entries of `super::record`, oldest first,
+//!   sealed (`super::sealing`).
 //! - `P:{CK}:token:<hex token digest>`: a STRING holding the hex body digest, expiring at the
 //!   token's `exp` (`EXAT`).
 //! - `P:site:{<baseUrl>}`: a sorted SET of the clientKeys installed on that site, scored by
@@ -38,9 +39,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
-use super::{
-    Commit, CommitOutcome, Installation, InstallationStore, SecretVersion, SeenToken, StoreError,
-};
+use super::record;
+use super::sealing::Sealer;
+use super::{Commit, CommitOutcome, Installation, InstallationStore, SeenToken, StoreError};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
 /// How long to wait for a connection from the pool, for a new connection, or for an answer.
@@ -98,6 +99,7 @@ pub struct RedisStore {
     prefix: String,
     commit_script: Script,
     replication: Option<Replication>,
+    sealer: Sealer,
 }
 
 /// How many replicas must confirm a write before it is acknowledged, and how long `WAIT`
@@ -285,6 +287,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
             replication: None,
+            sealer: Sealer::plaintext(),
         })
     }
 
@@ -331,6 +334,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
             replication: None,
+            sealer: Sealer::plaintext(),
         })
     }
 
@@ -344,6 +348,12 @@ impl RedisStore {
                 timeout: r.timeout.max(Duration::from_millis(1)),
                 ..r
             });
+        self
+    }
+
+    /// Seals secrets with `sealer` from now on (without it they are written in plaintext).
+    pub fn with_sealer(mut self, sealer: Sealer) -> Self {
+        self.sealer = sealer;
         self
     }
 
@@ -620,8 +630,9 @@ fn decode(
     client_key: &ClientKey,
     fields: HashMap<String, Vec<u8>>,
     secrets: Vec<Vec<u8>>,
+    sealer: &Sealer,
 ) -> Result<Installation, StoreError> {
-    let mut object = serde_json::Map::with_capacity(fields.len() + 1);
+    let mut object = serde_json::Map::with_capacity(fields.len());
     for (name, raw) in fields {
         let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| {
             StoreError::Corrupt(format!(
@@ -630,32 +641,19 @@ fn decode(
         })?;
         object.insert(name, value);
     }
-    if secrets.is_empty() {
-        return Err(StoreError::Corrupt(format!(
-            "installation {client_key} has no shared secret"
-        )));
-    }
-    let mut history = Vec::with_capacity(secrets.len());
-    for (i, raw) in secrets.iter().enumerate() {
-        // The parse error could quote the secret: only say which entry is broken.
-        let entry: SecretVersion = serde_json::from_slice(raw).map_err(|_| {
-            StoreError::Corrupt(format!(
-                "secret entry {i} of installation {client_key} is not valid"
-            ))
-        })?;
-        history.push(entry);
-    }
-    object.insert("secrets".into(), serde_json::Value::Array(Vec::new()));
-    let mut installation: Installation = serde_json::from_value(serde_json::Value::Object(object))
-        .map_err(|e| StoreError::Corrupt(format!("installation {client_key} is not valid: {e}")))?;
-    if &installation.client_key != client_key {
-        return Err(StoreError::Corrupt(format!(
-            "the record stored for {client_key} names the clientKey {}",
-            installation.client_key
-        )));
-    }
-    installation.secrets = history;
-    Ok(installation)
+    let entries = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            // The parse error could quote the secret: only say which entry is broken.
+            serde_json::from_slice(raw).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "secret entry {i} of installation {client_key} is not valid"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    record::decode(client_key, object, entries, sealer)
 }
 
 #[async_trait]
@@ -672,7 +670,7 @@ impl InstallationStore for RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        decode(client_key, fields, secrets).map(Some)
+        decode(client_key, fields, secrets, &self.sealer).map(Some)
     }
 
     async fn seen_token(
@@ -699,36 +697,16 @@ impl InstallationStore for RedisStore {
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
-        let record = commit.record;
-        let client_key = &record.client_key;
-        if record.secrets.is_empty() {
-            return Err(StoreError::Corrupt(format!(
-                "refusing to store installation {client_key} without a shared secret"
-            )));
-        }
+        let client_key = &commit.record.client_key;
         let new_version = commit.expected_version.checked_add(1).ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "the version of installation {client_key} overflows"
             ))
         })?;
-
-        let serialize_error = |what: &str| {
-            StoreError::Corrupt(format!(
-                "cannot serialize the {what} of installation {client_key}"
-            ))
-        };
-        let serde_json::Value::Object(mut object) =
-            serde_json::to_value(record).map_err(|_| serialize_error("record"))?
-        else {
-            return Err(serialize_error("record"));
-        };
-        object.remove("secrets");
-        object.insert("version".into(), serde_json::Value::from(new_version));
-        let secrets = record
-            .secrets
-            .iter()
-            .map(|s| serde_json::to_string(s).map_err(|_| serialize_error("secrets")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let record::StoredRecord {
+            fields: object,
+            secrets,
+        } = record::encode(commit.record, new_version, &self.sealer)?;
 
         let token = commit.token.filter(|t| t.expires_at > now_unix());
 
@@ -754,7 +732,7 @@ impl InstallationStore for RedisStore {
             invocation.arg(name.as_str()).arg(value.to_string());
         }
         for secret in &secrets {
-            invocation.arg(secret.as_str());
+            invocation.arg(secret.to_string());
         }
 
         let mut conn = self.write_conn().await?;

@@ -17,6 +17,7 @@ mod logging;
 mod ordering;
 mod product_requests;
 mod replication;
+mod secrets_at_rest;
 mod service;
 mod site_import;
 mod store;

@@ -120,6 +120,7 @@ fn installation(client_key: &str) -> Installation {
             },
         ],
         version: 42,
+        at_rest: Default::default(),
     }
 }
 
