@@ -198,6 +198,18 @@ impl Applier<'_> {
             }
             self.tenants.invalidate(client_key).await;
             if outcome == SiteProof::Proven {
+                // Two imports proven at the same moment each ranked while the other was still
+                // pending, so neither saw the other: ranking again once this proof is recorded
+                // makes the later of the two see both (ranking twice retires nobody twice).
+                if let Some(now) = self.store.load(client_key).await? {
+                    if now.is_active() && now.ever_signed() {
+                        let again = self.supersede_previous_tenants(&now).await?;
+                        for old in &again {
+                            self.tenants.invalidate(old).await;
+                        }
+                        superseded.extend(again);
+                    }
+                }
                 tracing::info!(client_key = %client_key, base_url = %record.base_url, superseded = ?superseded, "site proof: the site confirmed the install");
             } else {
                 tracing::warn!(client_key = %client_key, base_url = %record.base_url, site_proof = outcome.as_str(),
