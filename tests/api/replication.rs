@@ -22,7 +22,8 @@ fn app_options(urls: &str, prefix: &str) -> Options {
         .set("WARDEN_REDIS_URL", urls)
         .set("WARDEN_REDIS_PREFIX", prefix)
         .set("WARDEN_REDIS_MIN_REPLICAS", "1")
-        .set("WARDEN_REDIS_WAIT_TIMEOUT_MS", "300")
+        // The longest allowed: on a loaded 2-core machine a replica may take a while to ack.
+        .set("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1500")
 }
 
 /// One `installed` of `site` with a fresh Atlassian token: the token and the response.
