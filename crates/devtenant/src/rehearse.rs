@@ -1012,6 +1012,21 @@ impl Ctx<'_> {
             Expected::Refused(403),
             &old_probe,
         );
+        // The link on the new installation may be written just after the old one is retired.
+        loop {
+            let exchange = self
+                .probe(&new.client_key, &new.shared_secret, jwt::now())
+                .await?;
+            let linked = exchange
+                .json()
+                .and_then(|j| j.get("supersedes").cloned())
+                .and_then(|v| v.as_array().map(|a| !a.is_empty()))
+                .unwrap_or(true);
+            if linked || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let new_probe = self
             .check_probe(
                 s,
