@@ -212,21 +212,7 @@ fn cluster_create(ports: &[u16], replicas: u8) -> Result<(), String> {
 
 /// Whether the node on `port` says `cluster_state:ok` and knows every slot and three nodes.
 fn cluster_state_ok(port: u16) -> bool {
-    let Ok(output) = Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "cluster",
-            "info",
-        ])
-        .stdin(Stdio::null())
-        .output()
-    else {
-        return false;
-    };
-    let info = String::from_utf8_lossy(&output.stdout);
+    let info = redis_cli(port, &["cluster", "info"]);
     info.lines().any(|l| l.trim() == "cluster_state:ok")
         && info.lines().any(|l| l.trim() == "cluster_slots_ok:16384")
         && info.lines().any(|l| l.trim() == "cluster_known_nodes:3")
@@ -236,21 +222,7 @@ fn cluster_state_ok(port: u16) -> bool {
 /// Whether this node's cluster-bus links to every other node are up: until they are, a
 /// `PUBLISH` on this node is not forwarded to the nodes it has no link to yet.
 fn all_links_connected(port: u16) -> bool {
-    let Ok(output) = Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "cluster",
-            "nodes",
-        ])
-        .stdin(Stdio::null())
-        .output()
-    else {
-        return false;
-    };
-    let nodes = String::from_utf8_lossy(&output.stdout);
+    let nodes = redis_cli(port, &["cluster", "nodes"]);
     let lines: Vec<&str> = nodes.lines().filter(|l| !l.trim().is_empty()).collect();
     lines.len() == 3 && lines.iter().all(|l| l.contains(" connected"))
 }
