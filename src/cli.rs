@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::configuration::Settings;
+use crate::inventory::{self, StateFilter};
 use crate::startup::Application;
 use crate::store::sealing::{self, Sealer};
 use connect_protocol::domain::BaseUrl;
@@ -35,6 +36,57 @@ pub enum Command {
     /// Shared secrets at rest (WARDEN_SECRET_KEYS).
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// The installations in the store, for operators: list, show one, count.
+    #[command(subcommand, long_about = TENANTS_ABOUT)]
+    Tenants(TenantsCommand),
+}
+
+const TENANTS_ABOUT: &str = "The installations in the store, for operators: list them, show one, count them. \
+Reads the store configured for `serve` (same settings: WARDEN_REDIS_URL, WARDEN_REDIS_CLUSTER, WARDEN_REDIS_PREFIX, \
+WARDEN_DATA_DIR, WARDEN_SECRET_KEYS to open sealed secrets) and never writes. On Redis it may run beside the service; \
+with the embedded store, stop the service first: its database file admits one process at a time. \
+No shared secret is ever printed, only its fingerprint: the first 12 hex digits of its SHA-256 \
+(`printf %s \"$secret\" | sha256sum | cut -c1-12`), which gives nothing back of the secret.";
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// One line per installation: clientKey, baseUrl, state, product, installed and updated
+    /// times (UTC), tab-separated under a header line; printed as the store is read, page by
+    /// page (Redis: SCAN, every primary of a Cluster; embedded: the table in clientKey
+    /// order). On Redis an installation may be listed twice if the server resizes its key
+    /// table meanwhile. Records that cannot be read are named on stderr.
+    List {
+        /// Only installations in this state (superseded: replaced by a site import).
+        #[arg(long, value_enum)]
+        state: Option<StateFilter>,
+        /// Only installations whose baseUrl matches this glob (`*` any text, `/` included;
+        /// `?` one character; `[abc]` one of), e.g. 'https://*.atlassian.net/wiki'.
+        #[arg(long, value_name = "GLOB")]
+        site: Option<String>,
+        /// One JSON object per line (clientKey, baseUrl, state, productType, installedAt,
+        /// updatedAt in Unix seconds).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known of one installation: attributes, state, what it supersedes or is
+    /// superseded by, site proof, times, and its secret history as fingerprints. ID is tried
+    /// as a clientKey, then as a baseUrl (every installation ever on that site), then as a
+    /// cloudId or installationId (these scan the whole store). Exit code 1 when nothing
+    /// matches; every match is shown when several do.
+    Show {
+        /// A clientKey, baseUrl, cloudId or installationId.
+        id: String,
+        /// A JSON array of the matching installations.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts over the whole store: installations by state and product, sites, records with
+    /// sealed or plaintext secrets, unreadable records, secret history lengths, site proofs.
+    Stats {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -78,6 +130,16 @@ pub async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args).await,
         Command::Secrets(SecretsCommand::Rekey) => rekey().await,
+        Command::Tenants(command) => match tenants(command).await {
+            // `warden tenants list | head`: the reader has all it wanted.
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+            {
+                Ok(())
+            }
+            other => other,
+        },
         Command::Jwt(JwtCommand::Canonical {
             method,
             url,
@@ -157,6 +219,86 @@ async fn rekey() -> anyhow::Result<()> {
             report.failed.len()
         );
     }
+    Ok(())
+}
+
+/// `warden tenants ...`: reads the store `serve` would use; fails (exit code 1) when the store
+/// cannot be read or `show` finds nothing.
+async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let settings = Settings::load()?;
+    if settings.redis_url.is_none() {
+        // Opening would create an empty database: a mistyped WARDEN_DATA_DIR must not look
+        // like an empty store.
+        let file = settings.data_dir.join(crate::store::embedded::FILE_NAME);
+        if !file.is_file() {
+            anyhow::bail!(
+                "there is no embedded store at {} (WARDEN_DATA_DIR)",
+                file.display()
+            );
+        }
+    }
+    let store =
+        crate::startup::open_store(&settings, Sealer::new(settings.secret_keys.clone())).await?;
+    let store = store.as_ref();
+    let failed = |e: inventory::InventoryError| match e {
+        inventory::InventoryError::Store(e) => anyhow::anyhow!("{}", crate::error::error_chain(&e)),
+        inventory::InventoryError::Output(e) => anyhow::Error::from(e),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match command {
+        TenantsCommand::List { state, site, json } => {
+            let site = site
+                .map(|glob| {
+                    glob::Pattern::new(&glob).map_err(|e| anyhow::anyhow!("--site {glob:?}: {e}"))
+                })
+                .transpose()?;
+            let filter = inventory::ListFilter { state, site };
+            inventory::list(store, &filter, json, &mut out, &mut std::io::stderr())
+                .await
+                .map_err(failed)?;
+        }
+        TenantsCommand::Show { id, json } => {
+            let found = inventory::find(store, &id).await.map_err(failed)?;
+            if found.is_empty() {
+                anyhow::bail!(
+                    "no installation has the clientKey, baseUrl, cloudId or installationId {id:?}"
+                );
+            }
+            if json {
+                let all: Vec<_> = found
+                    .iter()
+                    .map(|(by, installation)| {
+                        let mut shown = inventory::show_json(installation);
+                        shown["matchedBy"] = by.as_str().into();
+                        shown
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+            } else {
+                if found.len() > 1 {
+                    writeln!(out, "{} installations match {id:?}", found.len())?;
+                }
+                for (i, (by, installation)) in found.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(out)?;
+                    }
+                    writeln!(out, "matched by:       {}", by.as_str())?;
+                    inventory::show_text(installation, &mut out)?;
+                }
+            }
+        }
+        TenantsCommand::Stats { json } => {
+            let stats = inventory::stats(store).await.map_err(failed)?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
+            } else {
+                inventory::stats_text(&stats, &mut out)?;
+            }
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

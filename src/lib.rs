@@ -17,7 +17,8 @@
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
-//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
+//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
+//!   [`inventory`]: what `warden tenants` shows operators of the store.
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
 
@@ -28,6 +29,7 @@ pub mod guard;
 pub mod host_client;
 pub mod install_keys;
 pub mod invalidation;
+pub mod inventory;
 pub mod lifecycle;
 pub mod limits;
 pub mod routes;

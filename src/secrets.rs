@@ -26,6 +26,20 @@ pub struct SecretVersion {
     pub signed: bool,
 }
 
+impl SecretVersion {
+    /// What operators see of this secret (`warden tenants show`), never the secret itself:
+    /// the first 12 hex digits (48 bits) of the SHA-256 of its UTF-8 bytes, the same as
+    /// `printf %s "$secret" | sha256sum | cut -c1-12`. Enough to tell the secrets of one
+    /// history apart or to recognise one an operator holds; a one-way digest truncated to
+    /// 48 bits gives nothing back of a secret with real entropy (Connect's are long random
+    /// strings).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.secret.expose().as_bytes());
+        hex::encode(&digest[..6])
+    }
+}
+
 impl Installation {
     /// Whether Atlassian's signature ever proved an install of this installation. Legacy
     /// mode's unsigned installs may be squatters. The flag is sticky; records written before
@@ -131,4 +145,20 @@ pub fn verify_lifecycle_signature(
         return Ok(());
     }
     Err(JwtError::BadSignature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_the_head_of_the_sha256_and_never_the_secret() {
+        let version = SecretVersion {
+            secret: SharedSecret::parse("abc").unwrap(),
+            since: 0,
+            signed: true,
+        };
+        // SHA-256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(version.fingerprint(), "ba7816bf8f01");
+    }
 }

@@ -18,7 +18,10 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::record;
 use super::sealing::Sealer;
-use super::{Commit, CommitOutcome, Installation, InstallationStore, StoreError};
+use super::{
+    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
+    ScanPosition, StoreError,
+};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
 pub const FILE_NAME: &str = "warden.redb";
@@ -35,6 +38,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// key URL -> install key PEM
 const INSTALL_KEYS: TableDefinition<&str, &str> = TableDefinition::new("install_keys");
 const SITE_SEQ: &str = "site_seq";
+/// Records per page of [`InstallationStore::scan_installations`].
+const PAGE_SIZE: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the embedded installation store at {path}: {source}")]
@@ -305,6 +310,52 @@ impl InstallationStore for EmbeddedStore {
                 })?);
             }
             Ok(keys)
+        })
+        .await
+    }
+
+    async fn scan_installations(&self, cursor: ScanCursor) -> Result<InstallationPage, StoreError> {
+        let after = match cursor.0 {
+            ScanPosition::Start => None,
+            ScanPosition::After(key) => Some(key),
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "a listing cursor of another store: {other:?}"
+                )))
+            }
+        };
+        let sealer = self.sealer.clone();
+        self.blocking(move |db| {
+            use std::ops::Bound;
+            let txn = db.begin_read().map_err(io)?;
+            let table = txn.open_table(INSTALLATIONS).map_err(io)?;
+            let from = match &after {
+                Some(key) => Bound::Excluded(key.as_str()),
+                None => Bound::Unbounded,
+            };
+            let mut installations = Vec::with_capacity(PAGE_SIZE);
+            let mut last = None;
+            for entry in table
+                .range::<&str>((from, Bound::Unbounded))
+                .map_err(io)?
+                .take(PAGE_SIZE)
+            {
+                let (key, raw) = entry.map_err(io)?;
+                let key = key.value();
+                last = Some(key.to_owned());
+                let client_key = ClientKey::parse(key).map_err(|_| {
+                    StoreError::Corrupt("the installations table holds an invalid clientKey".into())
+                })?;
+                let record = decode(&client_key, raw.value(), &sealer);
+                installations.push(Listed { client_key, record });
+            }
+            let next = (installations.len() == PAGE_SIZE)
+                .then(|| last.map(|key| ScanCursor(ScanPosition::After(key))))
+                .flatten();
+            Ok(InstallationPage {
+                installations,
+                next,
+            })
         })
         .await
     }

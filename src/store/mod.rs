@@ -260,6 +260,44 @@ pub enum CommitOutcome {
     Conflict,
 }
 
+/// Where a listing of every installation ([`InstallationStore::scan_installations`]) goes on
+/// from; [`ScanCursor::default`] starts one. Opaque: only the store that handed it out reads
+/// it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanCursor(pub(crate) ScanPosition);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum ScanPosition {
+    #[default]
+    Start,
+    /// A Redis `SCAN` cursor.
+    Redis(u64),
+    /// A Redis Cluster: one slot served by each primary (fixed when the listing starts), the
+    /// primary being scanned and its `SCAN` cursor.
+    Cluster {
+        primaries: Vec<u16>,
+        index: usize,
+        cursor: u64,
+    },
+    /// The embedded store: the last clientKey listed.
+    After(String),
+}
+
+/// One installation of a listing: its record, or why it cannot be read (a corrupt or
+/// unsealable record does not stop the listing).
+#[derive(Debug)]
+pub struct Listed {
+    pub client_key: ClientKey,
+    pub record: Result<Installation, StoreError>,
+}
+
+/// One page of a listing; `next` is `None` once every installation was listed.
+#[derive(Debug, Default)]
+pub struct InstallationPage {
+    pub installations: Vec<Listed>,
+    pub next: Option<ScanCursor>,
+}
+
 #[async_trait]
 pub trait InstallationStore: Send + Sync + 'static {
     async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError>;
@@ -299,6 +337,31 @@ pub trait InstallationStore: Send + Sync + 'static {
 
     /// Every installation's clientKey (Redis: `SCAN`, never `KEYS`).
     async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError>;
+
+    /// One page of every installation, from `cursor` on (a few hundred to a thousand records;
+    /// Redis: one `SCAN` step per page, each primary of a Cluster in turn; embedded: the next
+    /// records in clientKey order), so a listing of any size is read in bounded memory. Every
+    /// installation present during the whole listing is listed; on Redis one may be listed
+    /// twice (`SCAN` may return a key twice). The default lists everything in one page.
+    async fn scan_installations(&self, cursor: ScanCursor) -> Result<InstallationPage, StoreError> {
+        if cursor != ScanCursor::default() {
+            return Ok(InstallationPage::default());
+        }
+        let mut installations = Vec::new();
+        for client_key in self.list_client_keys().await? {
+            let record = match self.load(&client_key).await {
+                Ok(Some(record)) => Ok(record),
+                Ok(None) => continue,
+                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                Err(e) => Err(e),
+            };
+            installations.push(Listed { client_key, record });
+        }
+        Ok(InstallationPage {
+            installations,
+            next: None,
+        })
+    }
 
     /// Answers when the store is reachable; `/readyz` uses it.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -41,7 +41,10 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Scrip
 
 use super::record;
 use super::sealing::Sealer;
-use super::{Commit, CommitOutcome, Installation, InstallationStore, SeenToken, StoreError};
+use super::{
+    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
+    ScanPosition, SeenToken, StoreError,
+};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
 /// How long to wait for a connection from the pool, for a new connection, or for an answer.
@@ -49,6 +52,10 @@ use connect_protocol::domain::{BaseUrl, ClientKey};
 const TIMEOUT: Duration = Duration::from_secs(2);
 const POOL_SIZE: usize = 16;
 const SCAN_COUNT: usize = 500;
+/// `SCAN`'s `COUNT` for a page of [`InstallationStore::scan_installations`].
+const LISTING_SCAN_COUNT: usize = 1000;
+/// How many `load`s of one listing page a cluster connection carries at once.
+const CLUSTER_LISTING_LOADS: usize = 128;
 
 /// The compare-and-set write: one script, so the check, the writes and the notification are
 /// atomic.
@@ -482,47 +489,193 @@ impl RedisStore {
         slot: Option<u16>,
         found: &mut BTreeSet<ClientKey>,
     ) -> Result<(), StoreError> {
-        let head = format!("{}:{{", self.prefix);
-        const TAIL: &str = "}:installation";
-        let pattern = format!("{}*{TAIL}", glob_escape(&head));
         let mut cursor: u64 = 0;
         loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let reply = match (slot, &mut *conn) {
-                (Some(slot), Conn::Cluster(c)) => {
-                    route_to_primary(c, scan, Route::new(slot, SlotAddr::Master))
-                        .await
-                        .map_err(|e| self.redis_error(e))?
-                }
-                _ => scan
-                    .query_async::<Value>(&mut *conn)
-                    .await
-                    .map_err(|e| self.redis_error(e))?,
-            };
-            let (next, keys): (u64, Vec<Vec<u8>>) =
-                redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
-            for key in keys {
-                // Keys of other applications sharing the server are skipped, not reported.
-                let Ok(key) = std::str::from_utf8(&key) else {
-                    continue;
-                };
-                let Some(inner) = key.strip_prefix(&head).and_then(|k| k.strip_suffix(TAIL)) else {
-                    continue;
-                };
-                if let Ok(client_key) = ClientKey::parse(inner) {
-                    found.insert(client_key);
-                }
-            }
+            let (next, keys) = self.scan_step(conn, slot, cursor, SCAN_COUNT).await?;
+            found.extend(keys);
             if next == 0 {
                 return Ok(());
             }
             cursor = next;
         }
+    }
+
+    /// One `SCAN` step of `conn` from `cursor` (in a cluster: of the primary serving `slot`):
+    /// the next cursor (0 once done) and the clientKeys of the installation hashes it found.
+    async fn scan_step(
+        &self,
+        conn: &mut Conn,
+        slot: Option<u16>,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<ClientKey>), StoreError> {
+        let head = format!("{}:{{", self.prefix);
+        const TAIL: &str = "}:installation";
+        let pattern = format!("{}*{TAIL}", glob_escape(&head));
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count);
+        let reply = match (slot, &mut *conn) {
+            (Some(slot), Conn::Cluster(c)) => {
+                route_to_primary(c, scan, Route::new(slot, SlotAddr::Master))
+                    .await
+                    .map_err(|e| self.redis_error(e))?
+            }
+            _ => scan
+                .query_async::<Value>(&mut *conn)
+                .await
+                .map_err(|e| self.redis_error(e))?,
+        };
+        let (next, keys): (u64, Vec<Vec<u8>>) =
+            redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
+        let client_keys = keys
+            .iter()
+            .filter_map(|key| {
+                // Keys of other applications sharing the server are skipped, not reported.
+                let key = std::str::from_utf8(key).ok()?;
+                let inner = key.strip_prefix(&head)?.strip_suffix(TAIL)?;
+                ClientKey::parse(inner).ok()
+            })
+            .collect();
+        Ok((next, client_keys))
+    }
+
+    /// One slot served by each primary of the cluster `conn` speaks to.
+    async fn primaries(&self, cluster: &mut ClusterConnection) -> Result<Vec<u16>, StoreError> {
+        let reply = cluster
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        let nodes: String =
+            redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
+        let slots = slot_per_primary(&nodes);
+        if slots.is_empty() {
+            return Err(StoreError::unavailable(ConfigError(
+                "CLUSTER NODES names no primary serving a slot".into(),
+            )));
+        }
+        Ok(slots)
+    }
+
+    /// The installations of `keys`. One Redis: one transaction reading them all (each record
+    /// whole, as `load` reads it); a cluster: `load`s of their own, many at once on its
+    /// multiplexed connection (a transaction may not span slots).
+    async fn load_listed(
+        &self,
+        conn: &mut Conn,
+        keys: Vec<ClientKey>,
+    ) -> Result<Vec<Listed>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut listed = Vec::with_capacity(keys.len());
+        if let Conn::Cluster(_) = conn {
+            use futures_util::StreamExt as _;
+            let mut loads = futures_util::stream::iter(keys)
+                .map(|client_key| async move {
+                    let record = self.load(&client_key).await;
+                    (client_key, record)
+                })
+                .buffered(CLUSTER_LISTING_LOADS);
+            while let Some((client_key, record)) = loads.next().await {
+                match record {
+                    Ok(Some(record)) => listed.push(Listed {
+                        client_key,
+                        record: Ok(record),
+                    }),
+                    Ok(None) => {}
+                    Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                    Err(e) => listed.push(Listed {
+                        client_key,
+                        record: Err(e),
+                    }),
+                }
+            }
+            return Ok(listed);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for client_key in &keys {
+            pipe.hgetall(self.installation_key(client_key)).lrange(
+                self.secrets_key(client_key),
+                0,
+                -1,
+            );
+        }
+        let replies: Vec<Value> = pipe
+            .query_async(conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        let mut replies = replies.into_iter();
+        for client_key in keys {
+            let (Some(fields), Some(secrets)) = (replies.next(), replies.next()) else {
+                return Err(StoreError::Corrupt(
+                    "Redis answered fewer replies than it was asked for".into(),
+                ));
+            };
+            let fields: HashMap<String, Vec<u8>> =
+                redis::from_redis_value(fields).map_err(|e| self.redis_error(e.into()))?;
+            let secrets: Vec<Vec<u8>> =
+                redis::from_redis_value(secrets).map_err(|e| self.redis_error(e.into()))?;
+            // Gone between the `SCAN` and the read.
+            if fields.is_empty() {
+                continue;
+            }
+            let record = decode(&client_key, fields, secrets, &self.sealer);
+            listed.push(Listed { client_key, record });
+        }
+        Ok(listed)
+    }
+}
+
+/// The steps of a listing ([`InstallationStore::scan_installations`]).
+impl RedisStore {
+    async fn single_step(
+        &self,
+        conn: &mut Conn,
+        cursor: u64,
+    ) -> Result<(Vec<ClientKey>, Option<ScanCursor>), StoreError> {
+        let (next, keys) = self
+            .scan_step(conn, None, cursor, LISTING_SCAN_COUNT)
+            .await?;
+        Ok((
+            keys,
+            (next != 0).then_some(ScanCursor(ScanPosition::Redis(next))),
+        ))
+    }
+
+    /// One `SCAN` step of the primary at `index`; after its last step the next primary's
+    /// first.
+    async fn cluster_step(
+        &self,
+        conn: &mut Conn,
+        primaries: Vec<u16>,
+        index: usize,
+        cursor: u64,
+    ) -> Result<(Vec<ClientKey>, Option<ScanCursor>), StoreError> {
+        let Some(&slot) = primaries.get(index) else {
+            return Ok((Vec::new(), None));
+        };
+        let (next, keys) = self
+            .scan_step(conn, Some(slot), cursor, LISTING_SCAN_COUNT)
+            .await?;
+        let (index, cursor) = if next == 0 {
+            (index + 1, 0)
+        } else {
+            (index, next)
+        };
+        let next = (index < primaries.len()).then_some(ScanCursor(ScanPosition::Cluster {
+            primaries,
+            index,
+            cursor,
+        }));
+        Ok((keys, next))
     }
 }
 
@@ -822,27 +975,46 @@ impl InstallationStore for RedisStore {
             }
             Conn::Cluster(cluster) => {
                 // Every primary holds its own slots: SCAN each of them.
-                let reply = cluster
-                    .route_command(
-                        redis::cmd("CLUSTER").arg("NODES").clone(),
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-                    )
-                    .await
-                    .map_err(|e| self.redis_error(e))?;
-                let nodes: String =
-                    redis::from_redis_value(reply).map_err(|e| self.redis_error(e.into()))?;
-                let slots = slot_per_primary(&nodes);
-                if slots.is_empty() {
-                    return Err(StoreError::unavailable(ConfigError(
-                        "CLUSTER NODES names no primary serving a slot".into(),
-                    )));
-                }
-                for slot in slots {
+                for slot in self.primaries(cluster).await? {
                     self.scan_into(&mut conn, Some(slot), &mut found).await?;
                 }
             }
         }
         Ok(found.into_iter().collect())
+    }
+
+    async fn scan_installations(&self, cursor: ScanCursor) -> Result<InstallationPage, StoreError> {
+        let mut conn = self.conn().await?;
+        let (keys, next) = match (cursor.0, &mut conn) {
+            (ScanPosition::Start, Conn::Cluster(cluster)) => {
+                let primaries = self.primaries(cluster).await?;
+                self.cluster_step(&mut conn, primaries, 0, 0).await?
+            }
+            (
+                ScanPosition::Cluster {
+                    primaries,
+                    index,
+                    cursor,
+                },
+                Conn::Cluster(_),
+            ) => {
+                self.cluster_step(&mut conn, primaries, index, cursor)
+                    .await?
+            }
+            (ScanPosition::Start, Conn::Single(_)) => self.single_step(&mut conn, 0).await?,
+            (ScanPosition::Redis(cursor), Conn::Single(_)) => {
+                self.single_step(&mut conn, cursor).await?
+            }
+            (other, _) => {
+                return Err(StoreError::Corrupt(format!(
+                    "a listing cursor of another store: {other:?}"
+                )))
+            }
+        };
+        Ok(InstallationPage {
+            installations: self.load_listed(&mut conn, keys).await?,
+            next,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
