@@ -21,3 +21,4 @@ mod secrets_at_rest;
 mod service;
 mod site_import;
 mod store;
+mod tenants_cli;
