@@ -14,8 +14,8 @@ use connect_warden::secrets::SecretVersion;
 use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
-    Commit, CommitOutcome, InstallState, Installation, InstallationStore, SeenToken, SharedStore,
-    SiteProof, StoreError,
+    Commit, CommitOutcome, InstallState, Installation, InstallationStore, ScanCursor, SeenToken,
+    SharedStore, SiteProof, StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -403,6 +403,57 @@ async fn list_client_keys_lists_committed_ones(store: SharedStore) {
     assert_eq!(keys, vec![ck("confluence:two"), ck("jira:one"), ck("x")]);
 }
 
+/// A listing reads every installation once, in pages: more records than one page holds
+/// (Redis: `SCAN` steps of about 1000 keys, on every primary of a cluster; embedded: 1000 per
+/// page).
+async fn scan_installations_pages_through_every_record(store: SharedStore) {
+    use futures_util::StreamExt as _;
+    const COUNT: usize = 2500;
+    let keys: Vec<String> = (0..COUNT).map(|i| format!("jira:paged-{i}")).collect();
+    futures_util::stream::iter(&keys)
+        .for_each_concurrent(32, |key| {
+            let store = store.clone();
+            async move {
+                assert_eq!(
+                    commit(&*store, &minimal(key), 0, None).await,
+                    CommitOutcome::Committed
+                );
+            }
+        })
+        .await;
+
+    let mut listed = std::collections::BTreeSet::new();
+    let mut pages = 0;
+    let mut cursor = ScanCursor::default();
+    loop {
+        let page = store.scan_installations(cursor).await.unwrap();
+        pages += 1;
+        assert!(
+            page.installations.len() <= 2 * 1000,
+            "a page of {}",
+            page.installations.len()
+        );
+        for entry in page.installations {
+            let record = entry.record.expect("a readable record");
+            assert_eq!(record.client_key, entry.client_key);
+            assert_eq!(
+                record.current_secret().secret.expose(),
+                minimal(entry.client_key.as_str())
+                    .current_secret()
+                    .secret
+                    .expose()
+            );
+            listed.insert(entry.client_key.as_str().to_owned());
+        }
+        match page.next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    assert_eq!(listed, keys.into_iter().collect());
+    assert!(pages >= 3, "{pages} page(s)");
+}
+
 async fn ping_answers(store: SharedStore) {
     store.ping().await.unwrap();
 }
@@ -447,6 +498,7 @@ both!(
     seen_token_until_expiry,
     site_index,
     list_client_keys_lists_committed_ones,
+    scan_installations_pages_through_every_record,
     ping_answers,
 );
 
