@@ -17,7 +17,8 @@
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
-//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
+//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
+//! - [`upm`]: installing the app on a development site through its plugin manager (`warden dev`).
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
 
@@ -36,3 +37,4 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tenants;
+pub mod upm;
