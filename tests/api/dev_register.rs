@@ -289,3 +289,86 @@ async fn unregister_makes_the_site_send_uninstalled() {
     let again = f.unregister(API_TOKEN).await;
     again.assert_failed_saying(&["is not installed on", "404"], &[API_TOKEN]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_mode_off_and_a_site_without_upm_are_named_as_such() {
+    let f = fixture(true).await;
+    assert!(f.dev.upm().set_development_mode(SITE, false));
+    let run = f.register(API_TOKEN, &f.descriptor_url()).await;
+    run.assert_failed_saying(
+        &[
+            "403",
+            "site administrator",
+            "development mode",
+            "development mode is off on this site",
+        ],
+        &[API_TOKEN],
+    );
+    assert!(f.dev.upm().installation(SITE).is_none());
+
+    // A URL where no plugin manager answers: not a site's base URL.
+    let run = f
+        .warden_dev(
+            API_TOKEN,
+            &[
+                "register",
+                "--site",
+                &format!("{}/t/no-such-site", f.dev.url()),
+                "--user",
+                ADMIN,
+                "--descriptor-url",
+                &f.descriptor_url(),
+            ],
+        )
+        .await;
+    run.assert_failed_saying(&["404", "no plugin manager at", "base URL"], &[API_TOKEN]);
+    assert_eq!(f.app.stored_count().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_does_not_answer_is_a_timeout() {
+    let f = fixture(true).await;
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let site = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let run = f
+        .warden_dev(
+            API_TOKEN,
+            &[
+                "register",
+                "--site",
+                &site,
+                "--user",
+                ADMIN,
+                "--timeout",
+                "1",
+            ],
+        )
+        .await;
+    held.abort();
+    run.assert_failed_saying(&["did not answer within 1s", "--timeout"], &[API_TOKEN]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_token_is_never_sent_over_plain_http_to_a_remote_site() {
+    let f = fixture(true).await;
+    let run = f
+        .warden_dev(
+            API_TOKEN,
+            &[
+                "register",
+                "--site",
+                "http://acme.atlassian.net",
+                "--user",
+                ADMIN,
+            ],
+        )
+        .await;
+    run.assert_failed_saying(&["must use https"], &[API_TOKEN]);
+}

@@ -13,7 +13,8 @@
 //! | `GET <site>/rest/plugins/1.0/{appKey}-key` | `200` the plugin (`key`, `enabled`); `404` |
 //! | `DELETE <site>/rest/plugins/1.0/{appKey}-key` | sends the signed `uninstalled`, `204`; `404` |
 //!
-//! Every route wants `Authorization: Basic` with the site's credentials (`401` otherwise). A
+//! Every route wants `Authorization: Basic` with the site's credentials (`401` otherwise); an
+//! install wants development mode on ([`UpmService::set_development_mode`], `403` otherwise). A
 //! pending task reads `{"type": "INSTALL", "pingAfter", "status": {"done", "contentType"},
 //! "links": {"self"}}`; a failed one has `status.done = true` with `errorMessage` and `subCode`.
 //! An install reads the descriptor (loopback only), checks it has a `key`, a `baseUrl` and a
@@ -60,6 +61,8 @@ struct UpmSite {
     api_token: SecretString,
     /// Issued by `GET /rest/plugins/1.0/`, each good for one install request.
     upm_tokens: HashSet<String>,
+    /// Off: the site installs apps from the Marketplace only, never from a descriptor URL.
+    development_mode: bool,
     installed: Option<Installation>,
 }
 
@@ -112,10 +115,20 @@ impl UpmService {
                 user: user.to_owned(),
                 api_token: SecretString::from(api_token.to_owned()),
                 upm_tokens: HashSet::new(),
+                development_mode: true,
                 installed: None,
             },
         );
         format!("/t/{site}")
+    }
+
+    /// Switches the site's development mode (on for a new site); while it is off, an install
+    /// from a descriptor URL is refused with 403. `false` if the site is unknown.
+    pub fn set_development_mode(&self, site: &str, on: bool) -> bool {
+        lock(&self.sites)
+            .get_mut(site)
+            .map(|s| s.development_mode = on)
+            .is_some()
     }
 
     /// The site's side of the installation of the app on `site`, if one is installed.
@@ -182,11 +195,11 @@ fn site_path(req: &HttpRequest, site: &str) -> String {
     format!("{}/t/{site}", &path[..at])
 }
 
-/// `Err(response)` unless the request carries the site's basic-auth credentials.
-fn authenticate(req: &HttpRequest, service: &UpmService, site: &str) -> Result<(), HttpResponse> {
+/// The refusal of a request without the site's basic-auth credentials; `None` when it has them.
+fn refusal(req: &HttpRequest, service: &UpmService, site: &str) -> Option<HttpResponse> {
     let sites = lock(&service.sites);
     let Some(known) = sites.get(site) else {
-        return Err(message(
+        return Some(message(
             StatusCode::NOT_FOUND,
             format!("no site {site} (or no plugin manager) on this host"),
         ));
@@ -205,11 +218,15 @@ fn authenticate(req: &HttpRequest, service: &UpmService, site: &str) -> Result<(
             user == known.user && token == known.api_token.expose_secret()
         });
     if matches {
-        Ok(())
+        None
     } else {
-        Err(HttpResponse::Unauthorized()
-            .insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"devtenant\""))
-            .json(json!({ "message": "authentication failed: unknown user or wrong API token" })))
+        Some(
+            HttpResponse::Unauthorized()
+                .insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"devtenant\""))
+                .json(
+                    json!({ "message": "authentication failed: unknown user or wrong API token" }),
+                ),
+        )
     }
 }
 
@@ -219,8 +236,8 @@ async fn list(
     path: web::Path<String>,
 ) -> HttpResponse {
     let site = path.into_inner();
-    if let Err(refusal) = authenticate(&req, &service, &site) {
-        return refusal;
+    if let Some(refused) = refusal(&req, &service, &site) {
+        return refused;
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
     let mut sites = lock(&service.sites);
@@ -280,8 +297,8 @@ async fn install(
     body: web::Bytes,
 ) -> HttpResponse {
     let site = path.into_inner();
-    if let Err(refusal) = authenticate(&req, &service, &site) {
-        return refusal;
+    if let Some(refused) = refusal(&req, &service, &site) {
+        return refused;
     }
     let token_ok = query.token.as_deref().is_some_and(|t| {
         lock(&service.sites)
@@ -292,6 +309,15 @@ async fn install(
         return message(
             StatusCode::FORBIDDEN,
             "the token query parameter must be a upm-token from GET /rest/plugins/1.0/ (each is good once)",
+        );
+    }
+    let development_mode = lock(&service.sites)
+        .get(&site)
+        .is_some_and(|s| s.development_mode);
+    if !development_mode {
+        return message(
+            StatusCode::FORBIDDEN,
+            "development mode is off on this site: apps install from the Marketplace only",
         );
     }
     let content_type = req
@@ -435,8 +461,8 @@ async fn pending(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (site, id) = path.into_inner();
-    if let Err(refusal) = authenticate(&req, &service, &site) {
-        return refusal;
+    if let Some(refused) = refusal(&req, &service, &site) {
+        return refused;
     }
     let task = lock(&service.tasks)
         .get(&id)
@@ -469,8 +495,8 @@ async fn plugin(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (site, plugin) = path.into_inner();
-    if let Err(refusal) = authenticate(&req, &service, &site) {
-        return refusal;
+    if let Some(refused) = refusal(&req, &service, &site) {
+        return refused;
     }
     match installed_key(&service, &site, &plugin) {
         Some(key) => HttpResponse::Ok().json(plugin_json(&site_path(&req, &site), &key)),
@@ -487,8 +513,8 @@ async fn uninstall(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     let (site, plugin) = path.into_inner();
-    if let Err(refusal) = authenticate(&req, &service, &site) {
-        return refusal;
+    if let Some(refused) = refusal(&req, &service, &site) {
+        return refused;
     }
     if installed_key(&service, &site, &plugin).is_none() {
         return message(
