@@ -566,3 +566,95 @@ async fn uninstall(
     }
     HttpResponse::NoContent().finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::{test, App};
+
+    fn basic(user: &str, token: &str) -> (header::HeaderName, String) {
+        (
+            header::AUTHORIZATION,
+            format!("Basic {}", STANDARD.encode(format!("{user}:{token}"))),
+        )
+    }
+
+    #[actix_web::test]
+    async fn credentials_upm_tokens_and_development_mode_are_required() {
+        let service = web::Data::new(UpmService::new(
+            Arc::new(RwLock::new(KeyRing::in_memory())),
+            web::Data::new(HostService::new()),
+        ));
+        service.add_site("acme", "admin@example.com", "right");
+        let app = test::init_service(App::new().configure(configure(service.clone()))).await;
+        let list = |auth: Option<(header::HeaderName, String)>| {
+            let mut req = test::TestRequest::get().uri("/t/acme/rest/plugins/1.0/");
+            if let Some(auth) = auth {
+                req = req.insert_header(auth);
+            }
+            req.to_request()
+        };
+        for auth in [
+            None,
+            Some(basic("admin@example.com", "wrong")),
+            Some(basic("other", "right")),
+        ] {
+            let res = test::call_service(&app, list(auth)).await;
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+            assert!(res.headers().get("upm-token").is_none());
+        }
+        let res = test::call_service(&app, list(Some(basic("admin@example.com", "right")))).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let token = res
+            .headers()
+            .get("upm-token")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+
+        let post = |token: &str, content_type: &str| {
+            test::TestRequest::post()
+                .uri(&format!("/t/acme/rest/plugins/1.0/?token={token}"))
+                .insert_header(basic("admin@example.com", "right"))
+                .insert_header((header::CONTENT_TYPE, content_type.to_owned()))
+                .set_payload(r#"{"pluginUri": "http://127.0.0.1:1/atlassian-connect.json"}"#)
+                .to_request()
+        };
+        let res = test::call_service(&app, post("made-up", INSTALL_URI_MEDIA_TYPE)).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let res = test::call_service(&app, post(&token, "application/json")).await;
+        assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        // A token is good for one install request, whatever came of it.
+        let res = test::call_service(&app, post(&token, INSTALL_URI_MEDIA_TYPE)).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+        assert!(service.set_development_mode("acme", false));
+        let res = test::call_service(&app, list(Some(basic("admin@example.com", "right")))).await;
+        let token = res
+            .headers()
+            .get("upm-token")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let res = test::call_service(&app, post(&token, INSTALL_URI_MEDIA_TYPE)).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let body: Value = test::read_body_json(res).await;
+        assert!(body["message"]
+            .as_str()
+            .unwrap()
+            .contains("development mode"));
+
+        let res = test::call_service(
+            &app,
+            test::TestRequest::get()
+                .uri("/t/nowhere/rest/plugins/1.0/")
+                .insert_header(basic("admin@example.com", "right"))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        assert!(service.installation("acme").is_none());
+    }
+}
