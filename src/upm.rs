@@ -265,26 +265,25 @@ impl UpmClient {
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, HeaderMap, String), UpmError> {
-        let response = request.send().await.map_err(|e| self.transport(what, &e))?;
+        let response = request.send().await.map_err(|e| self.transport(what, e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| self.transport(what, &e))?;
+        let text = response.text().await.map_err(|e| self.transport(what, e))?;
         Ok((status, headers, text))
     }
 
-    fn transport(&self, what: &str, e: &reqwest::Error) -> UpmError {
+    fn transport(&self, what: &str, e: reqwest::Error) -> UpmError {
         if e.is_timeout() {
             return UpmError::Timeout {
                 what: what.to_owned(),
                 after: self.timeout,
             };
         }
-        // reqwest's messages name the URL, never the headers: no credentials in them.
+        // `what` names the URL; without it here, the upm-token of an install URL stays out too.
+        // reqwest never puts headers (the credentials) in its messages.
+        let e = e.without_url();
         let mut cause = e.to_string();
-        let mut source = std::error::Error::source(e);
+        let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
             cause.push_str(": ");
             cause.push_str(&s.to_string());
