@@ -6,8 +6,11 @@ use crate::configuration::Settings;
 use crate::inventory::{self, StateFilter};
 use crate::startup::Application;
 use crate::store::sealing::{self, Sealer};
+use crate::upm::{self, SiteCredentials, SiteUrl, UpmClient};
 use connect_protocol::domain::BaseUrl;
 use connect_protocol::qsh::CanonicalRequest;
+use secrecy::SecretString;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,6 +42,9 @@ pub enum Command {
     /// The installations in the store, for operators: list, show one, count.
     #[command(subcommand, long_about = TENANTS_ABOUT)]
     Tenants(TenantsCommand),
+    /// Install the app on a development site (or remove it) through the site's plugin manager.
+    #[command(subcommand)]
+    Dev(DevCommand),
 }
 
 const TENANTS_ABOUT: &str = "The installations in the store, for operators: list them, show one, count them. \
@@ -86,6 +92,52 @@ pub enum TenantsCommand {
         /// One JSON object.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// The site and the administrator `warden dev` acts as. The API token is read from the
+/// environment variable ATLASSIAN_API_TOKEN only, never from the command line.
+#[derive(Debug, clap::Args)]
+pub struct SiteArgs {
+    /// The site's base URL, e.g. https://NAME.atlassian.net (Confluence:
+    /// https://NAME.atlassian.net/wiki). HTTPS only (plain HTTP for 127.0.0.1/localhost).
+    #[arg(long, value_name = "URL")]
+    pub site: String,
+    /// Atlassian account email of a site administrator; its API token (from
+    /// https://id.atlassian.com/manage-profile/security/api-tokens) goes in ATLASSIAN_API_TOKEN.
+    #[arg(long, value_name = "EMAIL")]
+    pub user: String,
+    /// Timeout of each request to the site, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Install the app on a development site from its descriptor URL, as "Upload app" does.
+    ///
+    /// Asks the site's plugin manager (UPM REST API, /rest/plugins/1.0/) to install the app from
+    /// the descriptor URL, then waits until UPM reports the outcome and prints UPM's error text if
+    /// it failed (exit code 1). The site fetches the descriptor and sends the signed `installed`
+    /// callback itself, so both must be reachable from the internet (e.g. through a tunnel
+    /// named by WARDEN_BASE_URL) and warden must be running. The account must be a site
+    /// administrator and the site must have development mode on (Settings > Apps > Manage apps >
+    /// Settings > Enable development mode). Same settings as `serve` (WARDEN_BASE_URL,
+    /// WARDEN_APP_KEY, ...).
+    Register {
+        #[command(flatten)]
+        site: SiteArgs,
+        /// The descriptor URL UPM installs from. Default: WARDEN_BASE_URL + /atlassian-connect.json.
+        #[arg(long, value_name = "URL")]
+        descriptor_url: Option<String>,
+        /// How long to wait for UPM to finish the install, in seconds.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        wait: u64,
+    },
+    /// Remove the app (WARDEN_APP_KEY) from a development site; the site sends `uninstalled`.
+    Unregister {
+        #[command(flatten)]
+        site: SiteArgs,
     },
 }
 
@@ -140,6 +192,7 @@ pub async fn main() -> anyhow::Result<()> {
             }
             other => other,
         },
+        Command::Dev(command) => dev(command).await,
         Command::Jwt(JwtCommand::Canonical {
             method,
             url,
@@ -300,6 +353,75 @@ async fn tenants(command: TenantsCommand) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// The environment variable holding the administrator's API token.
+pub const API_TOKEN_VAR: &str = "ATLASSIAN_API_TOKEN";
+
+fn upm_client(args: &SiteArgs) -> anyhow::Result<UpmClient> {
+    let site = SiteUrl::parse(&args.site)?;
+    let token = std::env::var(API_TOKEN_VAR).map_err(|_| {
+        anyhow::anyhow!(
+            "{API_TOKEN_VAR} is not set: set it to an API token of {} \
+             (https://id.atlassian.com/manage-profile/security/api-tokens)",
+            args.user
+        )
+    })?;
+    let credentials = SiteCredentials::new(&args.user, SecretString::from(token))?;
+    Ok(UpmClient::new(
+        site,
+        credentials,
+        Duration::from_secs(args.timeout.max(1)),
+    )?)
+}
+
+/// `warden dev register` / `unregister`: prints what happened; fails with the site's reason.
+async fn dev(command: DevCommand) -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    match command {
+        DevCommand::Register {
+            site,
+            descriptor_url,
+            wait,
+        } => {
+            let client = upm_client(&site)?;
+            let descriptor = match descriptor_url {
+                Some(url) => upm::descriptor_url(&url)?,
+                None => upm::descriptor_url(&settings.base_url.join("/atlassian-connect.json"))?,
+            };
+            if upm::unreachable_from(client.site(), &descriptor) {
+                eprintln!(
+                    "warning: the site fetches {descriptor} itself, from Atlassian's network: a \
+                     local address is unreachable from there (expose warden through a tunnel and \
+                     set WARDEN_BASE_URL to its https URL)"
+                );
+            }
+            println!(
+                "installing {} on {} from {descriptor}",
+                settings.app_key,
+                client.site().as_str()
+            );
+            let installed = client
+                .install(&descriptor, &settings.app_key, Duration::from_secs(wait))
+                .await?;
+            let key = installed.key.as_deref().unwrap_or(&settings.app_key);
+            println!("installed {key} on {}", client.site().as_str());
+            if !installed.enabled {
+                println!("note: the site keeps {key} disabled (it was disabled before); enable it on the Manage apps page");
+            }
+            Ok(())
+        }
+        DevCommand::Unregister { site } => {
+            let client = upm_client(&site)?;
+            client.uninstall(&settings.app_key).await?;
+            println!(
+                "removed {} from {}",
+                settings.app_key,
+                client.site().as_str()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Header and claims of a token, pretty-printed and marked unverified.

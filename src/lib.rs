@@ -19,6 +19,7 @@
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
 //!   [`inventory`]: what `warden tenants` shows operators of the store.
+//! - [`upm`]: installing the app on a development site through its plugin manager (`warden dev`).
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
 
@@ -38,3 +39,4 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tenants;
+pub mod upm;

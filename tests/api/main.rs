@@ -6,6 +6,7 @@ mod helpers;
 mod cli;
 mod cluster;
 mod coherence;
+mod dev_register;
 mod devtenant;
 mod host_client;
 mod install_keys;

@@ -99,6 +99,14 @@ pub enum DevtenantCommand {
         /// Address to listen on (loopback only).
         #[arg(long, default_value = "127.0.0.1:8090", value_name = "ADDR")]
         listen: String,
+        /// Also serve a site with a plugin manager (UPM) whose administrator is EMAIL, with the
+        /// API token in DEVTENANT_UPM_TOKEN: `warden dev register --site <its URL> --user EMAIL`
+        /// installs an app on it. Its installations live in memory only.
+        #[arg(long, value_name = "EMAIL")]
+        upm_user: Option<String>,
+        /// Name of that site (its URL is <server>/t/NAME).
+        #[arg(long, default_value = "dev", value_name = "NAME")]
+        upm_site: String,
     },
     /// Install the app on a site: a new one (random clientKey, secret, oauthClientId), or
     /// again on an existing one with a new secret (like `roll`).
@@ -248,7 +256,22 @@ pub async fn run(cli: DevtenantCli) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
     );
     match cli.command {
-        DevtenantCommand::Serve { listen } => serve(&state, &listen).await,
+        DevtenantCommand::Serve {
+            listen,
+            upm_user,
+            upm_site,
+        } => {
+            let upm = match upm_user {
+                Some(user) => {
+                    let token = std::env::var(UPM_TOKEN_VAR).map_err(|_| {
+                        anyhow::anyhow!("--upm-user needs the site's API token in {UPM_TOKEN_VAR}")
+                    })?;
+                    Some((upm_site, user, token))
+                }
+                None => None,
+            };
+            serve(&state, &listen, upm).await
+        }
         DevtenantCommand::Install {
             app,
             tenant,
@@ -353,7 +376,15 @@ async fn rehearse_command(options: rehearse::Options) -> anyhow::Result<ExitCode
 
 // ---- serve ----
 
-async fn serve(state: &StateDir, listen: &str) -> anyhow::Result<ExitCode> {
+/// The API token of `serve --upm-user`.
+const UPM_TOKEN_VAR: &str = "DEVTENANT_UPM_TOKEN";
+
+/// `upm`: a site with a plugin manager to serve, (name, administrator, API token).
+async fn serve(
+    state: &StateDir,
+    listen: &str,
+    upm: Option<(String, String, String)>,
+) -> anyhow::Result<ExitCode> {
     init_logging();
     let dir = state.clone();
     let ring = tokio::task::spawn_blocking(move || dir.keyring()).await??;
@@ -385,6 +416,10 @@ async fn serve(state: &StateDir, listen: &str) -> anyhow::Result<ExitCode> {
             server.url()
         );
         println!("  OAuth2 token: {}", server.token_url());
+        if let Some((site, user, token)) = &upm {
+            let url = server.add_upm_site(site, user, token);
+            println!("  UPM site:     {url}  (warden dev register --site {url} --user {user})");
+        }
         println!();
         println!("Start the app with:");
         println!(

@@ -5,7 +5,9 @@
 //! - [`key_server`]: the install-key CDN (`GET /{kid}` -> public key PEM);
 //! - [`host`]: the host site and its OAuth2 authorization server, for calls from the app;
 //! - [`server`]: key server and fake host on one address; [`state`]: the state directory;
-//!   [`client`]: descriptors, tokens and callbacks; [`rehearse`]: the catalogue; [`cli`].
+//!   [`client`]: descriptors, tokens and callbacks; [`rehearse`]: the catalogue; [`cli`];
+//! - [`upm`]: the sites' plugin manager (install an app from its descriptor URL, as a developer
+//!   does on a development site).
 
 pub mod cli;
 pub mod client;
@@ -16,6 +18,7 @@ mod local_server;
 pub mod rehearse;
 pub mod server;
 pub mod state;
+pub mod upm;
 
 pub use host::{FakeHost, HostRoute, HostService, TenantRecord};
 pub use key_server::{KeyServer, KeyService};

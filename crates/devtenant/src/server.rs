@@ -13,12 +13,14 @@ use super::host::{self, HostService};
 use super::key_server::{self, KeyService};
 use super::keys::KeyRing;
 use super::local_server::{loopback_addrs, LocalServer};
+use super::upm::{self, UpmService};
 
 /// Key server and fake host on one address. Stopped when dropped.
 pub struct DevServer {
     server: LocalServer,
     keys: web::Data<KeyService>,
     host: web::Data<HostService>,
+    upm: web::Data<UpmService>,
 }
 
 impl DevServer {
@@ -34,12 +36,20 @@ impl DevServer {
         )?;
         let keys = web::Data::new(KeyService::new(keyring));
         let host = web::Data::new(HostService::new());
-        let (k, h) = (keys.clone(), host.clone());
+        let upm = web::Data::new(UpmService::new(keys.keyring().clone(), host.clone()));
+        let (k, h, u) = (keys.clone(), host.clone(), upm.clone());
         let server = LocalServer::start(&addrs[..], "devtenant server", move |cfg| {
+            // Before the host's `/t/{site}/...`, which would take the plugin manager's paths.
+            upm::configure(u.clone())(cfg);
             host::configure(h.clone())(cfg);
             key_server::configure(k.clone())(cfg);
         })?;
-        Ok(Self { server, keys, host })
+        Ok(Self {
+            server,
+            keys,
+            host,
+            upm,
+        })
     }
 
     /// `http://ADDR:PORT`: the fake host, and the value for `WARDEN_KEYS_URL`.
@@ -67,6 +77,18 @@ impl DevServer {
 
     pub fn host(&self) -> &HostService {
         &self.host
+    }
+
+    /// The sites' plugin manager ([`super::upm`]).
+    pub fn upm(&self) -> &UpmService {
+        &self.upm
+    }
+
+    /// Adds a site with a plugin manager whose administrator signs in as `user` with
+    /// `api_token`; returns its base URL, `http://ADDR:PORT/t/{site}` (the `--site` of
+    /// `warden dev register`).
+    pub fn add_upm_site(&self, site: &str, user: &str, api_token: &str) -> String {
+        format!("{}{}", self.url(), self.upm.add_site(site, user, api_token))
     }
 
     pub fn keyring(&self) -> &Arc<RwLock<KeyRing>> {
