@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use connect_protocol::domain::{BaseUrl, HostPattern};
 
+use crate::host_client::CallPolicy;
 use crate::store::sealing::KeyRing;
 
 /// Production install-key CDN.
@@ -83,6 +84,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Site imports are confirmed by the site before they retire anyone (docs/PROTOCOL.md §7).
     pub site_proof: SiteProofSettings,
+    /// `WARDEN_HOST_*`: retries and in-flight limit of the app's calls to a site.
+    pub host_calls: CallPolicy,
 }
 
 /// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
@@ -200,6 +203,9 @@ struct Raw {
     site_proof_backoff_ms: Option<String>,
     secret_keys: Option<List>,
     require_encryption: Option<String>,
+    host_max_retries: Option<String>,
+    host_max_retry_wait_seconds: Option<String>,
+    host_concurrency_per_site: Option<String>,
 }
 
 impl Settings {
@@ -410,7 +416,13 @@ impl Settings {
             "WARDEN_REQUIRE_ENCRYPTION",
             raw.require_encryption.as_deref(),
         )?;
+        let host_calls = parse_host_calls(
+            raw.host_max_retries,
+            raw.host_max_retry_wait_seconds,
+            raw.host_concurrency_per_site,
+        )?;
         Ok(Self {
+            host_calls,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -532,6 +544,43 @@ fn parse_site_proof(
     })
 }
 
+/// `WARDEN_HOST_MAX_RETRIES` (0-10), `WARDEN_HOST_MAX_RETRY_WAIT_SECONDS` (1-300),
+/// `WARDEN_HOST_CONCURRENCY_PER_SITE` (1-256).
+fn parse_host_calls(
+    max_retries: Option<String>,
+    max_retry_wait_seconds: Option<String>,
+    concurrency_per_site: Option<String>,
+) -> Result<CallPolicy, SettingsError> {
+    let defaults = CallPolicy::default();
+    let max_retries = whole_number(
+        "WARDEN_HOST_MAX_RETRIES",
+        max_retries,
+        u64::from(defaults.max_retries),
+        0..=10,
+        "retries",
+    )?;
+    let max_retry_wait = whole_number(
+        "WARDEN_HOST_MAX_RETRY_WAIT_SECONDS",
+        max_retry_wait_seconds,
+        defaults.max_retry_wait.as_secs(),
+        1..=300,
+        "seconds",
+    )?;
+    let concurrency = whole_number(
+        "WARDEN_HOST_CONCURRENCY_PER_SITE",
+        concurrency_per_site,
+        defaults.concurrency_per_site as u64,
+        1..=256,
+        "requests",
+    )?;
+    Ok(CallPolicy {
+        max_retries: u32::try_from(max_retries).expect("at most 10"),
+        max_retry_wait: Duration::from_secs(max_retry_wait),
+        concurrency_per_site: usize::try_from(concurrency).expect("at most 256"),
+        ..defaults
+    })
+}
+
 /// A boolean setting: `true`/`1`/`yes` or `false`/`0`/`no` (unset or empty: false).
 fn boolean(name: &'static str, value: Option<&str>) -> Result<bool, SettingsError> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
@@ -585,6 +634,26 @@ mod tests {
         );
         assert!(s.secret_keys.is_empty());
         assert!(!s.require_encryption);
+        assert_eq!(s.host_calls, CallPolicy::default());
+        assert_eq!(s.host_calls.max_retries, 3);
+        assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(30));
+        assert_eq!(s.host_calls.concurrency_per_site, 8);
+    }
+
+    #[test]
+    fn host_call_settings_are_read_and_bounded() {
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_HOST_MAX_RETRIES", "0"),
+                ("WARDEN_HOST_MAX_RETRY_WAIT_SECONDS", "5"),
+                ("WARDEN_HOST_CONCURRENCY_PER_SITE", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.host_calls.max_retries, 0);
+        assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(5));
+        assert_eq!(s.host_calls.concurrency_per_site, 2);
     }
 
     #[test]
@@ -683,6 +752,10 @@ mod tests {
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1501"),
             ("WARDEN_SECRET_KEYS", "a:c2hvcnQ="),
             ("WARDEN_REQUIRE_ENCRYPTION", "maybe"),
+            ("WARDEN_HOST_MAX_RETRIES", "11"),
+            ("WARDEN_HOST_MAX_RETRY_WAIT_SECONDS", "0"),
+            ("WARDEN_HOST_CONCURRENCY_PER_SITE", "0"),
+            ("WARDEN_HOST_CONCURRENCY_PER_SITE", "many"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -177,7 +177,8 @@ impl AppState {
                 settings.app_key.clone(),
                 settings.oauth_token_url.clone(),
                 HOST_TIMEOUT,
-            ),
+            )
+            .with_call_policy(settings.host_calls),
             site_proofs: Default::default(),
             settings: Arc::new(settings),
         })
