@@ -19,6 +19,13 @@ pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.co
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
 pub const STAGING_KEYS_URL: &str =
     "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
+/// The install-key servers of production sites, tried in order. Only the server Atlassian
+/// documents: a further default would turn every unknown kid into a `503` while it cannot
+/// answer (a kid is forgotten only when every server says 404), so a fallback server is set in
+/// `WARDEN_KEYS_URL` by whoever knows it exists.
+pub const PRODUCTION_KEYS_URLS: &[&str] = &[PRODUCTION_KEYS_URL];
+/// The install-key servers of staging sites, tried in order.
+pub const STAGING_KEYS_URLS: &[&str] = &[STAGING_KEYS_URL];
 /// Sites whose install keys come from the staging CDN.
 pub fn is_staging_host(host: &str) -> bool {
     host.to_ascii_lowercase().ends_with(".jira-dev.com")
@@ -62,7 +69,8 @@ pub struct Settings {
     /// How long a write waits for those replicas before the callback answers `503`.
     pub redis_wait_timeout: Duration,
     pub data_dir: PathBuf,
-    pub keys_url: Option<BaseUrl>,
+    /// `WARDEN_KEYS_URL`: key servers tried in order for every host; empty: chosen per host.
+    pub keys_urls: Vec<BaseUrl>,
     pub product_hosts: Vec<HostPattern>,
     pub install_auth: InstallAuth,
     pub secret_grace: Duration,
@@ -187,7 +195,7 @@ struct Raw {
     redis_min_replicas: Option<String>,
     redis_wait_timeout_ms: Option<String>,
     data_dir: Option<String>,
-    keys_url: Option<String>,
+    keys_url: Option<List>,
     product_hosts: Option<List>,
     install_auth: Option<String>,
     secret_grace_seconds: Option<String>,
@@ -342,11 +350,13 @@ impl Settings {
             }
             Ok(duration)
         };
-        let keys_url = raw
+        let keys_urls = raw
             .keys_url
-            .filter(|u| !u.trim().is_empty())
-            .map(|u| BaseUrl::parse(&u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
-            .transpose()?;
+            .map(|l| l.items())
+            .unwrap_or_default()
+            .iter()
+            .map(|u| BaseUrl::parse(u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
+            .collect::<Result<Vec<_>, _>>()?;
         let oauth_token_url = raw
             .oauth_token_url
             .unwrap_or_else(|| OAUTH_TOKEN_URL.into());
@@ -434,7 +444,7 @@ impl Settings {
             redis_min_replicas,
             redis_wait_timeout: Duration::from_millis(wait_ms),
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
-            keys_url,
+            keys_urls,
             product_hosts,
             install_auth,
             secret_grace: seconds(
@@ -615,7 +625,7 @@ mod tests {
         assert_eq!(s.redis_min_replicas, 0);
         assert_eq!(s.redis_wait_timeout, Duration::from_millis(500));
         assert_eq!(s.data_dir, PathBuf::from("./data"));
-        assert!(s.keys_url.is_none());
+        assert!(s.keys_urls.is_empty());
         assert_eq!(s.install_auth, InstallAuth::Signed);
         assert_eq!(s.secret_grace, Duration::from_secs(180));
         assert_eq!(s.header_timeout, Duration::from_secs(5));
@@ -638,6 +648,29 @@ mod tests {
         assert_eq!(s.host_calls.max_retries, 3);
         assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(30));
         assert_eq!(s.host_calls.concurrency_per_site, 8);
+    }
+
+    #[test]
+    fn several_key_servers_are_kept_in_order() {
+        let s = Settings::from_sources(
+            None,
+            env(&[(
+                "WARDEN_KEYS_URL",
+                "https://keys-a.example.com, https://keys-b.example.com/",
+            )]),
+        )
+        .unwrap();
+        let urls: Vec<&str> = s.keys_urls.iter().map(BaseUrl::as_str).collect();
+        assert_eq!(
+            urls,
+            ["https://keys-a.example.com", "https://keys-b.example.com"]
+        );
+        let err = Settings::from_sources(
+            None,
+            env(&[("WARDEN_KEYS_URL", "https://keys-a.example.com,nope")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "WARDEN_KEYS_URL");
     }
 
     #[test]
