@@ -92,6 +92,12 @@ async fn a_429_with_retry_after_is_retried_after_the_wait_and_re_signed() {
     assert_eq!(answer["auth"], "jwt");
     assert_eq!(site.requests(&site.first), 2, "one retry");
     assert!(took >= Duration::from_millis(950), "waited only {took:?}");
+    let iats = site.host.app_token_iats(site.first.client_key.as_str());
+    assert_eq!(iats.len(), 2);
+    assert!(
+        iats[1] > iats[0],
+        "the retry reused the first token: {iats:?}"
+    );
 }
 
 #[tokio::test]

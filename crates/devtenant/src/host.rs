@@ -116,6 +116,8 @@ pub struct HostService {
     /// Per tenant: `rest/api` requests in flight now, and the most at once.
     in_flight: Mutex<HashMap<String, (u64, u64)>>,
     rest_requests_by_tenant: Mutex<HashMap<String, u64>>,
+    /// Per tenant, the `iat` of each app JWT accepted on `rest/api` (the last 100).
+    app_token_iats: Mutex<HashMap<String, Vec<i64>>>,
 }
 
 /// The next `remaining` signed `rest/api` requests are refused with `status`.
@@ -181,6 +183,7 @@ impl HostService {
             rest_delay_ms: AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             rest_requests_by_tenant: Mutex::new(HashMap::new()),
+            app_token_iats: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,6 +217,15 @@ impl HostService {
             .get(client_key)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The `iat` of each app JWT of `client_key` accepted on `rest/api`, oldest first (the
+    /// last 100): a retry signed anew shows a later one.
+    pub fn app_token_iats(&self, client_key: &str) -> Vec<i64> {
+        lock(&self.app_token_iats)
+            .get(client_key)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Takes one throttled answer, if any is left.
@@ -489,10 +501,18 @@ async fn tenant_route(
             echo["scope"] = json!(issued.scope);
         } else {
             let extra = service.extra_secrets(&client_key);
-            let iss = match verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
-                Ok(iss) => iss,
+            let (iss, iat) = match verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
+                Ok(verified) => verified,
                 Err((check, message)) => return refused(check, message),
             };
+            {
+                let mut all = lock(&service.app_token_iats);
+                let iats = all.entry(client_key.clone()).or_default();
+                if iats.len() >= 100 {
+                    iats.remove(0);
+                }
+                iats.push(iat);
+            }
             echo["auth"] = json!("jwt");
             echo["iss"] = json!(iss);
         }
@@ -528,13 +548,13 @@ fn failed(check: &'static str, message: impl Into<String>) -> Refusal {
     (check, message.into())
 }
 
-/// Checks the app's JWT like the host does; returns its `iss`.
+/// Checks the app's JWT like the host does; returns its `iss` and `iat`.
 fn verify_app_jwt(
     req: &HttpRequest,
     tenant: &TenantRecord,
     extra_secrets: &[SharedSecret],
     tenant_base: &str,
-) -> Result<String, Refusal> {
+) -> Result<(String, i64), Refusal> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -585,7 +605,7 @@ fn verify_app_jwt(
     claims
         .check_qsh(&canonical, false)
         .map_err(|e| failed("qsh", e.to_string()))?;
-    Ok(iss)
+    Ok((iss, claims.iat.unwrap_or_default()))
 }
 
 #[derive(Debug, Deserialize)]
