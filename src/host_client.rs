@@ -29,7 +29,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Calls are polite to the site ([`CallPolicy`], docs/PROTOCOL.md "App to host calls"): at most
+//! Calls are polite to the site ([`CallPolicy`], docs/PROTOCOL.md §11): at most
 //! [`CallPolicy::concurrency_per_site`] requests to one installation are in flight at once (one
 //! tenant's queue never blocks another's); a `429` or `503` is retried after its `Retry-After`
 //! (seconds or an HTTP date), or after a jittered exponential backoff when it has none, at
@@ -361,7 +361,7 @@ impl CallPolicy {
 }
 
 /// Atlassian's rate-limit headers on an answer (any of them may be absent). See
-/// docs/PROTOCOL.md "App to host calls".
+/// docs/PROTOCOL.md §11.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RateLimit {
     /// `X-RateLimit-Limit`: the most requests allowed in the current window.
