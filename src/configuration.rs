@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use connect_protocol::domain::{BaseUrl, HostPattern};
 
+use crate::host_client::CallPolicy;
 use crate::store::sealing::KeyRing;
 
 /// Production install-key CDN.
@@ -18,6 +19,13 @@ pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.co
 /// Staging install-key CDN, used for `*.jira-dev.com` hosts.
 pub const STAGING_KEYS_URL: &str =
     "https://cs-migrations--cdn.us-east-1.staging.public.atl-paas.net";
+/// The install-key servers of production sites, tried in order. Only the server Atlassian
+/// documents: a further default would turn every unknown kid into a `503` while it cannot
+/// answer (a kid is forgotten only when every server says 404), so a fallback server is set in
+/// `WARDEN_KEYS_URL` by whoever knows it exists.
+pub const PRODUCTION_KEYS_URLS: &[&str] = &[PRODUCTION_KEYS_URL];
+/// The install-key servers of staging sites, tried in order.
+pub const STAGING_KEYS_URLS: &[&str] = &[STAGING_KEYS_URL];
 /// Sites whose install keys come from the staging CDN.
 pub fn is_staging_host(host: &str) -> bool {
     host.to_ascii_lowercase().ends_with(".jira-dev.com")
@@ -61,7 +69,8 @@ pub struct Settings {
     /// How long a write waits for those replicas before the callback answers `503`.
     pub redis_wait_timeout: Duration,
     pub data_dir: PathBuf,
-    pub keys_url: Option<BaseUrl>,
+    /// `WARDEN_KEYS_URL`: key servers tried in order for every host; empty: chosen per host.
+    pub keys_urls: Vec<BaseUrl>,
     pub product_hosts: Vec<HostPattern>,
     pub install_auth: InstallAuth,
     pub secret_grace: Duration,
@@ -83,6 +92,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Site imports are confirmed by the site before they retire anyone (docs/PROTOCOL.md §7).
     pub site_proof: SiteProofSettings,
+    /// `WARDEN_HOST_*`: retries and in-flight limit of the app's calls to a site.
+    pub host_calls: CallPolicy,
 }
 
 /// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
@@ -184,7 +195,7 @@ struct Raw {
     redis_min_replicas: Option<String>,
     redis_wait_timeout_ms: Option<String>,
     data_dir: Option<String>,
-    keys_url: Option<String>,
+    keys_url: Option<List>,
     product_hosts: Option<List>,
     install_auth: Option<String>,
     secret_grace_seconds: Option<String>,
@@ -200,6 +211,9 @@ struct Raw {
     site_proof_backoff_ms: Option<String>,
     secret_keys: Option<List>,
     require_encryption: Option<String>,
+    host_max_retries: Option<String>,
+    host_max_retry_wait_seconds: Option<String>,
+    host_concurrency_per_site: Option<String>,
 }
 
 impl Settings {
@@ -336,11 +350,13 @@ impl Settings {
             }
             Ok(duration)
         };
-        let keys_url = raw
+        let keys_urls = raw
             .keys_url
-            .filter(|u| !u.trim().is_empty())
-            .map(|u| BaseUrl::parse(&u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
-            .transpose()?;
+            .map(|l| l.items())
+            .unwrap_or_default()
+            .iter()
+            .map(|u| BaseUrl::parse(u).map_err(|e| bad("WARDEN_KEYS_URL", e.0)))
+            .collect::<Result<Vec<_>, _>>()?;
         let oauth_token_url = raw
             .oauth_token_url
             .unwrap_or_else(|| OAUTH_TOKEN_URL.into());
@@ -410,7 +426,13 @@ impl Settings {
             "WARDEN_REQUIRE_ENCRYPTION",
             raw.require_encryption.as_deref(),
         )?;
+        let host_calls = parse_host_calls(
+            raw.host_max_retries,
+            raw.host_max_retry_wait_seconds,
+            raw.host_concurrency_per_site,
+        )?;
         Ok(Self {
+            host_calls,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -422,7 +444,7 @@ impl Settings {
             redis_min_replicas,
             redis_wait_timeout: Duration::from_millis(wait_ms),
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into())),
-            keys_url,
+            keys_urls,
             product_hosts,
             install_auth,
             secret_grace: seconds(
@@ -532,6 +554,43 @@ fn parse_site_proof(
     })
 }
 
+/// `WARDEN_HOST_MAX_RETRIES` (0-10), `WARDEN_HOST_MAX_RETRY_WAIT_SECONDS` (1-300),
+/// `WARDEN_HOST_CONCURRENCY_PER_SITE` (1-256).
+fn parse_host_calls(
+    max_retries: Option<String>,
+    max_retry_wait_seconds: Option<String>,
+    concurrency_per_site: Option<String>,
+) -> Result<CallPolicy, SettingsError> {
+    let defaults = CallPolicy::default();
+    let max_retries = whole_number(
+        "WARDEN_HOST_MAX_RETRIES",
+        max_retries,
+        u64::from(defaults.max_retries),
+        0..=10,
+        "retries",
+    )?;
+    let max_retry_wait = whole_number(
+        "WARDEN_HOST_MAX_RETRY_WAIT_SECONDS",
+        max_retry_wait_seconds,
+        defaults.max_retry_wait.as_secs(),
+        1..=300,
+        "seconds",
+    )?;
+    let concurrency = whole_number(
+        "WARDEN_HOST_CONCURRENCY_PER_SITE",
+        concurrency_per_site,
+        defaults.concurrency_per_site as u64,
+        1..=256,
+        "requests",
+    )?;
+    Ok(CallPolicy {
+        max_retries: u32::try_from(max_retries).expect("at most 10"),
+        max_retry_wait: Duration::from_secs(max_retry_wait),
+        concurrency_per_site: usize::try_from(concurrency).expect("at most 256"),
+        ..defaults
+    })
+}
+
 /// A boolean setting: `true`/`1`/`yes` or `false`/`0`/`no` (unset or empty: false).
 fn boolean(name: &'static str, value: Option<&str>) -> Result<bool, SettingsError> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
@@ -566,7 +625,7 @@ mod tests {
         assert_eq!(s.redis_min_replicas, 0);
         assert_eq!(s.redis_wait_timeout, Duration::from_millis(500));
         assert_eq!(s.data_dir, PathBuf::from("./data"));
-        assert!(s.keys_url.is_none());
+        assert!(s.keys_urls.is_empty());
         assert_eq!(s.install_auth, InstallAuth::Signed);
         assert_eq!(s.secret_grace, Duration::from_secs(180));
         assert_eq!(s.header_timeout, Duration::from_secs(5));
@@ -585,6 +644,49 @@ mod tests {
         );
         assert!(s.secret_keys.is_empty());
         assert!(!s.require_encryption);
+        assert_eq!(s.host_calls, CallPolicy::default());
+        assert_eq!(s.host_calls.max_retries, 3);
+        assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(30));
+        assert_eq!(s.host_calls.concurrency_per_site, 8);
+    }
+
+    #[test]
+    fn several_key_servers_are_kept_in_order() {
+        let s = Settings::from_sources(
+            None,
+            env(&[(
+                "WARDEN_KEYS_URL",
+                "https://keys-a.example.com, https://keys-b.example.com/",
+            )]),
+        )
+        .unwrap();
+        let urls: Vec<&str> = s.keys_urls.iter().map(BaseUrl::as_str).collect();
+        assert_eq!(
+            urls,
+            ["https://keys-a.example.com", "https://keys-b.example.com"]
+        );
+        let err = Settings::from_sources(
+            None,
+            env(&[("WARDEN_KEYS_URL", "https://keys-a.example.com,nope")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "WARDEN_KEYS_URL");
+    }
+
+    #[test]
+    fn host_call_settings_are_read_and_bounded() {
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_HOST_MAX_RETRIES", "0"),
+                ("WARDEN_HOST_MAX_RETRY_WAIT_SECONDS", "5"),
+                ("WARDEN_HOST_CONCURRENCY_PER_SITE", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.host_calls.max_retries, 0);
+        assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(5));
+        assert_eq!(s.host_calls.concurrency_per_site, 2);
     }
 
     #[test]
@@ -683,6 +785,10 @@ mod tests {
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1501"),
             ("WARDEN_SECRET_KEYS", "a:c2hvcnQ="),
             ("WARDEN_REQUIRE_ENCRYPTION", "maybe"),
+            ("WARDEN_HOST_MAX_RETRIES", "11"),
+            ("WARDEN_HOST_MAX_RETRY_WAIT_SECONDS", "0"),
+            ("WARDEN_HOST_CONCURRENCY_PER_SITE", "0"),
+            ("WARDEN_HOST_CONCURRENCY_PER_SITE", "many"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

@@ -29,6 +29,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Calls are polite to the site ([`CallPolicy`], docs/PROTOCOL.md §11): at most
+//! [`CallPolicy::concurrency_per_site`] requests to one installation are in flight at once (one
+//! tenant's queue never blocks another's); a `429` or `503` is retried after its `Retry-After`
+//! (seconds or an HTTP date), or after a jittered exponential backoff when it has none, at
+//! most [`CallPolicy::max_retries`] times; a `Retry-After` longer than
+//! [`CallPolicy::max_retry_wait`] is not waited for (the call fails at once: asking earlier is
+//! refused again). Only idempotent requests (GET, HEAD, PUT, DELETE, OPTIONS) with a body that
+//! can be replayed are retried, unless the caller says a request is safe to repeat
+//! ([`HostRequest::retry_non_idempotent`]). Every attempt is signed anew (fresh `iat`/`exp`).
+//! Atlassian's rate-limit headers are read into [`RateLimit`] ([`RateLimit::of`] on an
+//! answer; [`HostClientError::rate_limit`] on a refusal).
+//!
 //! Secrets never leave this module except inside the `Authorization` header of the request they
 //! sign: [`AccessToken`]'s `Debug` is redacted, error messages never carry the shared secret, a
 //! token or an assertion, and bodies quoted in errors are scrubbed of them.
@@ -40,11 +52,13 @@ use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::Expiry;
-use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use rand::Rng as _;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use crate::error::error_chain;
 use crate::store::{Installation, Usability};
@@ -94,13 +108,17 @@ pub enum HostClientError {
         #[source]
         source: Arc<reqwest::Error>,
     },
-    #[error("{method} {url} answered {status}: {body}")]
+    #[error("{method} {url} answered {status}{}: {body}", describe_attempts(*.attempts, .rate_limit))]
     Status {
         method: String,
         url: String,
         status: StatusCode,
         /// The start of the answer, scrubbed of secrets.
         body: String,
+        /// Requests sent, retries included.
+        attempts: u32,
+        /// Atlassian's rate-limit headers of the last answer (boxed: keeps the error small).
+        rate_limit: Box<RateLimit>,
     },
     #[error(
         "installation {client_key} has no oauthClientId, so the app cannot act as a user on it; \
@@ -159,7 +177,26 @@ fn describe_oauth_error(error: &Option<String>, description: &Option<String>) ->
     }
 }
 
+fn describe_attempts(attempts: u32, rate_limit: &RateLimit) -> String {
+    let mut out = String::new();
+    if attempts > 1 {
+        out.push_str(&format!(" (after {attempts} attempts)"));
+    }
+    if let Some(wait) = rate_limit.retry_after {
+        out.push_str(&format!(" (Retry-After {} s)", wait.as_secs()));
+    }
+    out
+}
+
 impl HostClientError {
+    /// Atlassian's rate-limit headers of the answer that failed the call, if it answered.
+    pub fn rate_limit(&self) -> Option<&RateLimit> {
+        match self {
+            HostClientError::Status { rate_limit, .. } => Some(rate_limit.as_ref()),
+            _ => None,
+        }
+    }
+
     /// The HTTP status the host or the authorization server answered, if it answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -258,6 +295,153 @@ struct TokenEndpoint {
     origin: String,
 }
 
+/// Default of [`CallPolicy::max_retries`] (`WARDEN_HOST_MAX_RETRIES`).
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// Default of [`CallPolicy::max_retry_wait`] (`WARDEN_HOST_MAX_RETRY_WAIT_SECONDS`).
+pub const DEFAULT_MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
+/// Default of [`CallPolicy::concurrency_per_site`] (`WARDEN_HOST_CONCURRENCY_PER_SITE`).
+pub const DEFAULT_CONCURRENCY_PER_SITE: usize = 8;
+/// Default of [`CallPolicy::backoff_base`].
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Sites whose in-flight limit is tracked at once; the least recently used are dropped.
+const MAX_TRACKED_SITES: u64 = 100_000;
+/// A site not called for this long loses its limiter (a fresh one is made on its next call).
+const SITE_LIMITER_IDLE: Duration = Duration::from_secs(3600);
+
+/// How politely the app calls a site: how many requests are in flight per installation, how
+/// often and how long a throttled (`429`) or overloaded (`503`) answer is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPolicy {
+    /// Retries after a `429`/`503` (0: never retry).
+    pub max_retries: u32,
+    /// The longest wait before a retry; a `Retry-After` beyond it ends the call at once.
+    pub max_retry_wait: Duration,
+    /// Requests to one installation in flight at once; further ones wait their turn.
+    pub concurrency_per_site: usize,
+    /// Without `Retry-After`, the n-th retry waits a random time in
+    /// `[0, min(max_retry_wait, backoff_base * 2^n)]` (full jitter).
+    pub backoff_base: Duration,
+}
+
+impl Default for CallPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: DEFAULT_MAX_RETRIES,
+            max_retry_wait: DEFAULT_MAX_RETRY_WAIT,
+            concurrency_per_site: DEFAULT_CONCURRENCY_PER_SITE,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+        }
+    }
+}
+
+impl CallPolicy {
+    /// How long to wait before retry number `retry` (0-based) after `answer`; `None`: do not
+    /// retry (not a `429`/`503`, retries spent, or the site asks for a longer wait than allowed).
+    fn retry_wait(&self, status: StatusCode, answer: &RateLimit, retry: u32) -> Option<Duration> {
+        let throttled =
+            status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE;
+        if !throttled || retry >= self.max_retries {
+            return None;
+        }
+        match answer.retry_after {
+            Some(wait) if wait > self.max_retry_wait => None,
+            Some(wait) => Some(wait),
+            None => {
+                let ceiling = self
+                    .backoff_base
+                    .saturating_mul(2u32.saturating_pow(retry))
+                    .min(self.max_retry_wait);
+                let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+                Some(Duration::from_millis(
+                    rand::thread_rng().gen_range(0..=millis),
+                ))
+            }
+        }
+    }
+}
+
+/// Atlassian's rate-limit headers on an answer (any of them may be absent). See
+/// docs/PROTOCOL.md §11.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `X-RateLimit-Limit`: the most requests allowed in the current window.
+    pub limit: Option<u64>,
+    /// `X-RateLimit-Remaining`: requests left in the current window.
+    pub remaining: Option<u64>,
+    /// `X-RateLimit-Reset`: when the limit resets, as sent (an ISO 8601 timestamp).
+    pub reset: Option<String>,
+    /// `X-RateLimit-NearLimit`: `true` when less than a fifth of a budget remains.
+    pub near_limit: Option<bool>,
+    /// `RateLimit-Reason`: which limit refused the request (e.g. `jira-burst-based`).
+    pub reason: Option<String>,
+    /// `Retry-After`, in seconds or as an HTTP date, as a wait from now.
+    pub retry_after: Option<Duration>,
+}
+
+impl RateLimit {
+    /// The rate-limit headers of `response`.
+    pub fn of(response: &reqwest::Response) -> Self {
+        Self::from_headers(response.headers())
+    }
+
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(|v| v.chars().take(100).collect::<String>())
+        };
+        Self {
+            limit: text("x-ratelimit-limit").and_then(|v| v.parse().ok()),
+            remaining: text("x-ratelimit-remaining").and_then(|v| v.parse().ok()),
+            reset: text("x-ratelimit-reset"),
+            near_limit: text("x-ratelimit-nearlimit")
+                .and_then(|v| v.to_ascii_lowercase().parse().ok()),
+            reason: text("ratelimit-reason"),
+            retry_after: text(RETRY_AFTER.as_str())
+                .and_then(|v| parse_retry_after(&v, std::time::SystemTime::now())),
+        }
+    }
+}
+
+/// `Retry-After` as whole seconds or an HTTP date (a date in the past: no wait).
+fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// What every clone of a [`HostClient`] shares: the policy and one in-flight limiter per site.
+struct Politeness {
+    policy: CallPolicy,
+    sites: moka::sync::Cache<ClientKey, Arc<Semaphore>>,
+}
+
+impl Politeness {
+    fn new(policy: CallPolicy) -> Arc<Self> {
+        Arc::new(Self {
+            policy,
+            // A limiter dropped while requests hold it only lets the next ones start sooner;
+            // idle for an hour, it holds no permit anyway.
+            sites: moka::sync::Cache::builder()
+                .name("host_site_limiters")
+                .max_capacity(MAX_TRACKED_SITES)
+                .time_to_idle(SITE_LIMITER_IDLE)
+                .build(),
+        })
+    }
+
+    fn site(&self, client_key: &ClientKey) -> Arc<Semaphore> {
+        self.sites.get_with_by_ref(client_key, || {
+            Arc::new(Semaphore::new(self.policy.concurrency_per_site.max(1)))
+        })
+    }
+}
+
 /// The app's client for calls to host sites. Cheap to clone (clones share the connection pool
 /// and the token cache).
 #[derive(Clone)]
@@ -274,6 +458,7 @@ pub struct HostClient {
     generations: moka::sync::Cache<ClientKey, u64>,
     next_generation: Arc<AtomicU64>,
     epoch: Arc<AtomicU64>,
+    polite: Arc<Politeness>,
 }
 
 impl fmt::Debug for HostClient {
@@ -335,7 +520,18 @@ impl HostClient {
                 .build(),
             next_generation: Arc::default(),
             epoch: Arc::default(),
+            polite: Politeness::new(CallPolicy::default()),
         }
+    }
+
+    /// How politely sites are called (default [`CallPolicy::default`]).
+    pub fn with_call_policy(mut self, policy: CallPolicy) -> Self {
+        self.polite = Politeness::new(policy);
+        self
+    }
+
+    pub fn call_policy(&self) -> CallPolicy {
+        self.polite.policy
     }
 
     /// How long before its expiry a cached access token is replaced (default 60 s). A token
@@ -363,6 +559,8 @@ impl HostClient {
         HostRequests {
             http: self.http.clone(),
             base_url: installation.base_url.clone(),
+            client_key: installation.client_key.clone(),
+            polite: self.polite.clone(),
             auth,
         }
     }
@@ -378,6 +576,8 @@ impl HostClient {
         Ok(HostRequests {
             http: self.http.clone(),
             base_url: installation.base_url.clone(),
+            client_key: installation.client_key.clone(),
+            polite: self.polite.clone(),
             auth: Auth::Bearer(token),
         })
     }
@@ -504,6 +704,7 @@ impl HostClient {
             return Err(err);
         }
         if !status.is_success() {
+            let rate_limit = Box::new(RateLimit::of(&response));
             let body = read_capped(response, MAX_ERROR_BODY)
                 .await
                 .unwrap_or_default();
@@ -512,6 +713,8 @@ impl HostClient {
                 url: endpoint.url.to_string(),
                 status,
                 body: scrubbed(&String::from_utf8_lossy(&body), &scrub, SNIPPET_CHARS),
+                attempts: 1,
+                rate_limit,
             });
         }
         let bad = |reason| HostClientError::BadTokenResponse {
@@ -670,6 +873,8 @@ enum Auth {
 pub struct HostRequests {
     http: reqwest::Client,
     base_url: BaseUrl,
+    client_key: ClientKey,
+    polite: Arc<Politeness>,
     auth: Auth,
 }
 
@@ -721,6 +926,9 @@ impl HostRequests {
             builder,
             base_url: self.base_url.clone(),
             auth: self.auth.clone(),
+            client_key: self.client_key.clone(),
+            polite: self.polite.clone(),
+            retry_non_idempotent: false,
         }
     }
 
@@ -767,6 +975,25 @@ pub struct HostRequest {
     builder: Result<reqwest::RequestBuilder, HostClientError>,
     base_url: BaseUrl,
     auth: Auth,
+    client_key: ClientKey,
+    polite: Arc<Politeness>,
+    retry_non_idempotent: bool,
+}
+
+/// The answer of the last attempt, how many were made, and the strings an error built from
+/// it must never show.
+struct Sent {
+    response: reqwest::Response,
+    attempts: u32,
+    scrub: Vec<String>,
+}
+
+/// Methods that may be repeated without changing the outcome (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
 }
 
 impl fmt::Debug for HostRequest {
@@ -810,80 +1037,94 @@ impl HostRequest {
         self.map(|b| b.timeout(timeout))
     }
 
-    /// The finished, signed request (what [`send`](Self::send) executes).
+    /// A `429`/`503` answer to this request may be retried although its method is not
+    /// idempotent (POST, PATCH): the caller knows that repeating it is harmless. A body that
+    /// cannot be replayed (a stream) is still never sent twice.
+    pub fn retry_non_idempotent(mut self) -> Self {
+        self.retry_non_idempotent = true;
+        self
+    }
+
+    /// The finished, signed request (what [`send`](Self::send) executes first).
     pub fn build(self) -> Result<reqwest::Request, HostClientError> {
-        self.build_signed().map(|(request, _)| request)
+        let mut request = finish(self.builder, &self.base_url)?;
+        sign(&mut request, &self.auth, &self.base_url)?;
+        Ok(request)
     }
 
-    /// Builds, signs and returns the strings an error message must never show.
-    fn build_signed(self) -> Result<(reqwest::Request, Vec<String>), HostClientError> {
-        let mut request = self
-            .builder?
-            .build()
-            .map_err(|e| HostClientError::Build(error_chain(&e.without_url())))?;
-        let invalid = |reason| HostClientError::InvalidPath {
-            base_url: self.base_url.to_string(),
-            path: request.url().path().chars().take(200).collect(),
-            reason,
-        };
-        check_within(request.url(), &self.base_url).map_err(invalid)?;
-        let (value, scrub) = match &self.auth {
-            Auth::App { app_key, secret } => {
-                let canonical = CanonicalRequest::from_url(
-                    request.method().as_str(),
-                    request.url().as_str(),
-                    self.base_url.path(),
-                );
-                let now = jwt::now();
-                let claims =
-                    claims::app_claims(app_key, &canonical, now, now + APP_TOKEN_LIFETIME_SECONDS);
-                let token = jwt::sign_hs256(&claims, secret);
-                (
-                    format!("JWT {token}"),
-                    vec![secret.expose().to_owned(), token],
-                )
-            }
-            Auth::Bearer(token) => (
-                format!("Bearer {}", token.expose_secret()),
-                vec![token.expose_secret().to_owned()],
-            ),
-            // `request` already made the builder this error, so `builder?` returned it.
-            Auth::Refused(refusal) => return Err(refusal.clone()),
-        };
-        let mut value = HeaderValue::from_str(&value).map_err(|_| {
-            HostClientError::Build("the access token is not a valid header value".into())
-        })?;
-        value.set_sensitive(true);
-        request.headers_mut().insert(AUTHORIZATION, value);
-        Ok((request, scrub))
-    }
-
-    /// Sends the request; any answer, whatever its status, is returned.
+    /// Sends the request; any answer, whatever its status, is returned (after the retries a
+    /// `429`/`503` earns, see [`CallPolicy`]).
     pub async fn send(self) -> Result<reqwest::Response, HostClientError> {
-        self.send_inner().await.map(|(response, _)| response)
+        self.send_inner().await.map(|sent| sent.response)
     }
 
-    async fn send_inner(self) -> Result<(reqwest::Response, Vec<String>), HostClientError> {
-        let http = self.http.clone();
-        let (request, scrub) = self.build_signed()?;
+    async fn send_inner(self) -> Result<Sent, HostClientError> {
+        let request = finish(self.builder, &self.base_url)?;
+        let policy = self.polite.policy;
+        let replayable = self.retry_non_idempotent || is_idempotent(request.method());
         let url = redacted_url(request.url());
-        let response = http
-            .execute(request)
-            .await
-            .map_err(|e| request_error(&url, e))?;
-        Ok((response, scrub))
+        let site = self.polite.site(&self.client_key);
+        let mut next = Some(request);
+        let mut attempts = 0;
+        loop {
+            let mut request = next.take().expect("each pass has a request to send");
+            // Kept unsigned for the next attempt, which is signed anew.
+            let spare = if replayable && attempts < policy.max_retries {
+                request.try_clone()
+            } else {
+                None
+            };
+            let scrub = sign(&mut request, &self.auth, &self.base_url)?;
+            attempts += 1;
+            let response = {
+                let _turn = site
+                    .acquire()
+                    .await
+                    .expect("a site's limiter is never closed");
+                self.http
+                    .execute(request)
+                    .await
+                    .map_err(|e| request_error(&url, e))?
+            };
+            let wait = spare.as_ref().and_then(|_| {
+                policy.retry_wait(response.status(), &RateLimit::of(&response), attempts - 1)
+            });
+            let Some(wait) = wait else {
+                return Ok(Sent {
+                    response,
+                    attempts,
+                    scrub,
+                });
+            };
+            tracing::info!(
+                client_key = %self.client_key,
+                method = %self.method,
+                status = response.status().as_u16(),
+                attempt = attempts,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "the site is throttling; retrying after a wait"
+            );
+            drop(response);
+            tokio::time::sleep(wait).await;
+            next = spare;
+        }
     }
 
     /// Sends the request; a non-2xx answer becomes [`HostClientError::Status`] with the start
-    /// of its body.
+    /// of its body and its rate-limit headers.
     pub async fn send_checked(self) -> Result<reqwest::Response, HostClientError> {
         let method = self.method.to_string();
-        let (response, scrub) = self.send_inner().await?;
+        let Sent {
+            response,
+            attempts,
+            scrub,
+        } = self.send_inner().await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
         let url = redacted_url(response.url());
+        let rate_limit = Box::new(RateLimit::of(&response));
         let body = read_capped(response, MAX_ERROR_BODY)
             .await
             .unwrap_or_default();
@@ -893,6 +1134,8 @@ impl HostRequest {
             url,
             status,
             body: scrubbed(&String::from_utf8_lossy(&body), &scrub, SNIPPET_CHARS),
+            attempts,
+            rate_limit,
         })
     }
 
@@ -902,6 +1145,59 @@ impl HostRequest {
         let url = redacted_url(response.url());
         response.json().await.map_err(|e| request_error(&url, e))
     }
+}
+
+/// The built request, unsigned, once it is known to stay on the site.
+fn finish(
+    builder: Result<reqwest::RequestBuilder, HostClientError>,
+    base_url: &BaseUrl,
+) -> Result<reqwest::Request, HostClientError> {
+    let request = builder?
+        .build()
+        .map_err(|e| HostClientError::Build(error_chain(&e.without_url())))?;
+    check_within(request.url(), base_url).map_err(|reason| HostClientError::InvalidPath {
+        base_url: base_url.to_string(),
+        path: request.url().path().chars().take(200).collect(),
+        reason,
+    })?;
+    Ok(request)
+}
+
+/// Puts the identity's `Authorization` on `request` (for the app: a fresh JWT whose `qsh` is
+/// computed from the request's URL); returns the strings an error must never show.
+fn sign(
+    request: &mut reqwest::Request,
+    auth: &Auth,
+    base_url: &BaseUrl,
+) -> Result<Vec<String>, HostClientError> {
+    let (value, scrub) = match auth {
+        Auth::App { app_key, secret } => {
+            let canonical = CanonicalRequest::from_url(
+                request.method().as_str(),
+                request.url().as_str(),
+                base_url.path(),
+            );
+            let now = jwt::now();
+            let claims =
+                claims::app_claims(app_key, &canonical, now, now + APP_TOKEN_LIFETIME_SECONDS);
+            let token = jwt::sign_hs256(&claims, secret);
+            (
+                format!("JWT {token}"),
+                vec![secret.expose().to_owned(), token],
+            )
+        }
+        Auth::Bearer(token) => (
+            format!("Bearer {}", token.expose_secret()),
+            vec![token.expose_secret().to_owned()],
+        ),
+        Auth::Refused(refusal) => return Err(refusal.clone()),
+    };
+    let mut value = HeaderValue::from_str(&value).map_err(|_| {
+        HostClientError::Build("the access token is not a valid header value".into())
+    })?;
+    value.set_sensitive(true);
+    request.headers_mut().insert(AUTHORIZATION, value);
+    Ok(scrub)
 }
 
 /// The URL for messages: a `jwt` query parameter (should a caller add one) is not shown.
@@ -989,6 +1285,61 @@ mod tests {
         }));
         assert!(!format!("{token:?}").contains("tok-very-secret"));
         assert_eq!(token.expose_secret(), "tok-very-secret");
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn only_throttled_answers_are_retried_and_the_backoff_is_bounded() {
+        let policy = CallPolicy {
+            max_retries: 2,
+            max_retry_wait: Duration::from_secs(3),
+            backoff_base: Duration::from_secs(1),
+            ..CallPolicy::default()
+        };
+        let none = RateLimit::default();
+        let asks = |secs| RateLimit {
+            retry_after: Some(Duration::from_secs(secs)),
+            ..RateLimit::default()
+        };
+        assert_eq!(
+            policy.retry_wait(StatusCode::BAD_GATEWAY, &asks(1), 0),
+            None
+        );
+        assert_eq!(policy.retry_wait(StatusCode::OK, &none, 0), None);
+        assert_eq!(
+            policy.retry_wait(StatusCode::TOO_MANY_REQUESTS, &asks(2), 1),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            policy.retry_wait(StatusCode::TOO_MANY_REQUESTS, &asks(2), 2),
+            None
+        );
+        assert_eq!(
+            policy.retry_wait(StatusCode::SERVICE_UNAVAILABLE, &asks(4), 0),
+            None
+        );
+        for retry in 0..2 {
+            for _ in 0..50 {
+                let wait = policy
+                    .retry_wait(StatusCode::SERVICE_UNAVAILABLE, &none, retry)
+                    .unwrap();
+                assert!(wait <= Duration::from_secs(1 << retry), "{wait:?}");
+            }
+        }
     }
 
     #[test]

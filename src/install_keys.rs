@@ -5,10 +5,17 @@
 //! remembered for a minute so that a flood of made-up kids does not turn into a flood of
 //! requests for the same URL; an outage is never cached, so the next install retries.
 //!
+//! There may be several key servers, tried in order ([`InstallKeys::new`], `WARDEN_KEYS_URL`):
+//! one that is down, slow, failing or over its budget hands the kid to the next, and a kid
+//! found on any of them is used. Only when every one of them answers that it does not know the
+//! kid is the kid unknown (and forgotten, below); if any could not answer, the lookup is
+//! [`KeyFetchError::Unavailable`]. The rule is stated in docs/PROTOCOL.md §3.
+//!
 //! Anyone can make a miss (an install callback with any body and a fresh random `kid` needs no
-//! credential), so the requests that actually go to a key server are also limited globally,
-//! for all kids together, by a token bucket ([`FETCHES_PER_SECOND`], [`FETCH_BURST`]). A miss
-//! over that budget is answered [`KeyFetchError::Unavailable`] (503, retry) without a request.
+//! credential), so the requests that actually go to a key server are also limited, for all
+//! kids together, by a token bucket per key server ([`FETCHES_PER_SECOND`], [`FETCH_BURST`]):
+//! a server that is failing does not spend the budget of the next. A miss over the budget of
+//! every server is answered [`KeyFetchError::Unavailable`] (503, retry) without a request.
 //! Each source address also has a small budget of its own ([`PER_SOURCE_BUDGET`]), so one
 //! sender cannot spend the global one; and the lifecycle policy checks every claim before it
 //! asks for a key, so a token that fails any other check costs no fetch at all.
@@ -28,7 +35,7 @@ use std::time::{Duration, Instant};
 use moka::future::Cache;
 use reqwest::StatusCode;
 
-use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
+use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URLS, STAGING_KEYS_URLS};
 use crate::store::{SharedStore, StoreError};
 use connect_protocol::domain::{BaseUrl, KeyId};
 use connect_protocol::jwt::RsaVerifyingKey;
@@ -45,9 +52,9 @@ const MAX_CACHED_MISSES: u64 = 10_000;
 const NOT_FOUND_TTL: Duration = Duration::from_secs(60);
 /// Upper bound of the TCP/TLS connect phase (never more than the whole fetch timeout).
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Sustained rate of requests to key servers, all kids together (cache misses only).
+/// Sustained rate of requests to one key server, all kids together (cache misses only).
 pub const FETCHES_PER_SECOND: u32 = 10;
-/// Requests to key servers allowed at once after a quiet period.
+/// Requests to one key server allowed at once after a quiet period.
 pub const FETCH_BURST: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -176,11 +183,15 @@ const MAX_TRACKED_SOURCES: u64 = 100_000;
 /// The install-key server's public keys, cached by URL, and remembered in the store (when
 /// given one) so that a new instance needs no key server for a key any instance has fetched.
 pub struct InstallKeys {
-    keys_url: Option<BaseUrl>,
+    /// Configured key servers, in order; empty: chosen per host.
+    keys_urls: Vec<BaseUrl>,
     client: reqwest::Client,
+    /// Keys by the kid's URL at the first server of its list (also the store's key).
     keys: Cache<String, Arc<RsaVerifyingKey>>,
     not_found: Cache<String, ()>,
-    budget: TokenBucket,
+    budget: FetchBudget,
+    /// One bucket per key server (their number is fixed by the configuration).
+    server_budgets: Mutex<std::collections::HashMap<String, Arc<TokenBucket>>>,
     per_source: Cache<IpAddr, Arc<TokenBucket>>,
     memory: Option<SharedStore>,
     /// Every key known, however old: used only when the key server cannot answer.
@@ -192,27 +203,27 @@ pub struct InstallKeys {
 impl std::fmt::Debug for InstallKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InstallKeys")
-            .field("keys_url", &self.keys_url)
+            .field("keys_urls", &self.keys_urls)
             .field("cached_keys", &self.keys.entry_count())
             .field("fetches", &self.fetches())
             .field("over_budget", &self.over_budget())
-            .field("budget", &self.budget.budget)
+            .field("budget", &self.budget)
             .finish()
     }
 }
 
 impl InstallKeys {
-    /// `keys_url` overrides the key server for every host (`WARDEN_KEYS_URL`); without it the
-    /// production or staging CDN is chosen per host. `fetch_timeout` bounds one whole fetch.
-    /// Requests to key servers are limited to [`FETCH_BURST`] at once and
-    /// [`FETCHES_PER_SECOND`] sustained.
-    pub fn new(keys_url: Option<BaseUrl>, fetch_timeout: Duration) -> Self {
-        Self::with_fetch_budget(keys_url, fetch_timeout, FetchBudget::default())
+    /// `keys_urls` (`WARDEN_KEYS_URL`), tried in order, replace the key servers for every
+    /// host; when empty, the production or staging servers are chosen per host.
+    /// `fetch_timeout` bounds one whole request to one server. Requests to each key server
+    /// are limited to [`FETCH_BURST`] at once and [`FETCHES_PER_SECOND`] sustained.
+    pub fn new(keys_urls: Vec<BaseUrl>, fetch_timeout: Duration) -> Self {
+        Self::with_fetch_budget(keys_urls, fetch_timeout, FetchBudget::default())
     }
 
-    /// Like [`new`](Self::new), with another global limit on requests to key servers.
+    /// Like [`new`](Self::new), with another limit on requests to each key server.
     pub fn with_fetch_budget(
-        keys_url: Option<BaseUrl>,
+        keys_urls: Vec<BaseUrl>,
         fetch_timeout: Duration,
         budget: FetchBudget,
     ) -> Self {
@@ -224,7 +235,7 @@ impl InstallKeys {
             .build()
             .expect("a reqwest client with rustls and no custom certificates always builds");
         Self {
-            keys_url,
+            keys_urls,
             client,
             keys: Cache::builder()
                 .name("install_keys")
@@ -236,7 +247,8 @@ impl InstallKeys {
                 .max_capacity(MAX_CACHED_MISSES)
                 .time_to_live(NOT_FOUND_TTL)
                 .build(),
-            budget: TokenBucket::new(budget),
+            budget,
+            server_budgets: Mutex::default(),
             per_source: Cache::builder()
                 .name("install_key_sources")
                 .max_capacity(MAX_TRACKED_SOURCES)
@@ -305,7 +317,8 @@ impl InstallKeys {
         host: &BaseUrl,
         source: Option<IpAddr>,
     ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
-        let url = self.key_url(kid, host);
+        let servers = self.servers(host);
+        let url = kid_url(servers[0], kid);
         if self.not_found.contains_key(&url) {
             tracing::debug!(%kid, %url, "install key unknown (remembered)");
             return Err(KeyFetchError::NotFound {
@@ -319,7 +332,7 @@ impl InstallKeys {
             let mut started_here = false;
             let fetch = async {
                 started_here = true;
-                self.fetch(kid, &url, source).await
+                self.fetch(kid, &url, &servers, source).await
             };
             match self.keys.try_get_with(url.clone(), fetch).await {
                 Ok(key) => return Ok(key),
@@ -340,23 +353,43 @@ impl InstallKeys {
         self.over_budget.load(Ordering::Relaxed)
     }
 
-    fn key_url(&self, kid: &KeyId, host: &BaseUrl) -> String {
-        let base = match &self.keys_url {
-            Some(url) => url.as_str(),
-            None if is_staging_host(&host.host()) => STAGING_KEYS_URL,
-            None => PRODUCTION_KEYS_URL,
-        };
-        // `kid` is a parsed UUID: hex digits and hyphens only, nothing that can steer the URL.
-        format!("{}/{kid}", base.trim_end_matches('/'))
+    /// The key servers for an install from `host`, in the order they are asked (never empty).
+    fn servers(&self, host: &BaseUrl) -> Vec<&str> {
+        if !self.keys_urls.is_empty() {
+            return self.keys_urls.iter().map(BaseUrl::as_str).collect();
+        }
+        if is_staging_host(&host.host()) {
+            STAGING_KEYS_URLS.to_vec()
+        } else {
+            PRODUCTION_KEYS_URLS.to_vec()
+        }
     }
 
-    /// One request; only the caller that won the cache's init race runs this, so concurrent
-    /// misses for one kid spend one unit of the budget. Over budget: no request, and the
-    /// error is not cached (moka keeps no failed init), so a later install retries.
+    /// The kid's URL at its first key server: where it is cached and remembered.
+    #[cfg(test)]
+    fn key_url(&self, kid: &KeyId, host: &BaseUrl) -> String {
+        kid_url(self.servers(host)[0], kid)
+    }
+
+    fn server_budget(&self, server: &str) -> Arc<TokenBucket> {
+        let mut all = self
+            .server_budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.entry(server.to_owned())
+            .or_insert_with(|| Arc::new(TokenBucket::new(self.budget)))
+            .clone()
+    }
+
+    /// One lookup: the servers in order until one has the key. Only the caller that won the
+    /// cache's init race runs this, so concurrent misses for one kid spend one unit of each
+    /// budget. A server over its budget is skipped without a request; an error is not cached
+    /// (moka keeps no failed init), so a later install retries.
     async fn fetch(
         &self,
         kid: &KeyId,
         url: &str,
+        servers: &[&str],
         source: Option<IpAddr>,
     ) -> Result<Arc<RsaVerifyingKey>, KeyFetchError> {
         if let Some(source) = source {
@@ -368,34 +401,56 @@ impl InstallKeys {
                     .await;
             }
         }
-        if !self.budget.try_take() {
-            let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
-            if refused == 1 || refused.is_power_of_two() {
-                tracing::warn!(%kid, refused, "install-key fetch refused: global fetch budget exhausted");
+        let mut not_found = 0;
+        let mut invalid = false;
+        let mut failure: Option<KeyFetchError> = None;
+        for server in servers {
+            let server_url = kid_url(server, kid);
+            if !self.server_budget(server).try_take() {
+                let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused == 1 || refused.is_power_of_two() {
+                    tracing::warn!(%kid, %server, refused, "install-key fetch refused: this key server's fetch budget is exhausted");
+                }
+                failure.get_or_insert_with(|| unavailable(FetchBudgetExhausted));
+                continue;
             }
-            return self
-                .fallback_or(url, unavailable(FetchBudgetExhausted))
-                .await;
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%kid, url = %server_url, "fetching install key");
+            match self.fetch_uncounted(kid, &server_url).await {
+                Ok((key, pem)) => {
+                    tracing::debug!(%kid, url = %server_url, "install key fetched");
+                    self.remember(url, &key, &pem).await;
+                    return Ok(key);
+                }
+                Err(KeyFetchError::NotFound { .. }) => {
+                    tracing::info!(%kid, url = %server_url, "install key server does not know this kid");
+                    not_found += 1;
+                }
+                Err(KeyFetchError::InvalidKey) => {
+                    tracing::warn!(%kid, url = %server_url, "install key server answered something that is not a public key");
+                    invalid = true;
+                }
+                Err(error) => {
+                    tracing::warn!(%kid, url = %server_url, error = %ErrorChain(&error), "install key fetch failed");
+                    // A real failure says more than a spent budget.
+                    if failure.as_ref().is_none_or(KeyFetchError::is_over_budget) {
+                        failure = Some(error);
+                    }
+                }
+            }
         }
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%kid, %url, "fetching install key");
-        let result = self.fetch_uncounted(kid, url).await;
-        match result {
-            Ok((key, pem)) => {
-                tracing::debug!(%kid, %url, "install key fetched");
-                self.remember(url, &key, &pem).await;
-                Ok(key)
-            }
-            Err(error @ KeyFetchError::NotFound { .. }) => {
-                tracing::info!(%kid, %url, "install key server does not know this kid");
-                self.not_found.insert(url.to_owned(), ()).await;
-                self.forget(url).await;
-                Err(error)
-            }
-            Err(error) => {
-                tracing::warn!(%kid, %url, error = %ErrorChain(&error), "install key fetch failed");
-                self.fallback_or(url, error).await
-            }
+        if not_found == servers.len() {
+            // Every server says so: a revoked (or made-up) kid.
+            self.not_found.insert(url.to_owned(), ()).await;
+            self.forget(url).await;
+            return Err(KeyFetchError::NotFound {
+                kid: kid.to_string(),
+            });
+        }
+        match failure {
+            Some(error) => self.fallback_or(url, error).await,
+            None if invalid => Err(KeyFetchError::InvalidKey),
+            None => unreachable!("every server was counted as not found, invalid or failed"),
         }
     }
 
@@ -489,6 +544,12 @@ impl InstallKeys {
         let pem = String::from_utf8(body).map_err(|_| KeyFetchError::InvalidKey)?;
         Ok((Arc::new(key), pem.trim().to_owned()))
     }
+}
+
+/// `kid` at `server`. `kid` is a parsed UUID: hex digits and hyphens only, nothing that can
+/// steer the URL.
+fn kid_url(server: &str, kid: &KeyId) -> String {
+    format!("{}/{kid}", server.trim_end_matches('/'))
 }
 
 /// Whether a shared fetch failed only because its starter's own budget was spent.
@@ -594,30 +655,37 @@ mod tests {
 
     #[test]
     fn key_server_is_chosen_by_host_unless_configured() {
-        let keys = InstallKeys::new(None, Duration::from_secs(1));
+        let keys = InstallKeys::new(vec![], Duration::from_secs(1));
         let prod = BaseUrl::parse("https://acme.atlassian.net/wiki").unwrap();
         let staging = BaseUrl::parse("https://acme.jira-dev.com").unwrap();
         assert_eq!(
             keys.key_url(&kid(), &prod),
-            format!("{PRODUCTION_KEYS_URL}/{}", kid())
+            format!("{}/{}", PRODUCTION_KEYS_URLS[0], kid())
         );
         assert_eq!(
             keys.key_url(&kid(), &staging),
-            format!("{STAGING_KEYS_URL}/{}", kid())
+            format!("{}/{}", STAGING_KEYS_URLS[0], kid())
         );
         let fake_staging = BaseUrl::parse("https://jira-dev.com.evil.example").unwrap();
         assert_eq!(
             keys.key_url(&kid(), &fake_staging),
-            format!("{PRODUCTION_KEYS_URL}/{}", kid())
+            format!("{}/{}", PRODUCTION_KEYS_URLS[0], kid())
         );
 
         let configured = InstallKeys::new(
-            Some(BaseUrl::parse("http://127.0.0.1:9/keys/").unwrap()),
+            vec![
+                BaseUrl::parse("http://127.0.0.1:9/keys/").unwrap(),
+                BaseUrl::parse("http://127.0.0.1:10").unwrap(),
+            ],
             Duration::from_secs(1),
         );
         assert_eq!(
             configured.key_url(&kid(), &staging),
             format!("http://127.0.0.1:9/keys/{}", kid())
+        );
+        assert_eq!(
+            configured.servers(&prod),
+            ["http://127.0.0.1:9/keys", "http://127.0.0.1:10"]
         );
     }
 

@@ -163,7 +163,7 @@ impl AppState {
             .context("the descriptor template is not a JSON object")?;
         let invalidations = Invalidations::new();
         Ok(Self {
-            keys: InstallKeys::new(settings.keys_url.clone(), settings.key_fetch_timeout)
+            keys: InstallKeys::new(settings.keys_urls.clone(), settings.key_fetch_timeout)
                 .remembering(store.clone()),
             tenants: TenantCache::with_invalidations(
                 store.clone(),
@@ -177,7 +177,8 @@ impl AppState {
                 settings.app_key.clone(),
                 settings.oauth_token_url.clone(),
                 HOST_TIMEOUT,
-            ),
+            )
+            .with_call_policy(settings.host_calls),
             site_proofs: Default::default(),
             settings: Arc::new(settings),
         })

@@ -427,7 +427,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LoadSpy::new(Arc::new(EmbeddedStore::open(dir.path()).unwrap()));
         let settings = Settings::from_sources(None, Vec::new()).unwrap();
-        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let keys = InstallKeys::new(vec![], std::time::Duration::from_secs(1));
         let tenants = TenantCache::new(
             store.clone() as SharedStore,
             std::time::Duration::from_secs(30),

@@ -568,7 +568,7 @@ mod tests {
 
     /// Legacy-mode settings and a key cache that is never asked (no RS256 token here).
     fn legacy_mode() -> (Settings, InstallKeys) {
-        let keys = InstallKeys::new(None, std::time::Duration::from_secs(1));
+        let keys = InstallKeys::new(vec![], std::time::Duration::from_secs(1));
         (settings(&[("WARDEN_INSTALL_AUTH", "legacy")]), keys)
     }
 

@@ -34,7 +34,7 @@ fn unknown_kid() -> KeyId {
 async fn setup(timeout: Duration) -> (KeyServer, InstallKeys) {
     let ring = Arc::new(RwLock::new(KeyRing::with_key(test_keys()[0].clone())));
     let server = KeyServer::start("127.0.0.1:0", ring).await.unwrap();
-    let keys = InstallKeys::new(Some(server.base_url()), timeout);
+    let keys = InstallKeys::new(vec![server.base_url()], timeout);
     (server, keys)
 }
 
@@ -150,7 +150,7 @@ async fn unreachable_server_is_unavailable_quickly() {
     // A port that was just free and is now closed: connections are refused at once.
     let port = crate::helpers::free_port();
     let keys = InstallKeys::new(
-        Some(BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap()),
+        vec![BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap()],
         Duration::from_secs(5),
     );
 
@@ -270,7 +270,7 @@ async fn over_budget_misses_make_no_request_and_the_budget_refills() {
         burst: 5,
     };
     let keys = Arc::new(InstallKeys::with_fetch_budget(
-        Some(server.base_url()),
+        vec![server.base_url()],
         Duration::from_secs(5),
         budget,
     ));
@@ -310,4 +310,207 @@ async fn over_budget_misses_make_no_request_and_the_budget_refills() {
     assert!(matches!(err, KeyFetchError::NotFound { .. }), "{err:?}");
     assert_eq!(server.fetches(&refused.to_string()), 1);
     assert_eq!(keys.fetches(), server.total_fetches());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several key servers (`WARDEN_KEYS_URL=a,b`)
+
+/// A key server holding `key` only.
+async fn server_with(key: &SigningKey) -> KeyServer {
+    let ring = Arc::new(RwLock::new(KeyRing::with_key(key.clone())));
+    KeyServer::start("127.0.0.1:0", ring).await.unwrap()
+}
+
+fn dead_server() -> BaseUrl {
+    BaseUrl::parse(&format!("http://127.0.0.1:{}", crate::helpers::free_port())).unwrap()
+}
+
+#[tokio::test]
+async fn a_first_key_server_that_is_down_or_failing_hands_the_kid_to_the_next() {
+    let signer = &test_keys()[0];
+    let second = server_with(signer).await;
+
+    let keys = InstallKeys::new(
+        vec![dead_server(), second.base_url()],
+        Duration::from_secs(5),
+    );
+    keys.key(&kid(signer), &host())
+        .await
+        .expect("the second server has the key");
+    assert_eq!(keys.fetches(), 2, "the first server was tried first");
+    assert_eq!(second.fetches(&signer.kid), 1);
+
+    let failing = server_with(signer).await;
+    failing.set_failing(true);
+    let keys = InstallKeys::new(
+        vec![failing.base_url(), second.base_url()],
+        Duration::from_secs(5),
+    );
+    keys.key(&kid(signer), &host())
+        .await
+        .expect("a 503 from the first server hands over to the second");
+    assert_eq!(failing.fetches(&signer.kid), 1);
+    assert_eq!(second.fetches(&signer.kid), 2);
+}
+
+#[tokio::test]
+async fn a_kid_unknown_to_the_first_server_is_taken_from_the_second() {
+    let (wanted, other) = (&test_keys()[0], &test_keys()[1]);
+    let first = server_with(other).await;
+    let second = server_with(wanted).await;
+    let keys = InstallKeys::new(
+        vec![first.base_url(), second.base_url()],
+        Duration::from_secs(5),
+    );
+    let key = keys
+        .key(&kid(wanted), &host())
+        .await
+        .expect("found on the second");
+    let iat = now();
+    let claims = install_claims(
+        "jira:42",
+        "https://app.example.com",
+        &CanonicalRequest::new("POST", "/installed", "", ""),
+        iat,
+        iat + 180,
+    );
+    assert_eq!(
+        Token::parse(&sign_rs256(wanted, &claims))
+            .unwrap()
+            .verify_rs256(&key),
+        Ok(())
+    );
+    assert_eq!(first.fetches(&wanted.kid), 1);
+    assert_eq!(second.fetches(&wanted.kid), 1);
+}
+
+/// The rule of docs/PROTOCOL.md §3: a kid is forgotten (a revoked key) only when every key
+/// server answers 404. One 404 while another server cannot answer keeps the remembered key.
+#[tokio::test]
+async fn a_kid_is_forgotten_only_when_every_key_server_answers_404() {
+    use connect_warden::store::embedded::EmbeddedStore;
+    use connect_warden::store::SharedStore;
+
+    let (remembered, other) = (&test_keys()[0], &test_keys()[1]);
+    let first = server_with(other).await;
+    let second = server_with(other).await;
+    let servers = vec![first.base_url(), second.base_url()];
+    let dir = tempfile::tempdir().unwrap();
+    let store: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    // Remembered long ago (no time recorded): trusted only while the servers cannot answer.
+    let url = format!("{}/{}", first.base_url(), remembered.kid);
+    store
+        .remember_install_key(&url, remembered.public_pem())
+        .await
+        .unwrap();
+
+    second.set_failing(true);
+    let keys = InstallKeys::new(servers.clone(), Duration::from_secs(5)).remembering(store.clone());
+    assert_eq!(keys.preload().await.unwrap(), 1);
+    keys.key(&kid(remembered), &host())
+        .await
+        .expect("one 404 and one outage: the remembered key still serves");
+    assert_eq!(
+        store.install_keys().await.unwrap().len(),
+        1,
+        "not forgotten"
+    );
+
+    // A kid nobody remembers: 404 from the first, outage at the second, is an outage (503),
+    // not an unknown kid; once the second answers, the kid is found there.
+    let fresh = unknown_kid();
+    let err = keys.key(&fresh, &host()).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    second.set_failing(false);
+    second.serve_raw(&fresh.to_string(), Some(remembered.public_pem().to_owned()));
+    keys.key(&fresh, &host())
+        .await
+        .expect("the 404 of the first server was not remembered");
+
+    // Every server answers 404: refused and forgotten.
+    let keys = InstallKeys::new(servers, Duration::from_secs(5)).remembering(store.clone());
+    keys.preload().await.unwrap();
+    let err = keys.key(&kid(remembered), &host()).await.unwrap_err();
+    assert!(matches!(err, KeyFetchError::NotFound { .. }), "{err:?}");
+    let left: Vec<String> = store
+        .install_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(url, _)| url)
+        .collect();
+    assert!(
+        !left.contains(&url),
+        "the revoked key is still remembered: {left:?}"
+    );
+}
+
+#[tokio::test]
+async fn each_key_server_has_its_own_fetch_budget() {
+    let (busy_key, wanted) = (&test_keys()[0], &test_keys()[1]);
+    let first = server_with(busy_key).await;
+    let second = server_with(wanted).await;
+    let budget = FetchBudget {
+        per_second: 0.01,
+        burst: 3,
+    };
+    let keys = InstallKeys::with_fetch_budget(
+        vec![first.base_url(), second.base_url()],
+        Duration::from_secs(5),
+        budget,
+    );
+    // Three kids the first server has spend its whole budget, none of the second's.
+    for _ in 0..3 {
+        let kid = unknown_kid();
+        first.serve_raw(&kid.to_string(), Some(busy_key.public_pem().to_owned()));
+        keys.key(&kid, &host()).await.unwrap();
+    }
+    assert_eq!(second.total_fetches(), 0);
+
+    keys.key(&kid(wanted), &host())
+        .await
+        .expect("the second server still has its budget");
+    assert_eq!(
+        first.fetches(&wanted.kid),
+        0,
+        "the spent server was skipped"
+    );
+    assert_eq!(second.fetches(&wanted.kid), 1);
+    assert_eq!(keys.over_budget(), 1);
+}
+
+/// Through the app: an install succeeds while the first key server is down, and is refused
+/// `401` when every key server says it does not know the kid.
+#[tokio::test]
+async fn installs_use_the_next_key_server_and_are_refused_when_all_say_404() {
+    use crate::helpers::app::{shared_signing_key, spawn_app_with, Backend, Options, Site};
+
+    let holder = server_with(&shared_signing_key()).await;
+    let app = spawn_app_with(Options::new(Backend::Embedded).set(
+        "WARDEN_KEYS_URL",
+        format!("{},{}", dead_server(), holder.base_url()),
+    ))
+    .await;
+    let site = Site::new();
+    app.installed(&site).await;
+    assert!(app.stored(&site.client_key).await.is_some());
+    assert_eq!(holder.fetches(&shared_signing_key().kid), 1);
+
+    let (a, b) = (
+        server_with(&test_keys()[0]).await,
+        server_with(&test_keys()[1]).await,
+    );
+    let app = spawn_app_with(Options::new(Backend::Embedded).set(
+        "WARDEN_KEYS_URL",
+        format!("{},{}", a.base_url(), b.base_url()),
+    ))
+    .await;
+    let site = Site::new();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app
+        .post_lifecycle("/installed", Some(&token), &site.body("installed"))
+        .await;
+    assert_eq!(response.status(), 401);
+    assert!(app.stored(&site.client_key).await.is_none());
+    assert_eq!(a.total_fetches() + b.total_fetches(), 2, "both were asked");
 }

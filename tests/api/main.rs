@@ -16,6 +16,7 @@ mod lifecycle;
 mod limits;
 mod logging;
 mod ordering;
+mod polite_host;
 mod product_requests;
 mod replication;
 mod secrets_at_rest;

@@ -25,6 +25,12 @@
 //! a site import), `sub` = `urn:atlassian:connect:useraccountid:<accountId>`, `aud` = this
 //! server's origin, `exp - iat <= 60`; any failure is `400 invalid_grant` with a description.
 //!
+//! A rate-limited site is played with [`HostService::throttle_rest`]: the next N `rest/api`
+//! requests that pass the signature check are answered `429` or `503` with Atlassian's
+//! rate-limit headers (and `Retry-After` when asked). [`HostService::set_rest_delay`] makes
+//! every `rest/api` answer slow, and [`HostService::max_in_flight`] tells the most `rest/api`
+//! requests one tenant had in flight at once.
+//!
 //! [`HostService`] is the shared state (tenants, issued tokens, request counters, failure
 //! knobs); [`FakeHost`] runs it alone on a loopback address.
 
@@ -105,6 +111,48 @@ pub struct HostService {
     token_requests: AtomicU64,
     token_requests_by_tenant: Mutex<HashMap<String, u64>>,
     last_token_scope: Mutex<Option<String>>,
+    throttle: Mutex<Option<Throttle>>,
+    rest_delay_ms: AtomicU64,
+    /// Per tenant: `rest/api` requests in flight now, and the most at once.
+    in_flight: Mutex<HashMap<String, (u64, u64)>>,
+    rest_requests_by_tenant: Mutex<HashMap<String, u64>>,
+    /// Per tenant, the `iat` of each app JWT accepted on `rest/api` (the last 100).
+    app_token_iats: Mutex<HashMap<String, Vec<i64>>>,
+}
+
+/// The next `remaining` signed `rest/api` requests are refused with `status`.
+#[derive(Debug, Clone)]
+struct Throttle {
+    remaining: u64,
+    status: u16,
+    retry_after: Option<String>,
+}
+
+/// Counts a tenant's request as in flight until dropped.
+struct InFlight<'a> {
+    service: &'a HostService,
+    client_key: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(service: &'a HostService, client_key: &str) -> Self {
+        let mut all = lock(&service.in_flight);
+        let entry = all.entry(client_key.to_owned()).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(entry.0);
+        Self {
+            service,
+            client_key: client_key.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = lock(&self.service.in_flight).get_mut(&self.client_key) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
 }
 
 impl Default for HostService {
@@ -131,7 +179,65 @@ impl HostService {
             token_requests: AtomicU64::new(0),
             token_requests_by_tenant: Mutex::new(HashMap::new()),
             last_token_scope: Mutex::new(None),
+            throttle: Mutex::new(None),
+            rest_delay_ms: AtomicU64::new(0),
+            in_flight: Mutex::new(HashMap::new()),
+            rest_requests_by_tenant: Mutex::new(HashMap::new()),
+            app_token_iats: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The next `count` `rest/api` requests whose signature passes are answered `status`
+    /// (`429` or `503`) with `X-RateLimit-*` and `RateLimit-Reason` headers, and
+    /// `Retry-After: <retry_after>` when given (seconds or an HTTP date, sent as is).
+    pub fn throttle_rest(&self, count: u64, status: u16, retry_after: Option<&str>) {
+        *lock(&self.throttle) = Some(Throttle {
+            remaining: count,
+            status,
+            retry_after: retry_after.map(str::to_owned),
+        });
+    }
+
+    /// Every `rest/api` request waits this long before it is answered (zero: no delay).
+    pub fn set_rest_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.rest_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// The most `rest/api` requests of `client_key` in flight at once so far.
+    pub fn max_in_flight(&self, client_key: &str) -> u64 {
+        lock(&self.in_flight)
+            .get(client_key)
+            .map_or(0, |(_, max)| *max)
+    }
+
+    /// `rest/api` requests received for `client_key` (whatever the answer was).
+    pub fn rest_requests_for(&self, client_key: &str) -> u64 {
+        lock(&self.rest_requests_by_tenant)
+            .get(client_key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The `iat` of each app JWT of `client_key` accepted on `rest/api`, oldest first (the
+    /// last 100): a retry signed anew shows a later one.
+    pub fn app_token_iats(&self, client_key: &str) -> Vec<i64> {
+        lock(&self.app_token_iats)
+            .get(client_key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Takes one throttled answer, if any is left.
+    fn take_throttle(&self) -> Option<Throttle> {
+        let mut throttle = lock(&self.throttle);
+        let current = throttle.as_mut()?;
+        if current.remaining == 0 {
+            *throttle = None;
+            return None;
+        }
+        current.remaining -= 1;
+        Some(current.clone())
     }
 
     /// Adds (or replaces) a tenant. Returns its path below the mount point, `/t/{clientKey}{basePath}`.
@@ -346,6 +452,14 @@ async fn tenant_route(
 
     if relative.starts_with("/rest/api/") {
         service.rest_requests.fetch_add(1, Ordering::SeqCst);
+        *lock(&service.rest_requests_by_tenant)
+            .entry(client_key.clone())
+            .or_default() += 1;
+        let _in_flight = InFlight::enter(&service, &client_key);
+        let delay = Duration::from_millis(service.rest_delay_ms.load(Ordering::SeqCst));
+        if !delay.is_zero() {
+            actix_web::rt::time::sleep(delay).await;
+        }
         let canonical = CanonicalRequest::new(
             req.method().as_str(),
             raw_path,
@@ -387,17 +501,44 @@ async fn tenant_route(
             echo["scope"] = json!(issued.scope);
         } else {
             let extra = service.extra_secrets(&client_key);
-            let iss = match verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
-                Ok(iss) => iss,
+            let (iss, iat) = match verify_app_jwt(&req, &tenant, &extra, &tenant_base) {
+                Ok(verified) => verified,
                 Err((check, message)) => return refused(check, message),
             };
+            {
+                let mut all = lock(&service.app_token_iats);
+                let iats = all.entry(client_key.clone()).or_default();
+                if iats.len() >= 100 {
+                    iats.remove(0);
+                }
+                iats.push(iat);
+            }
             echo["auth"] = json!("jwt");
             echo["iss"] = json!(iss);
+        }
+        if let Some(throttle) = service.take_throttle() {
+            return throttled(&throttle);
         }
         return HttpResponse::Ok().json(echo);
     }
 
     not_found(format!("no route {relative} on this fake host"))
+}
+
+/// A rate-limited answer, with the headers Jira Cloud sends on one.
+fn throttled(throttle: &Throttle) -> HttpResponse {
+    let status = StatusCode::from_u16(throttle.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let mut answer = HttpResponse::build(status);
+    answer
+        .insert_header(("X-RateLimit-Limit", "100"))
+        .insert_header(("X-RateLimit-Remaining", "0"))
+        .insert_header(("X-RateLimit-NearLimit", "true"))
+        .insert_header(("X-RateLimit-Reset", "2026-01-01T00:00Z"))
+        .insert_header(("RateLimit-Reason", "jira-burst-based"));
+    if let Some(retry_after) = &throttle.retry_after {
+        answer.insert_header(("Retry-After", retry_after.as_str()));
+    }
+    answer.json(json!({ "error": "rate_limited", "message": "too many requests; slow down" }))
 }
 
 /// The failed check and its message; [`refused`] makes the answer.
@@ -407,13 +548,13 @@ fn failed(check: &'static str, message: impl Into<String>) -> Refusal {
     (check, message.into())
 }
 
-/// Checks the app's JWT like the host does; returns its `iss`.
+/// Checks the app's JWT like the host does; returns its `iss` and `iat`.
 fn verify_app_jwt(
     req: &HttpRequest,
     tenant: &TenantRecord,
     extra_secrets: &[SharedSecret],
     tenant_base: &str,
-) -> Result<String, Refusal> {
+) -> Result<(String, i64), Refusal> {
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
@@ -464,7 +605,7 @@ fn verify_app_jwt(
     claims
         .check_qsh(&canonical, false)
         .map_err(|e| failed("qsh", e.to_string()))?;
-    Ok(iss)
+    Ok((iss, claims.iat.unwrap_or_default()))
 }
 
 #[derive(Debug, Deserialize)]
