@@ -15,6 +15,7 @@
 //! - [`tenants`]: the cache in front of the store; [`invalidation`]: how instances tell each
 //!   other that a cached installation is stale;
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
+//! - [`forge`]: Forge Remote: Forge Invocation Tokens and Forge's keys (`ForgeRequest`);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
@@ -24,6 +25,7 @@
 pub mod cli;
 pub mod configuration;
 pub mod error;
+pub mod forge;
 pub mod guard;
 pub mod host_client;
 pub mod install_keys;

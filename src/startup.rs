@@ -41,6 +41,8 @@ pub struct AppState {
     pub descriptor: String,
     /// Calls to host sites, as the app or as a user.
     pub host: HostClient,
+    /// Forge Remote, when `WARDEN_FORGE_APP_ID` is set.
+    pub forge: Option<crate::forge::ForgeRemote>,
     /// The clientKeys whose site proof runs in this process now (one run each at a time).
     site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
 }
@@ -179,6 +181,10 @@ impl AppState {
                 HOST_TIMEOUT,
             ),
             site_proofs: Default::default(),
+            forge: settings
+                .forge
+                .as_ref()
+                .map(|f| crate::forge::ForgeRemote::new(f, settings.key_fetch_timeout)),
             settings: Arc::new(settings),
         })
     }
