@@ -16,6 +16,7 @@
 //!   other that a cached installation is stale;
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
 //! - [`forge`]: Forge Remote: Forge Invocation Tokens and Forge's keys (`ForgeRequest`);
+//!   [`tenant_request`]: either way in, one view of the tenant (`TenantRequest`);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
@@ -37,4 +38,5 @@ pub mod secrets;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tenant_request;
 pub mod tenants;

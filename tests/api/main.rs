@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod coherence;
 mod devtenant;
+mod forge;
 mod host_client;
 mod install_keys;
 mod instances;
