@@ -284,10 +284,16 @@ async fn a_new_kid_in_the_jwks_is_fetched_once_and_verifies() {
 
     let rotated = other_key();
     jwks.service().add(rotated.clone());
-    for _ in 0..3 {
-        let response = tenant_as(&app, &FitSigner::new(&rotated, APP_ARI)).await;
-        assert_eq!(response.status(), 200);
-    }
+    // Twenty calls at once with the new kid, while the JWKS is slow: they share one fetch.
+    jwks.service()
+        .set_delay(std::time::Duration::from_millis(300));
+    let calls = (0..20).map(|_| {
+        let token = FitSigner::new(&rotated, APP_ARI);
+        let app = &app;
+        async move { tenant_as(app, &token).await.status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(jwks.service().fetches(), 2, "one fetch for the new kid");
     assert_eq!(
         tenant_as(&app, &fit()).await.status(),
@@ -322,6 +328,11 @@ async fn a_jwks_outage_keeps_known_kids_working_and_unknown_ones_are_503() {
         jwks.service().fetches(),
         2,
         "the unknown kid made one fetch"
+    );
+    assert_eq!(
+        tenant_as(&app, &fit()).await.status(),
+        200,
+        "known kid after a failed fetch"
     );
 }
 

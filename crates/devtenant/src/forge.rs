@@ -50,6 +50,7 @@ pub struct JwksService {
     /// Published keys, oldest first.
     published: Mutex<Vec<SigningKey>>,
     failing: AtomicBool,
+    delay_ms: AtomicU64,
     fetches: AtomicU64,
 }
 
@@ -94,6 +95,12 @@ impl JwksService {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Every answer waits this long first (zero: no delay).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// Requests received (whatever the answer was).
     pub fn fetches(&self) -> u64 {
         self.fetches.load(Ordering::SeqCst)
@@ -129,6 +136,10 @@ pub fn configure(service: web::Data<JwksService>) -> impl FnOnce(&mut web::Servi
 }
 
 async fn get_jwks(service: web::Data<JwksService>) -> HttpResponse {
+    let delay = service.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     service.answer()
 }
 
