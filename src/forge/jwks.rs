@@ -3,7 +3,8 @@
 //! The whole set is one document, so one fetch answers for every kid: a kid is looked up in the
 //! set held; a kid it lacks makes one fetch (concurrent misses wait for it: single-flight) and
 //! is then either in the new set or unknown (`401`, remembered for [`UNKNOWN_KID_TTL`]). A
-//! successful fetch replaces the set, so a key Forge stopped publishing stops verifying.
+//! successful fetch replaces the set, so a key Forge stopped publishing stops verifying (and
+//! is remembered unknown like any other).
 //!
 //! Anyone can send a made-up kid, so fetches are bounded by a token bucket
 //! ([`JWKS_FETCH_BUDGET`]). Over the budget, a miss is answered from the last fetch: unknown
@@ -212,6 +213,10 @@ impl ForgeJwks {
             match result {
                 Ok(keys) => {
                     tracing::info!(keys = keys.len(), "Forge's JWKS fetched");
+                    // Kids Forge stopped publishing are unknown now, without another fetch.
+                    for dropped in set.keys.keys().filter(|kid| !keys.contains_key(*kid)) {
+                        self.unknown.insert(dropped.clone(), ());
+                    }
                     set.keys = keys;
                     set.fetched_at = Some(Instant::now());
                     set.last_ok = true;

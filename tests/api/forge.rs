@@ -334,6 +334,25 @@ async fn a_jwks_outage_keeps_known_kids_working_and_unknown_ones_are_503() {
         200,
         "known kid after a failed fetch"
     );
+    assert_eq!(app.stored_count().await, 0);
+}
+
+/// A key Forge stopped publishing stops verifying once warden has fetched the new set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_dropped_from_the_jwks_stops_verifying_after_the_next_fetch() {
+    let (jwks, app) = forge_app().await;
+    assert_eq!(tenant_as(&app, &fit()).await.status(), 200);
+    jwks.service().rotate_to(other_key());
+    let rotated = FitSigner::new(&other_key(), APP_ARI);
+    assert_eq!(tenant_as(&app, &rotated).await.status(), 200);
+    refused(
+        tenant_as(&app, &fit()).await,
+        401,
+        "kid is not in Forge's key set",
+        "the dropped key",
+    )
+    .await;
+    assert_eq!(jwks.service().fetches(), 2);
 }
 
 /// Made-up kids cost nothing to send: however many, warden fetches the JWKS a bounded number of
@@ -355,4 +374,5 @@ async fn a_flood_of_made_up_kids_makes_a_bounded_number_of_jwks_fetches() {
         "{fetches} JWKS fetches for 60 made-up kids"
     );
     assert_eq!(tenant_as(&app, &fit()).await.status(), 200);
+    assert_eq!(app.stored_count().await, 0);
 }
