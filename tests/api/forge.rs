@@ -376,3 +376,31 @@ async fn a_flood_of_made_up_kids_makes_a_bounded_number_of_jwks_fetches() {
     assert_eq!(tenant_as(&app, &fit()).await.status(), 200);
     assert_eq!(app.stored_count().await, 0);
 }
+
+/// devtenant's own server publishes Forge's JWKS too (empty until keys are added), so a
+/// rehearsal can point `WARDEN_FORGE_JWKS_URL` at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devtenants_server_serves_the_forge_jwks() {
+    let keyring = std::sync::Arc::new(std::sync::RwLock::new(devtenant::KeyRing::with_key(
+        shared_signing_key(),
+    )));
+    let server = devtenant::server::DevServer::start("127.0.0.1:0", keyring)
+        .await
+        .unwrap();
+    let app = spawn_app_with(
+        Options::new(Backend::Embedded)
+            .set("WARDEN_FORGE_APP_ID", APP_ARI)
+            .set("WARDEN_FORGE_JWKS_URL", server.forge_jwks_url()),
+    )
+    .await;
+    refused(
+        tenant_as(&app, &fit()).await,
+        503,
+        "JWKS) is unavailable",
+        "an empty JWKS is no key set",
+    )
+    .await;
+    server.forge_jwks().add(shared_signing_key());
+    assert_eq!(tenant_as(&app, &fit()).await.status(), 200);
+    assert_eq!(server.forge_jwks().fetches(), 2);
+}
