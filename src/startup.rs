@@ -57,6 +57,9 @@ impl AppState {
         }
         let store = open_store(&settings, sealer).await?;
         let state = Self::with_store(settings, store)?;
+        if let Some(forge) = &state.settings.forge {
+            tracing::info!(app = %forge.app, jwks = %forge.jwks_url, "Forge Remote is on");
+        }
         // Keys any instance fetched: verified without the key server. A store that is down
         // now only costs the fetches.
         match state.keys.preload().await {
