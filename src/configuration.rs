@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use connect_protocol::domain::{BaseUrl, HostPattern};
+use connect_protocol::forge::AppAri;
 
 use crate::host_client::CallPolicy;
 use crate::store::sealing::KeyRing;
@@ -30,6 +31,10 @@ pub const STAGING_KEYS_URLS: &[&str] = &[STAGING_KEYS_URL];
 pub fn is_staging_host(host: &str) -> bool {
     host.to_ascii_lowercase().ends_with(".jira-dev.com")
 }
+
+/// Forge's production JWKS: the keys of Forge Invocation Tokens. Staging is chosen only by
+/// setting `WARDEN_FORGE_JWKS_URL`, never from a claim of a token not verified yet.
+pub const FORGE_JWKS_URL: &str = "https://forge.cdn.prod.atlassian-dev.net/.well-known/jwks.json";
 
 /// Atlassian's OAuth2 authorization server (user impersonation).
 pub const OAUTH_TOKEN_URL: &str =
@@ -94,6 +99,17 @@ pub struct Settings {
     pub site_proof: SiteProofSettings,
     /// `WARDEN_HOST_*`: retries and in-flight limit of the app's calls to a site.
     pub host_calls: CallPolicy,
+    /// Forge Remote (docs/PROTOCOL.md §12); `None`: off, every Forge Invocation Token refused.
+    pub forge: Option<ForgeSettings>,
+}
+
+/// `WARDEN_FORGE_*`: the app whose Forge Invocation Tokens are accepted, and their keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgeSettings {
+    /// `WARDEN_FORGE_APP_ID`: the `aud` of every accepted token.
+    pub app: AppAri,
+    /// `WARDEN_FORGE_JWKS_URL`.
+    pub jwks_url: BaseUrl,
 }
 
 /// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
@@ -214,6 +230,8 @@ struct Raw {
     host_max_retries: Option<String>,
     host_max_retry_wait_seconds: Option<String>,
     host_concurrency_per_site: Option<String>,
+    forge_app_id: Option<String>,
+    forge_jwks_url: Option<String>,
 }
 
 impl Settings {
@@ -431,8 +449,10 @@ impl Settings {
             raw.host_max_retry_wait_seconds,
             raw.host_concurrency_per_site,
         )?;
+        let forge = parse_forge(raw.forge_app_id, raw.forge_jwks_url)?;
         Ok(Self {
             host_calls,
+            forge,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -512,6 +532,27 @@ fn whole_number(
         ));
     }
     Ok(n)
+}
+
+/// Forge Remote is on when `WARDEN_FORGE_APP_ID` is set; a JWKS URL without it is a mistake.
+fn parse_forge(
+    app_id: Option<String>,
+    jwks_url: Option<String>,
+) -> Result<Option<ForgeSettings>, SettingsError> {
+    let jwks_url = jwks_url.filter(|u| !u.trim().is_empty());
+    let Some(app_id) = app_id.filter(|a| !a.trim().is_empty()) else {
+        return match jwks_url {
+            Some(_) => Err(bad(
+                "WARDEN_FORGE_JWKS_URL",
+                "set, but Forge Remote is off: set WARDEN_FORGE_APP_ID too",
+            )),
+            None => Ok(None),
+        };
+    };
+    let app = AppAri::parse(&app_id).map_err(|e| bad("WARDEN_FORGE_APP_ID", e.0))?;
+    let jwks_url = BaseUrl::parse(jwks_url.as_deref().unwrap_or(FORGE_JWKS_URL))
+        .map_err(|e| bad("WARDEN_FORGE_JWKS_URL", e.0))?;
+    Ok(Some(ForgeSettings { app, jwks_url }))
 }
 
 fn parse_site_proof(
@@ -687,6 +728,52 @@ mod tests {
         assert_eq!(s.host_calls.max_retries, 0);
         assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(5));
         assert_eq!(s.host_calls.concurrency_per_site, 2);
+        assert!(s.forge.is_none());
+    }
+
+    #[test]
+    fn forge_remote_needs_an_app_id_and_defaults_to_the_production_jwks() {
+        let uuid = "5f1c1b2e-0c1d-4a51-9a2b-3c4d5e6f7a8b";
+        let s = Settings::from_sources(None, env(&[("WARDEN_FORGE_APP_ID", uuid)])).unwrap();
+        let forge = s.forge.unwrap();
+        assert_eq!(
+            forge.app.as_str(),
+            format!("ari:cloud:ecosystem::app/{uuid}")
+        );
+        assert_eq!(forge.jwks_url.as_str(), FORGE_JWKS_URL);
+        let staging = "https://forge.cdn.stg.atlassian-dev.net/.well-known/jwks.json";
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                (
+                    "WARDEN_FORGE_APP_ID",
+                    &format!("ari:cloud:ecosystem::app/{uuid}"),
+                ),
+                ("WARDEN_FORGE_JWKS_URL", staging),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.forge.unwrap().jwks_url.as_str(), staging);
+        for (name, pairs) in [
+            (
+                "WARDEN_FORGE_APP_ID",
+                vec![("WARDEN_FORGE_APP_ID", "my-app")],
+            ),
+            (
+                "WARDEN_FORGE_JWKS_URL",
+                vec![("WARDEN_FORGE_JWKS_URL", staging)],
+            ),
+            (
+                "WARDEN_FORGE_JWKS_URL",
+                vec![
+                    ("WARDEN_FORGE_APP_ID", uuid),
+                    ("WARDEN_FORGE_JWKS_URL", "ftp://keys"),
+                ],
+            ),
+        ] {
+            let err = Settings::from_sources(None, env(&pairs)).unwrap_err();
+            assert_eq!(err.name, name, "{err}");
+        }
     }
 
     #[test]

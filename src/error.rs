@@ -10,6 +10,7 @@ use connect_protocol::authorization::AuthorizationError;
 use connect_protocol::domain::ParseError;
 use connect_protocol::jwt::JwtError;
 
+use crate::forge::ForgeAuthError;
 use crate::guard::ProductAuthError;
 use crate::host_client::HostClientError;
 use crate::install_keys::KeyFetchError;
@@ -49,6 +50,10 @@ pub enum ApiError {
     /// 401 or 503 depending on whether the key server answered.
     #[error(transparent)]
     InstallKey(#[from] KeyFetchError),
+    /// 401 for a refused Forge Invocation Token or Forge Remote off; 503 when Forge's JWKS
+    /// cannot answer for the token's kid.
+    #[error(transparent)]
+    Forge(#[from] ForgeAuthError),
     /// 502: a call to the host or its authorization server failed.
     #[error("{0}")]
     Upstream(String),
@@ -132,6 +137,10 @@ impl ApiError {
             }
             ApiError::InstallKey(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InstallKey(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forge(ForgeAuthError::KeysUnavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Forge(ForgeAuthError::Off | ForgeAuthError::Token(_)) => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }

@@ -129,8 +129,9 @@ impl Default for FetchBudget {
 }
 
 /// A token bucket: starts full, holds at most `burst` tokens, gains `per_second` per second.
+/// Also bounds the fetches of Forge's key set (`forge::jwks`).
 #[derive(Debug)]
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     budget: FetchBudget,
     state: Mutex<BucketState>,
 }
@@ -142,7 +143,7 @@ struct BucketState {
 }
 
 impl TokenBucket {
-    fn new(budget: FetchBudget) -> Self {
+    pub(crate) fn new(budget: FetchBudget) -> Self {
         Self {
             budget,
             state: Mutex::new(BucketState {
@@ -153,7 +154,7 @@ impl TokenBucket {
     }
 
     /// Takes one token if there is one.
-    fn try_take(&self) -> bool {
+    pub(crate) fn try_take(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let elapsed = now

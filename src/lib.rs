@@ -15,6 +15,8 @@
 //! - [`tenants`]: the cache in front of the store; [`invalidation`]: how instances tell each
 //!   other that a cached installation is stale;
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
+//! - [`forge`]: Forge Remote: Forge Invocation Tokens and Forge's keys (`ForgeRequest`);
+//!   [`tenant_request`]: either way in, one view of the tenant (`TenantRequest`);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
@@ -26,6 +28,7 @@
 pub mod cli;
 pub mod configuration;
 pub mod error;
+pub mod forge;
 pub mod guard;
 pub mod host_client;
 pub mod install_keys;
@@ -38,5 +41,6 @@ pub mod secrets;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tenant_request;
 pub mod tenants;
 pub mod upm;

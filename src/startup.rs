@@ -41,6 +41,8 @@ pub struct AppState {
     pub descriptor: String,
     /// Calls to host sites, as the app or as a user.
     pub host: HostClient,
+    /// Forge Remote, when `WARDEN_FORGE_APP_ID` is set.
+    pub forge: Option<crate::forge::ForgeRemote>,
     /// The clientKeys whose site proof runs in this process now (one run each at a time).
     site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
 }
@@ -55,6 +57,9 @@ impl AppState {
         }
         let store = open_store(&settings, sealer).await?;
         let state = Self::with_store(settings, store)?;
+        if let Some(forge) = &state.settings.forge {
+            tracing::info!(app = %forge.app, jwks = %forge.jwks_url, "Forge Remote is on");
+        }
         // Keys any instance fetched: verified without the key server. A store that is down
         // now only costs the fetches.
         match state.keys.preload().await {
@@ -180,6 +185,10 @@ impl AppState {
             )
             .with_call_policy(settings.host_calls),
             site_proofs: Default::default(),
+            forge: settings
+                .forge
+                .as_ref()
+                .map(|f| crate::forge::ForgeRemote::new(f, settings.key_fetch_timeout)),
             settings: Arc::new(settings),
         })
     }

@@ -8,6 +8,7 @@ mod cluster;
 mod coherence;
 mod dev_register;
 mod devtenant;
+mod forge;
 mod host_client;
 mod install_keys;
 mod instances;

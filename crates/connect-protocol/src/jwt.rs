@@ -191,21 +191,11 @@ impl<'a> Token<'a> {
     /// RS256 with a public key from the install-key server. The header must say RS256.
     pub fn verify_rs256(&self, key: &RsaVerifyingKey) -> Result<(), JwtError> {
         self.require_alg("RS256")?;
-        let (input, sig) = (
-            &self.raw[..self.signing_input_len],
-            &self.raw[self.signing_input_len + 1..],
-        );
-        // A 2048-bit signature is 342 base64url characters; 4096 bits at most are accepted.
-        let mut decoded = [0u8; 520];
-        let len = URL_SAFE_NO_PAD
-            .decode_slice(sig, &mut decoded)
-            .map_err(|_| JwtError::BadSignature)?;
-        ring::signature::UnparsedPublicKey::new(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            &key.pkcs1_der,
-        )
-        .verify(input.as_bytes(), &decoded[..len])
-        .map_err(|_| JwtError::BadSignature)
+        if key.verify_compact(self.raw, self.signing_input_len) {
+            Ok(())
+        } else {
+            Err(JwtError::BadSignature)
+        }
     }
 }
 
@@ -231,6 +221,45 @@ impl RsaVerifyingKey {
         Ok(Self {
             pkcs1_der: der.as_bytes().to_vec(),
         })
+    }
+}
+
+impl RsaVerifyingKey {
+    /// A key from its JWK components: the big-endian modulus `n` and exponent `e` (already
+    /// base64url-decoded). Refuses what is not an RSA public key of 2048 to 8192 bits.
+    pub fn from_components(n: &[u8], e: &[u8]) -> Result<Self, NotAnRsaPublicKey> {
+        use rsa::pkcs1::EncodeRsaPublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+
+        let key = rsa::RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(n),
+            rsa::BigUint::from_bytes_be(e),
+        )
+        .map_err(|_| NotAnRsaPublicKey)?;
+        if !(2048..=8192).contains(&key.n().bits()) {
+            return Err(NotAnRsaPublicKey);
+        }
+        let der = key.to_pkcs1_der().map_err(|_| NotAnRsaPublicKey)?;
+        Ok(Self {
+            pkcs1_der: der.as_bytes().to_vec(),
+        })
+    }
+
+    /// Whether `raw` (a compact JWS whose signing input is its first `signing_input_len`
+    /// bytes) carries a valid RS256 signature by this key. The caller checked the `alg`.
+    pub(crate) fn verify_compact(&self, raw: &str, signing_input_len: usize) -> bool {
+        let (input, sig) = (&raw[..signing_input_len], &raw[signing_input_len + 1..]);
+        // A 2048-bit signature is 342 base64url characters; 4096 bits at most are accepted.
+        let mut decoded = [0u8; 520];
+        let Ok(len) = URL_SAFE_NO_PAD.decode_slice(sig, &mut decoded) else {
+            return false;
+        };
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            &self.pkcs1_der,
+        )
+        .verify(input.as_bytes(), &decoded[..len])
+        .is_ok()
     }
 }
 

@@ -8,13 +8,15 @@
 //! - [`qsh`]: the one canonical-request (`qsh`) builder;
 //! - [`authorization`]: where the token travels (`Authorization: JWT` or `?jwt=`);
 //! - [`lifecycle`]: lifecycle event names and the callback body;
-//! - [`claims`]: the claims of every token Connect signs.
+//! - [`claims`]: the claims of every token Connect signs;
+//! - [`forge`]: Forge Remote: app and installation ids, the Forge Invocation Token's rules.
 //!
 //! `docs/PROTOCOL.md` in the repository states each rule and names its home.
 
 pub mod authorization;
 pub mod claims;
 pub mod domain;
+pub mod forge;
 pub mod jwt;
 pub mod lifecycle;
 pub mod qsh;

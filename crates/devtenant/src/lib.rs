@@ -3,6 +3,7 @@
 //!
 //! - [`keys`]: the install-signing RSA keys ([`KeyRing`]) and RS256 install tokens;
 //! - [`key_server`]: the install-key CDN (`GET /{kid}` -> public key PEM);
+//! - [`forge`]: Forge's JWKS and a Forge Invocation Token signer with attacker overrides;
 //! - [`host`]: the host site and its OAuth2 authorization server, for calls from the app;
 //! - [`server`]: key server and fake host on one address; [`state`]: the state directory;
 //!   [`client`]: descriptors, tokens and callbacks; [`rehearse`]: the catalogue; [`cli`];
@@ -11,6 +12,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod forge;
 pub mod host;
 pub mod key_server;
 pub mod keys;
@@ -20,6 +22,7 @@ pub mod server;
 pub mod state;
 pub mod upm;
 
+pub use forge::{FitSigner, JwksServer, JwksService};
 pub use host::{FakeHost, HostRoute, HostService, TenantRecord};
 pub use key_server::{KeyServer, KeyService};
 pub use keys::{sign_rs256, sign_rs256_with_kid, KeyError, KeyRing, SigningKey};

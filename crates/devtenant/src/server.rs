@@ -1,7 +1,9 @@
 //! devtenant's HTTP server: the install-key server ([`super::key_server`]) and the fake host
 //! ([`super::host`]) on one loopback address. Keys are `GET /{kid}` at the root, so the server's
 //! URL is the app's `WARDEN_KEYS_URL`; sites live under `/t/{siteKey}` and the OAuth2 token
-//! endpoint is `/oauth2/token` (the app's `WARDEN_OAUTH_TOKEN_URL`).
+//! endpoint is `/oauth2/token` (the app's `WARDEN_OAUTH_TOKEN_URL`). Forge's JWKS is
+//! `/forge/.well-known/jwks.json` (the app's `WARDEN_FORGE_JWKS_URL`), empty until keys are
+//! added to [`DevServer::forge_jwks`].
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -9,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use actix_web::web;
 
+use super::forge::{self, JwksService};
 use super::host::{self, HostService};
 use super::key_server::{self, KeyService};
 use super::keys::KeyRing;
@@ -21,6 +24,7 @@ pub struct DevServer {
     keys: web::Data<KeyService>,
     host: web::Data<HostService>,
     upm: web::Data<UpmService>,
+    forge: web::Data<JwksService>,
 }
 
 impl DevServer {
@@ -37,11 +41,13 @@ impl DevServer {
         let keys = web::Data::new(KeyService::new(keyring));
         let host = web::Data::new(HostService::new());
         let upm = web::Data::new(UpmService::new(keys.keyring().clone(), host.clone()));
-        let (k, h, u) = (keys.clone(), host.clone(), upm.clone());
+        let forge = web::Data::new(JwksService::default());
+        let (k, h, u, f) = (keys.clone(), host.clone(), upm.clone(), forge.clone());
         let server = LocalServer::start(&addrs[..], "devtenant server", move |cfg| {
             // Before the host's `/t/{site}/...`, which would take the plugin manager's paths.
             upm::configure(u.clone())(cfg);
             host::configure(h.clone())(cfg);
+            cfg.service(web::scope("/forge").configure(forge::configure(f.clone())));
             key_server::configure(k.clone())(cfg);
         })?;
         Ok(Self {
@@ -49,6 +55,7 @@ impl DevServer {
             keys,
             host,
             upm,
+            forge,
         })
     }
 
@@ -65,6 +72,16 @@ impl DevServer {
     /// The value for `WARDEN_OAUTH_TOKEN_URL`.
     pub fn token_url(&self) -> String {
         format!("{}/oauth2/token", self.url())
+    }
+
+    /// The value for `WARDEN_FORGE_JWKS_URL`.
+    pub fn forge_jwks_url(&self) -> String {
+        format!("{}/forge{}", self.url(), forge::JWKS_PATH)
+    }
+
+    /// Forge's JWKS: add, rotate and revoke the keys of Forge Invocation Tokens.
+    pub fn forge_jwks(&self) -> &JwksService {
+        &self.forge
     }
 
     pub fn addr(&self) -> SocketAddr {
