@@ -16,6 +16,7 @@ mod limits;
 mod logging;
 mod ordering;
 mod product_requests;
+mod redis_commands;
 mod replication;
 mod secrets_at_rest;
 mod service;
