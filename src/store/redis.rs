@@ -58,25 +58,26 @@ const SCAN_COUNT: usize = 500;
 /// the site index lives in another slot), and then write only if the site agrees with what
 /// the record assumes about other installations there.
 ///
-/// KEYS[1] installation hash, KEYS[2] secrets list, KEYS[3] token key (the hash again when no
-/// token is remembered), KEYS[4] site index (only with a site step).
-/// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] number of hash fields
-/// `n`, ARGV[5] token body digest ('' when no token is remembered), ARGV[6] token expiry (Unix
+/// KEYS[1] installation hash, KEYS[2] the secret list of the old layout (deleted by every
+/// write), KEYS[3] token key (the hash again when no token is remembered), KEYS[4] site index
+/// (only with a site step).
+/// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] new version,
+/// ARGV[5] token body digest ('' when no token is remembered), ARGV[6] token expiry (Unix
 /// seconds), ARGV[7] site step ('': none; 'any': index; '0'/'1': index, and write only if the
-/// site holds no other/some other clientKey), ARGV[8] the index score (milliseconds), then `n`
-/// field/value pairs, then the secrets, oldest first.
+/// site holds no other/some other clientKey), ARGV[8] the index score (milliseconds),
+/// ARGV[9] the record in its compact form.
 /// Returns 1 when written, 0 on a version conflict (nothing written but the index), 2 when the
 /// site disagrees (nothing written but the index).
 const COMMIT_SCRIPT: &str = r#"
 if ARGV[7] ~= '' then
   redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[3])
 end
-local current = '0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  current = redis.call('HGET', KEYS[1], 'version')
-  if not current then
+local current = redis.call('HGET', KEYS[1], 'version')
+if not current then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
     return 0
   end
+  current = '0'
 end
 if current ~= ARGV[1] then
   return 0
@@ -90,19 +91,10 @@ if ARGV[7] == '0' or ARGV[7] == '1' then
     return 2
   end
 end
-local n = tonumber(ARGV[4])
-local first_secret = 9 + 2 * n
-local fields = {}
-for i = 9, first_secret - 1 do
-  fields[#fields + 1] = ARGV[i]
+if current ~= '0' then
+  redis.call('DEL', KEYS[1], KEYS[2])
 end
-local secrets = {}
-for i = first_secret, #ARGV do
-  secrets[#secrets + 1] = ARGV[i]
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('RPUSH', KEYS[2], unpack(secrets))
+redis.call('HSET', KEYS[1], 'version', ARGV[4], 'record', ARGV[9])
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
 end
@@ -632,10 +624,7 @@ impl RedisStore {
                 "the version of installation {client_key} overflows"
             ))
         })?;
-        let record::StoredRecord {
-            fields: object,
-            secrets,
-        } = record::encode(commit.record, new_version, &self.sealer)?;
+        let compact = record::to_compact(record::encode(commit.record, new_version, &self.sealer)?);
 
         let token = commit.token.filter(|t| t.expires_at > now_unix());
         let installation_key = self.installation_key(client_key);
@@ -661,7 +650,7 @@ impl RedisStore {
             .arg(commit.expected_version.to_string())
             .arg(self.channel())
             .arg(client_key.as_str())
-            .arg(object.len())
+            .arg(new_version.to_string())
             .arg(
                 token
                     .map(|t| hex::encode(t.body_digest))
@@ -669,13 +658,8 @@ impl RedisStore {
             )
             .arg(token.map(|t| t.expires_at).unwrap_or(0))
             .arg(site_step)
-            .arg(now_millis());
-        for (name, value) in &object {
-            invocation.arg(name.as_str()).arg(value.to_string());
-        }
-        for secret in &secrets {
-            invocation.arg(secret.to_string());
-        }
+            .arg(now_millis())
+            .arg(compact);
 
         let mut conn = self.write_conn().await?;
         let written: i64 = invocation
@@ -834,6 +818,9 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The hash field of the record in its compact form (the field `version` beside it).
+const RECORD_FIELD: &str = "record";
+
 /// When a site index entry is first written: its score (ties sort by clientKey).
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
@@ -861,13 +848,27 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Rebuilds an installation from its hash fields and secret list.
+/// Rebuilds an installation from its hash fields (and, in the old layout, its secret list).
 fn decode(
     client_key: &ClientKey,
-    fields: HashMap<String, Vec<u8>>,
+    mut fields: HashMap<String, Vec<u8>>,
     secrets: Vec<Vec<u8>>,
     sealer: &Sealer,
 ) -> Result<Installation, StoreError> {
+    if let Some(compact) = fields.remove(RECORD_FIELD) {
+        let version = fields
+            .get("version")
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("installation {client_key} has no valid version"))
+            })?;
+        // A parse error could quote a secret: only say which record is broken.
+        let stored = record::from_compact(&compact, version).ok_or_else(|| {
+            StoreError::Corrupt(format!("installation {client_key} is not valid JSON"))
+        })?;
+        return record::decode(client_key, stored.fields, stored.secrets, sealer);
+    }
+    // The old layout: one field per attribute, the secrets in a list of their own.
     let mut object = serde_json::Map::with_capacity(fields.len());
     for (name, raw) in fields {
         let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| {

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use redis::AsyncCommands as _;
+
 use crate::helpers::app::{Backend, Cluster, Options, Site, TestApp};
 use crate::helpers::free_port;
 use crate::helpers::redis_server::RedisNode;
@@ -13,6 +15,7 @@ use crate::helpers::redis_server::RedisNode;
 struct Bench {
     node: RedisNode,
     app: TestApp,
+    prefix: String,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +32,7 @@ impl Bench {
         Bench {
             node,
             app,
+            prefix: cluster.redis_prefix.clone(),
             _dir: dir,
         }
     }
@@ -72,6 +76,36 @@ impl Bench {
 
     fn reset_stats(&self) {
         assert_eq!(self.node.cli(&["config", "resetstat"]).trim(), "OK");
+    }
+
+    /// `MEMORY USAGE` (all samples) of every key of `site`'s installation that outlives its
+    /// lifecycle tokens: its own keys (hash tag `{clientKey}`, token keys left out) and the
+    /// index of its site (one site, one installation).
+    async fn memory_of(&self, site: &Site) -> BTreeMap<String, u64> {
+        let mut conn = redis::Client::open(self.node.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = conn
+            .keys(format!("{}:{{{}}}:*", self.prefix, site.client_key))
+            .await
+            .unwrap();
+        keys.retain(|k| !k.contains(":token:"));
+        keys.push(format!("{}:site:{{{}}}", self.prefix, site.base_url));
+        let mut usage = BTreeMap::new();
+        for key in keys {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            usage.insert(key, bytes.expect("the key exists"));
+        }
+        usage
     }
 }
 
@@ -171,7 +205,8 @@ async fn a_signed_install_costs_two_round_trips() {
     }
     let reinstall = per_install(&bench.commandstats());
 
-    // The read: a transaction of the record (hash and secret list) and the token memory.
+    // The read: a transaction of the record (and the secret list of records written before
+    // the compact layout) and the token memory.
     let read = [
         ("multi", 1),
         ("hgetall", 1),
@@ -179,27 +214,54 @@ async fn a_signed_install_costs_two_round_trips() {
         ("get", 1),
         ("exec", 1),
     ];
-    // The write: one script indexing the site, checking the version (and, for a new
-    // installation, that it is alone on its site), writing record and token memory,
-    // publishing the invalidation.
+    // The write: one script indexing the site, checking the version, writing record and
+    // token memory, publishing the invalidation.
     let write = [
         ("evalsha", 1),
         ("zadd", 1),
-        ("exists", 1),
-        ("del", 1),
+        ("hget", 1),
         ("hset", 1),
-        ("rpush", 1),
         ("set", 1),
         ("publish", 1),
     ];
-    let first_expected = composition(&[&read[..], &write[..], &[("zcard", 1)]].concat());
+    // A new installation: no record yet (`exists`), alone on its site (`zcard`).
+    let first_expected =
+        composition(&[&read[..], &write[..], &[("exists", 1), ("zcard", 1)]].concat());
     assert_eq!(first, first_expected, "commands per first install");
     assert_eq!(round_trips(&first), 2, "{first:?}");
-    let reinstall_expected = composition(&[&read[..], &write[..], &[("hget", 1)]].concat());
+    // A reinstall replaces the record (`del`: also the secret list of the old layout).
+    let reinstall_expected = composition(&[&read[..], &write[..], &[("del", 1)]].concat());
     assert_eq!(reinstall, reinstall_expected, "commands per reinstall");
     assert_eq!(round_trips(&reinstall), 2, "{reinstall:?}");
     // The records are all there, with the rolled secrets.
     for site in &rolled {
         assert_eq!(bench.app.tenant_status(site, &site.secret).await, 200);
+    }
+}
+
+/// `WARDEN_SECRET_KEYS` of one key.
+const KEY_RING: &str = "k1:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+/// Issue 8: one installation (a Jira Cloud site's signed install, its token memory expired)
+/// takes at most 1.5 KiB of Redis memory, with its shared secret sealed at rest or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installation_takes_at_most_one_and_a_half_kib() {
+    let mut totals = Vec::new();
+    for keys in [None, Some(KEY_RING)] {
+        let bench = Bench::start(keys).await;
+        let site = typical_site();
+        bench.install(&site).await;
+        let usage = bench.memory_of(&site).await;
+        let total: u64 = usage.values().sum();
+        let sealed = if keys.is_some() {
+            "sealed"
+        } else {
+            "plaintext"
+        };
+        eprintln!("MEMORY USAGE, secret {sealed}: {total} bytes: {usage:?}");
+        totals.push((sealed, total, usage));
+    }
+    for (sealed, total, usage) in totals {
+        assert!(total <= 1536, "secret {sealed}: {total} bytes: {usage:?}");
     }
 }
