@@ -1,8 +1,9 @@
 //! The one stored form of an [`Installation`], shared by both stores: every attribute but the
 //! secrets as JSON values by field name (`version` included), and the secret history as JSON
-//! entries, oldest first, sealed by the [`Sealer`] (docs/PROTOCOL.md §10). Redis keeps the
-//! attributes as hash fields and the entries as a list; the embedded store one JSON object
-//! with the entries under `secrets`.
+//! entries, oldest first, sealed by the [`Sealer`] (docs/PROTOCOL.md §10). The embedded store
+//! keeps one JSON object with the entries under `secrets`; Redis keeps the compact form of
+//! [`to_compact`] (short names, one value), and reads the attributes as hash fields and the
+//! entries as a list in records written before it.
 
 use serde_json::{Map, Value};
 

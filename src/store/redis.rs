@@ -4,11 +4,11 @@
 //! carries the hash tag `{CK}`, so one tenant lives in one Redis Cluster slot and the commit
 //! script may touch all of them:
 //!
-//! - `P:{CK}:installation`: a HASH with one field per top-level field of [`Installation`]
-//!   except `secrets`, each value the field serialized as JSON (absent options are `null`);
-//!   the field `version` is the compare-and-set version.
-//! - `P:{CK}:secrets`: a LIST of the JSON secret entries of `super::record`, oldest first,
-//!   sealed (`super::sealing`).
+//! - `P:{CK}:installation`: a HASH of two fields: `version`, the compare-and-set version, and
+//!   `record`, the whole record in the compact form of `super::record` (short names, absent
+//!   attributes left out, the sealed secret history inside), so that an installation is one
+//!   small key. Records written before that form (one JSON field per attribute, the secrets in
+//!   a LIST `P:{CK}:secrets`) are still read, and rewritten in it by their next write.
 //! - `P:{CK}:token:<hex token digest>`: a STRING holding the hex body digest, expiring at the
 //!   token's `exp` (`EXAT`).
 //! - `P:site:{<baseUrl>}`: a sorted SET of the clientKeys installed on that site, scored by
