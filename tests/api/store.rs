@@ -15,7 +15,7 @@ use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
     Commit, CommitOutcome, InstallState, Installation, InstallationStore, SeenToken, SharedStore,
-    SiteProof, StoreError,
+    SiteCommitOutcome, SiteEntry, SiteProof, StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -403,6 +403,125 @@ async fn list_client_keys_lists_committed_ones(store: SharedStore) {
     assert_eq!(keys, vec![ck("confluence:two"), ck("jira:one"), ck("x")]);
 }
 
+/// The write of an install (docs/PROTOCOL.md §7): the site is indexed whatever happens to the
+/// record, and the record is written only if the site's other clientKeys are what it assumed.
+async fn commit_on_site_indexes_and_checks_the_site(store: SharedStore) {
+    let site = url("https://shared.atlassian.net");
+    let entry = |assumed_others| SiteEntry {
+        base_url: &site,
+        assumed_others,
+    };
+    let first = minimal("jira:site-first");
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &first,
+                expected_version: 0,
+                token: None,
+            },
+            entry(Some(false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+
+    // A second clientKey assuming it is alone: indexed, not written.
+    let second = minimal("jira:site-second");
+    let token = SeenToken {
+        token_digest: [0x33; 32],
+        body_digest: [0x44; 32],
+        expires_at: now_unix() + 600,
+    };
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 0,
+                token: Some(token),
+            },
+            entry(Some(false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::SiteDiffers { others: true });
+    assert!(store.load(&second.client_key).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .seen_token(&second.client_key, &[0x33; 32])
+            .await
+            .unwrap(),
+        None,
+        "no token memory without the record"
+    );
+    assert_eq!(
+        store.client_keys_for_site(&site).await.unwrap(),
+        vec![first.client_key.clone(), second.client_key.clone()]
+    );
+
+    // A stale version: a conflict, nothing written.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 7,
+                token: Some(token),
+            },
+            entry(Some(true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Conflict);
+    assert!(store.load(&second.client_key).await.unwrap().is_none());
+
+    // Planned again with the others: written, token remembered, read back together.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 0,
+                token: Some(token),
+            },
+            entry(Some(true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+    let (record, seen) = store
+        .load_with_token(&second.client_key, Some(&[0x33; 32]))
+        .await
+        .unwrap();
+    assert_eq!(record.unwrap().version, 1);
+    assert_eq!(seen, Some([0x44; 32]));
+    let (_, unseen) = store
+        .load_with_token(&second.client_key, Some(&[0x55; 32]))
+        .await
+        .unwrap();
+    assert_eq!(unseen, None);
+
+    // A reinstall indexes whatever the site holds.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &first,
+                expected_version: 1,
+                token: None,
+            },
+            entry(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+    assert_eq!(
+        store
+            .load(&first.client_key)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
+
 async fn ping_answers(store: SharedStore) {
     store.ping().await.unwrap();
 }
@@ -446,6 +565,7 @@ both!(
     concurrent_commits_exactly_one_wins,
     seen_token_until_expiry,
     site_index,
+    commit_on_site_indexes_and_checks_the_site,
     list_client_keys_lists_committed_ones,
     ping_answers,
 );
