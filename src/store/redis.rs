@@ -284,10 +284,11 @@ impl ClusterBackend {
 
 /// A connection of either backend; commands and scripts are written once against it.
 enum Conn {
-    /// The shared connection of one Redis ([`SingleBackend`]). A command that finds it
-    /// broken (Redis restarted since) is sent once more on a fresh one: every write is a
-    /// compare-and-set or idempotent, so one that did run before the break is not repeated.
-    Shared(MultiplexedConnection, std::sync::Arc<SingleBackend>),
+    /// The shared connection of one Redis ([`SingleBackend`]). For a read (`Some`), a command
+    /// that finds it broken (Redis restarted since the last command) is sent once more on a
+    /// fresh one, as a pool's check-out would have replaced it; a write is never sent twice
+    /// (whether the first one ran is unknown), it fails and the caller answers `503`.
+    Shared(MultiplexedConnection, Option<std::sync::Arc<SingleBackend>>),
     /// A pooled connection of one Redis, for a write that `WAIT`s.
     Single(deadpool_redis::Connection),
     Cluster(ClusterConnection),
@@ -298,7 +299,8 @@ enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Shared(c, single) => Box::pin(async move {
+            Conn::Shared(c, None) => c.req_packed_command(cmd),
+            Conn::Shared(c, Some(single)) => Box::pin(async move {
                 match c.req_packed_command(cmd).await {
                     Err(e) if SingleBackend::reconnect_for(&e) => {
                         *c = single.reconnect(e).await?;
@@ -320,7 +322,8 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Shared(c, single) => Box::pin(async move {
+            Conn::Shared(c, None) => c.req_packed_commands(cmd, offset, count),
+            Conn::Shared(c, Some(single)) => Box::pin(async move {
                 match c.req_packed_commands(cmd, offset, count).await {
                     Err(e) if SingleBackend::reconnect_for(&e) => {
                         *c = single.reconnect(e).await?;
@@ -505,7 +508,10 @@ impl RedisStore {
 
     async fn conn(&self) -> Result<Conn, StoreError> {
         match &self.backend {
-            Backend::Single(single) => single.get().await.map(|c| Conn::Shared(c, single.clone())),
+            Backend::Single(single) => single
+                .get()
+                .await
+                .map(|c| Conn::Shared(c, Some(single.clone()))),
             Backend::Cluster(cluster) => cluster.get().await.map(Conn::Cluster),
         }
     }
@@ -521,7 +527,8 @@ impl RedisStore {
                 .await
                 .map(Conn::Single)
                 .map_err(StoreError::unavailable),
-            _ => self.conn().await,
+            (Backend::Single(single), None) => single.get().await.map(|c| Conn::Shared(c, None)),
+            (Backend::Cluster(_), None) => self.conn().await,
         }
     }
 
@@ -1084,7 +1091,7 @@ impl InstallationStore for RedisStore {
     }
 
     async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: Value = redis::cmd("HSET")
             .arg(self.install_keys_key())
             .arg(url)
@@ -1096,7 +1103,7 @@ impl InstallationStore for RedisStore {
     }
 
     async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: Value = redis::cmd("HDEL")
             .arg(self.install_keys_key())
             .arg(url)
