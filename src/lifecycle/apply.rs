@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use connect_protocol::authorization::token_from_header;
 use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::jwt;
 
@@ -15,7 +16,9 @@ use super::{
 };
 use crate::configuration::SiteProofSettings;
 use crate::host_client::HostClient;
-use crate::store::{Commit, CommitOutcome, Installation, InstallationStore, SiteProof};
+use crate::store::{
+    Commit, CommitOutcome, Installation, InstallationStore, SiteCommitOutcome, SiteEntry, SiteProof,
+};
 use crate::tenants::TenantCache;
 
 /// How often a write is retried when another writer changed the record in between.
@@ -45,13 +48,31 @@ pub struct Applier<'a> {
 
 impl Applier<'_> {
     /// Authenticates, decides and applies `callback`; a refusal stores nothing.
+    ///
+    /// Redis round trips of an `installed` in the common case (a new site's first install, a
+    /// reinstall): one read of the record with the token's replay memory, one write that also
+    /// indexes the site. The write assumes the site holds no other installation; if it does,
+    /// the store indexes but writes nothing, and the site step is planned again and written
+    /// (one more round trip, only on a site shared with other installations).
     pub async fn apply(&self, callback: &Callback<'_>) -> Result<Applied, LifecycleError> {
         let payload = callback.payload;
-        for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let existing = self.store.load(&payload.client_key).await?;
+        // The replay memory is read with the record, before the token is checked; it is used
+        // only once the token passed, and only for the token it was read for.
+        let token_digest = callback
+            .authorization
+            .and_then(|header| token_from_header(header).ok())
+            .map(jwt::token_digest);
+        let proofs = self.policy.settings.site_proof.enabled;
+        let mut assumed_others = false;
+        'attempts: for _ in 0..MAX_COMMIT_ATTEMPTS {
+            let (existing, seen_with_record) = self
+                .store
+                .load_with_token(&payload.client_key, token_digest.as_ref())
+                .await?;
             // Authenticated against exactly the record the write will compare against.
             let auth = authenticate(&self.policy, callback, existing.as_ref()).await?;
             let seen_body = match &auth.seen {
+                Some(seen) if Some(seen.token_digest) == token_digest => seen_with_record,
                 Some(seen) => {
                     self.store
                         .seen_token(&payload.client_key, &seen.token_digest)
@@ -60,40 +81,59 @@ impl Applier<'_> {
                 None => None,
             };
             let mut decision = decide(callback, &auth, existing, seen_body, jwt::now())?;
-            let others_on_site = match decision.site {
-                // Indexed before the write, so of two installs racing on one site at least
-                // the later one sees the other and is proven and ranked.
-                SiteStep::Import | SiteStep::Observe => {
+            let mut others_on_site = match decision.site {
+                // A retry writes nothing: indexed on its own, before the site step.
+                SiteStep::Import | SiteStep::Observe if decision.write.is_none() => {
                     self.index_and_look_for_others(&payload.base_url, &payload.client_key)
                         .await?
                 }
+                // Indexed by the write itself, which checks the assumption.
+                SiteStep::Import | SiteStep::Observe => assumed_others,
                 _ => false,
             };
-            let plan = plan_site(
-                &mut decision,
-                self.policy.settings.site_proof.enabled,
-                others_on_site,
-            );
-            let written = match &decision.write {
-                Some(write) => {
+            // At most twice: the site's clientKeys only grow, so a corrected assumption holds.
+            let (plan, written) = 'plan: {
+                for _ in 0..2 {
+                    let plan = plan_site(&mut decision, proofs, others_on_site);
+                    let Some(write) = &decision.write else {
+                        break 'plan (plan, false);
+                    };
                     let commit = Commit {
                         record: &write.record,
                         expected_version: write.expected_version,
                         token: write.token,
                     };
-                    if self.store.commit(commit).await? == CommitOutcome::Conflict {
-                        continue;
+                    if decision.site == SiteStep::None {
+                        if self.store.commit(commit).await? == CommitOutcome::Conflict {
+                            continue 'attempts;
+                        }
+                        break 'plan (plan, true);
                     }
-                    true
+                    // Only a proof planned on a write depends on the other installations.
+                    let depends_on_site =
+                        proofs && matches!(decision.site, SiteStep::Import | SiteStep::Observe);
+                    let site = SiteEntry {
+                        base_url: &payload.base_url,
+                        assumed_others: depends_on_site.then_some(others_on_site),
+                    };
+                    match self.store.commit_on_site(commit, site).await? {
+                        SiteCommitOutcome::Committed => break 'plan (plan, true),
+                        SiteCommitOutcome::Conflict => continue 'attempts,
+                        SiteCommitOutcome::SiteDiffers { others } => {
+                            others_on_site = others;
+                            assumed_others = others;
+                        }
+                    }
                 }
-                None => false,
+                continue 'attempts;
             };
             let installation = decision.installation.map(Arc::new);
             let superseded = match (&installation, plan, decision.site) {
                 (Some(installed), SitePlan::Supersede, _) => {
                     self.supersede_previous_tenants(installed).await?
                 }
-                (Some(installed), _, SiteStep::Index) => {
+                // A write indexed the site itself.
+                (Some(installed), _, SiteStep::Index) if !written => {
                     self.store
                         .index_site(&installed.base_url, &installed.client_key)
                         .await?;

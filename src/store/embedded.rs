@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::record;
 use super::sealing::Sealer;
 use super::{
     Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
-    ScanPosition, StoreError,
+    ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
@@ -147,6 +147,112 @@ impl EmbeddedStore {
     }
 }
 
+/// A commit ready to run in a write transaction: the record in its stored form.
+struct PreparedWrite {
+    client_key: String,
+    expected: u64,
+    json: Vec<u8>,
+    token: Option<SeenToken>,
+}
+
+impl EmbeddedStore {
+    fn prepare(&self, commit: &Commit<'_>) -> Result<PreparedWrite, StoreError> {
+        let client_key = commit.record.client_key.as_str().to_owned();
+        let expected = commit.expected_version;
+        let version = expected.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the version of installation {client_key} overflows"
+            ))
+        })?;
+        let record::StoredRecord {
+            mut fields,
+            secrets,
+        } = record::encode(commit.record, version, &self.sealer)?;
+        fields.insert("secrets".into(), serde_json::Value::Array(secrets));
+        let json = serde_json::to_vec(&fields).map_err(|_| {
+            StoreError::Corrupt(format!("cannot serialize installation {client_key}"))
+        })?;
+        Ok(PreparedWrite {
+            client_key,
+            expected,
+            json,
+            token: commit.token,
+        })
+    }
+}
+
+impl PreparedWrite {
+    /// The compare-and-set write in `txn`; on a conflict `txn` must not be committed.
+    fn apply(&self, txn: &WriteTransaction) -> Result<CommitOutcome, StoreError> {
+        let client_key = self.client_key.as_str();
+        let now = now_unix();
+        let mut installations = txn.open_table(INSTALLATIONS).map_err(io)?;
+        let current = match installations.get(client_key).map_err(io)? {
+            // A record without a readable version is never overwritten blindly: that is a
+            // conflict (the caller's re-read reports the record as corrupt).
+            Some(raw) => serde_json::from_slice::<serde_json::Value>(raw.value())
+                .ok()
+                .and_then(|v| v.get("version")?.as_u64()),
+            None => Some(0),
+        };
+        if current != Some(self.expected) {
+            return Ok(CommitOutcome::Conflict);
+        }
+        installations
+            .insert(client_key, self.json.as_slice())
+            .map_err(io)?;
+
+        let mut tokens = txn.open_table(TOKENS).map_err(io)?;
+        let low = [0u8; 32];
+        let high = [0xffu8; 32];
+        tokens
+            .retain_in(
+                (client_key, &low)..=(client_key, &high),
+                |_, (_, expires_at)| expires_at > now,
+            )
+            .map_err(io)?;
+        if let Some(t) = self.token.filter(|t| t.expires_at > now) {
+            tokens
+                .insert(
+                    (client_key, &t.token_digest),
+                    (&t.body_digest, t.expires_at),
+                )
+                .map_err(io)?;
+        }
+        Ok(CommitOutcome::Committed)
+    }
+}
+
+/// Indexes `client_key` on the site at `base_url` in `txn`; the first indexing fixes the
+/// position, a retry keeps it.
+fn index_in(txn: &WriteTransaction, base_url: &str, client_key: &str) -> Result<(), StoreError> {
+    let mut sites = txn.open_table(SITE_INSTALLS).map_err(io)?;
+    let key = (base_url, client_key);
+    if sites.get(key).map_err(io)?.is_none() {
+        let mut meta = txn.open_table(META).map_err(io)?;
+        let seq = meta.get(SITE_SEQ).map_err(io)?.map_or(0, |v| v.value()) + 1;
+        meta.insert(SITE_SEQ, seq).map_err(io)?;
+        sites.insert(key, seq).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Whether clientKeys other than `client_key` are indexed on the site at `base_url`.
+fn others_in(txn: &WriteTransaction, base_url: &str, client_key: &str) -> Result<bool, StoreError> {
+    let sites = txn.open_table(SITE_INSTALLS).map_err(io)?;
+    for entry in sites.range((base_url, "")..).map_err(io)? {
+        let (key, _) = entry.map_err(io)?;
+        let (site, other) = key.value();
+        if site != base_url {
+            return Ok(false);
+        }
+        if other != client_key {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[async_trait]
 impl InstallationStore for EmbeddedStore {
     async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError> {
@@ -186,63 +292,42 @@ impl InstallationStore for EmbeddedStore {
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
-        let client_key = commit.record.client_key.as_str().to_owned();
-        let expected = commit.expected_version;
-        let version = expected.checked_add(1).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "the version of installation {client_key} overflows"
-            ))
-        })?;
-        let record::StoredRecord {
-            mut fields,
-            secrets,
-        } = record::encode(commit.record, version, &self.sealer)?;
-        fields.insert("secrets".into(), serde_json::Value::Array(secrets));
-        let json = serde_json::to_vec(&fields).map_err(|_| {
-            StoreError::Corrupt(format!("cannot serialize installation {client_key}"))
-        })?;
-        let token = commit.token;
+        let write = self.prepare(&commit)?;
         self.blocking(move |db| {
-            let now = now_unix();
             let txn = db.begin_write().map_err(io)?;
-            {
-                let mut installations = txn.open_table(INSTALLATIONS).map_err(io)?;
-                let current = match installations.get(client_key.as_str()).map_err(io)? {
-                    // A record without a readable version is never overwritten blindly: that is
-                    // a conflict (the caller's re-read reports the record as corrupt).
-                    Some(raw) => serde_json::from_slice::<serde_json::Value>(raw.value())
-                        .ok()
-                        .and_then(|v| v.get("version")?.as_u64()),
-                    None => Some(0),
-                };
-                if current != Some(expected) {
-                    // Dropping the transaction aborts it: nothing is written.
-                    return Ok(CommitOutcome::Conflict);
-                }
-                installations
-                    .insert(client_key.as_str(), json.as_slice())
-                    .map_err(io)?;
-
-                let mut tokens = txn.open_table(TOKENS).map_err(io)?;
-                let low = [0u8; 32];
-                let high = [0xffu8; 32];
-                tokens
-                    .retain_in(
-                        (client_key.as_str(), &low)..=(client_key.as_str(), &high),
-                        |_, (_, expires_at)| expires_at > now,
-                    )
-                    .map_err(io)?;
-                if let Some(t) = token.filter(|t| t.expires_at > now) {
-                    tokens
-                        .insert(
-                            (client_key.as_str(), &t.token_digest),
-                            (&t.body_digest, t.expires_at),
-                        )
-                        .map_err(io)?;
-                }
+            let outcome = write.apply(&txn)?;
+            if outcome == CommitOutcome::Committed {
+                txn.commit().map_err(io)?;
             }
+            // Otherwise dropping the transaction aborts it: nothing is written.
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// One transaction: the site index entry, the site check, the compare-and-set write.
+    async fn commit_on_site(
+        &self,
+        commit: Commit<'_>,
+        site: SiteEntry<'_>,
+    ) -> Result<SiteCommitOutcome, StoreError> {
+        let write = self.prepare(&commit)?;
+        let base_url = site.base_url.as_str().to_owned();
+        let assumed_others = site.assumed_others;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            index_in(&txn, &base_url, &write.client_key)?;
+            let others = others_in(&txn, &base_url, &write.client_key)?;
+            let outcome = match assumed_others {
+                Some(assumed) if assumed != others => SiteCommitOutcome::SiteDiffers { others },
+                _ => match write.apply(&txn)? {
+                    CommitOutcome::Committed => SiteCommitOutcome::Committed,
+                    CommitOutcome::Conflict => SiteCommitOutcome::Conflict,
+                },
+            };
+            // The index entry stays whatever happened to the record (as on Redis).
             txn.commit().map_err(io)?;
-            Ok(CommitOutcome::Committed)
+            Ok(outcome)
         })
         .await
     }
@@ -256,17 +341,7 @@ impl InstallationStore for EmbeddedStore {
         let client_key = client_key.as_str().to_owned();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(io)?;
-            {
-                let mut sites = txn.open_table(SITE_INSTALLS).map_err(io)?;
-                let key = (base_url.as_str(), client_key.as_str());
-                // The first indexing fixes the position; a retry keeps it.
-                if sites.get(key).map_err(io)?.is_none() {
-                    let mut meta = txn.open_table(META).map_err(io)?;
-                    let seq = meta.get(SITE_SEQ).map_err(io)?.map_or(0, |v| v.value()) + 1;
-                    meta.insert(SITE_SEQ, seq).map_err(io)?;
-                    sites.insert(key, seq).map_err(io)?;
-                }
-            }
+            index_in(&txn, &base_url, &client_key)?;
             txn.commit().map_err(io)?;
             Ok(())
         })

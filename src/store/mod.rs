@@ -298,6 +298,29 @@ pub struct InstallationPage {
     pub next: Option<ScanCursor>,
 }
 
+/// The site index entry written together with a commit
+/// ([`InstallationStore::commit_on_site`]): the committed clientKey on the site at `base_url`.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteEntry<'a> {
+    pub base_url: &'a BaseUrl,
+    /// What the record assumes about other clientKeys on the site (its site proof,
+    /// docs/PROTOCOL.md §7): `Some(others)` writes the record only if the site, once indexed,
+    /// agrees; `None` writes it whatever the site holds.
+    pub assumed_others: Option<bool>,
+}
+
+/// What [`InstallationStore::commit_on_site`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteCommitOutcome {
+    /// Indexed and written.
+    Committed,
+    /// Indexed; someone wrote the record first: re-read and decide again.
+    Conflict,
+    /// Indexed, nothing else written: other clientKeys are (`others`) or are not on the site,
+    /// unlike the assumption. Plan again with `others` and commit again.
+    SiteDiffers { others: bool },
+}
+
 #[async_trait]
 pub trait InstallationStore: Send + Sync + 'static {
     async fn load(&self, client_key: &ClientKey) -> Result<Option<Installation>, StoreError>;
@@ -334,6 +357,35 @@ pub trait InstallationStore: Send + Sync + 'static {
     /// Every clientKey ever installed on the site at `base_url`, in the order they were first
     /// indexed (oldest first); every reader sees the same order.
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError>;
+
+    /// The record of `client_key` and, if `token_digest` is given, the body digest that token
+    /// was accepted with ([`seen_token`](Self::seen_token)), read together: what a lifecycle
+    /// callback reads (Redis: one round trip).
+    async fn load_with_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: Option<&[u8; 32]>,
+    ) -> Result<(Option<Installation>, Option<[u8; 32]>), StoreError> {
+        let record = self.load(client_key).await?;
+        let seen = match token_digest {
+            Some(digest) => self.seen_token(client_key, digest).await?,
+            None => None,
+        };
+        Ok((record, seen))
+    }
+
+    /// [`index_site`](Self::index_site) of the committed clientKey on `site`, then, unless the
+    /// site's clientKeys disagree with `site.assumed_others`, [`commit`](Self::commit): the
+    /// write of an `installed` (Redis: one script, one round trip). The index is written even
+    /// when the record is not, so that of two installs racing on one site at least the later
+    /// one sees the other (docs/PROTOCOL.md §7).
+    async fn commit_on_site(
+        &self,
+        commit: Commit<'_>,
+        site: SiteEntry<'_>,
+    ) -> Result<SiteCommitOutcome, StoreError> {
+        commit_on_site_in_steps(self, commit, site).await
+    }
 
     /// Every installation's clientKey (Redis: `SCAN`, never `KEYS`).
     async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError>;
@@ -378,6 +430,29 @@ pub trait InstallationStore: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
+
+/// [`InstallationStore::commit_on_site`] as separate operations (index, read the site, commit):
+/// for a store that cannot do them in one step (a Redis Cluster, where the site index lives in
+/// another slot than the tenant's keys).
+pub(crate) async fn commit_on_site_in_steps<S: InstallationStore + ?Sized>(
+    store: &S,
+    commit: Commit<'_>,
+    site: SiteEntry<'_>,
+) -> Result<SiteCommitOutcome, StoreError> {
+    let client_key = &commit.record.client_key;
+    store.index_site(site.base_url, client_key).await?;
+    if let Some(assumed) = site.assumed_others {
+        let on_site = store.client_keys_for_site(site.base_url).await?;
+        let others = on_site.iter().any(|k| k != client_key);
+        if others != assumed {
+            return Ok(SiteCommitOutcome::SiteDiffers { others });
+        }
+    }
+    Ok(match store.commit(commit).await? {
+        CommitOutcome::Committed => SiteCommitOutcome::Committed,
+        CommitOutcome::Conflict => SiteCommitOutcome::Conflict,
+    })
+}
 
 /// Test doubles shared by the unit tests of the modules above the store.
 #[cfg(test)]
@@ -439,6 +514,29 @@ pub(crate) mod testing {
         async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
             self.commits.fetch_add(1, Ordering::SeqCst);
             self.inner.commit(commit).await
+        }
+        async fn load_with_token(
+            &self,
+            c: &ClientKey,
+            d: Option<&[u8; 32]>,
+        ) -> Result<(Option<Installation>, Option<[u8; 32]>), StoreError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            if self.stale_once.swap(false, Ordering::SeqCst) {
+                let seen = match d {
+                    Some(d) => self.inner.seen_token(c, d).await?,
+                    None => None,
+                };
+                return Ok((None, seen));
+            }
+            self.inner.load_with_token(c, d).await
+        }
+        async fn commit_on_site(
+            &self,
+            commit: Commit<'_>,
+            site: SiteEntry<'_>,
+        ) -> Result<SiteCommitOutcome, StoreError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            self.inner.commit_on_site(commit, site).await
         }
         async fn reconfirm(&self, c: &ClientKey, t: &SeenToken) -> Result<(), StoreError> {
             self.inner.reconfirm(c, t).await

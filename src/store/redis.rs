@@ -4,11 +4,11 @@
 //! carries the hash tag `{CK}`, so one tenant lives in one Redis Cluster slot and the commit
 //! script may touch all of them:
 //!
-//! - `P:{CK}:installation`: a HASH with one field per top-level field of [`Installation`]
-//!   except `secrets`, each value the field serialized as JSON (absent options are `null`);
-//!   the field `version` is the compare-and-set version.
-//! - `P:{CK}:secrets`: a LIST of the JSON secret entries of `super::record`, oldest first,
-//!   sealed (`super::sealing`).
+//! - `P:{CK}:installation`: a HASH of two fields: `version`, the compare-and-set version, and
+//!   `record`, the whole record in the compact form of `super::record` (short names, absent
+//!   attributes left out, the sealed secret history inside), so that an installation is one
+//!   small key. Records written before that form (one JSON field per attribute, the secrets in
+//!   a LIST `P:{CK}:secrets`) are still read, and rewritten in it by their next write.
 //! - `P:{CK}:token:<hex token digest>`: a STRING holding the hex body digest, expiring at the
 //!   token's `exp` (`EXAT`).
 //! - `P:site:{<baseUrl>}`: a sorted SET of the clientKeys installed on that site, scored by
@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
@@ -43,7 +43,7 @@ use super::record;
 use super::sealing::Sealer;
 use super::{
     Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
-    ScanPosition, SeenToken, StoreError,
+    ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
@@ -58,39 +58,48 @@ const LISTING_SCAN_COUNT: usize = 1000;
 const CLUSTER_LISTING_LOADS: usize = 128;
 
 /// The compare-and-set write: one script, so the check, the writes and the notification are
-/// atomic.
+/// atomic. It may also index the installation on its site first (one Redis, not a Cluster:
+/// the site index lives in another slot), and then write only if the site agrees with what
+/// the record assumes about other installations there.
 ///
-/// KEYS[1] installation hash, KEYS[2] secrets list, KEYS[3] token key (only when a token is
-/// remembered).
-/// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] number of hash fields
-/// `n`, ARGV[5] token body digest, ARGV[6] token expiry (Unix seconds), then `n` field/value
-/// pairs, then the secrets, oldest first.
-/// Returns 1 when written, 0 on a version conflict (nothing written).
+/// KEYS[1] installation hash, KEYS[2] the secret list of the old layout (deleted by every
+/// write), KEYS[3] token key (the hash again when no token is remembered), KEYS[4] site index
+/// (only with a site step).
+/// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] new version,
+/// ARGV[5] token body digest ('' when no token is remembered), ARGV[6] token expiry (Unix
+/// seconds), ARGV[7] site step ('': none; 'any': index; '0'/'1': index, and write only if the
+/// site holds no other/some other clientKey), ARGV[8] the index score (milliseconds),
+/// ARGV[9] the record in its compact form.
+/// Returns 1 when written, 0 on a version conflict (nothing written but the index), 2 when the
+/// site disagrees (nothing written but the index).
 const COMMIT_SCRIPT: &str = r#"
-local current = '0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  current = redis.call('HGET', KEYS[1], 'version')
-  if not current then
+if ARGV[7] ~= '' then
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[8], ARGV[3])
+end
+local current = redis.call('HGET', KEYS[1], 'version')
+if not current then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
     return 0
   end
+  current = '0'
 end
 if current ~= ARGV[1] then
   return 0
 end
-local n = tonumber(ARGV[4])
-local first_secret = 7 + 2 * n
-local fields = {}
-for i = 7, first_secret - 1 do
-  fields[#fields + 1] = ARGV[i]
+if ARGV[7] == '0' or ARGV[7] == '1' then
+  local others = '0'
+  if redis.call('ZCARD', KEYS[4]) > 1 then
+    others = '1'
+  end
+  if others ~= ARGV[7] then
+    return 2
+  end
 end
-local secrets = {}
-for i = first_secret, #ARGV do
-  secrets[#secrets + 1] = ARGV[i]
+if current ~= '0' then
+  redis.call('DEL', KEYS[1], KEYS[2])
 end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('RPUSH', KEYS[2], unpack(secrets))
-if KEYS[3] then
+redis.call('HSET', KEYS[1], 'version', ARGV[4], 'record', ARGV[9])
+if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -120,10 +129,76 @@ pub struct Replication {
 /// At most this many cluster connections are reserved for writes that `WAIT`.
 const CLUSTER_WRITERS: usize = 8;
 
-/// Where commands go: one Redis (a pool of connections) or a Redis Cluster.
+/// Where commands go: one Redis or a Redis Cluster.
 enum Backend {
-    Single(Pool),
+    Single(std::sync::Arc<SingleBackend>),
     Cluster(Box<ClusterBackend>),
+}
+
+/// One Redis: a multiplexed connection shared by every request, so that a request costs its
+/// own round trips only (a pooled connection costs one more at every checkout, the pool's
+/// `PING`). Opened on first use and again after a connection-level failure, so the service
+/// starts while Redis is down. Writes that `WAIT` take a pooled connection of their own
+/// instead: `WAIT` blocks the connection it runs on.
+struct SingleBackend {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    shared: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    pool: Pool,
+}
+
+impl SingleBackend {
+    async fn get(&self) -> Result<MultiplexedConnection, StoreError> {
+        let attempt = async {
+            let mut cached = self.shared.lock().await;
+            if let Some(connection) = cached.as_ref() {
+                return Ok(connection.clone());
+            }
+            let connection = self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map_err(StoreError::unavailable)?;
+            *cached = Some(connection.clone());
+            Ok(connection)
+        };
+        tokio::time::timeout(TIMEOUT, attempt).await.map_err(|_| {
+            StoreError::unavailable(ConfigError(format!(
+                "no connection to Redis within {TIMEOUT:?}"
+            )))
+        })?
+    }
+
+    /// After a connection-level failure the next command opens a fresh connection.
+    fn forget_connection(&self) {
+        if let Ok(mut cached) = self.shared.try_lock() {
+            *cached = None;
+        }
+    }
+
+    /// Whether `e` says the shared connection is broken (not merely slow: a timeout is not
+    /// tried again).
+    fn reconnect_for(e: &RedisError) -> bool {
+        (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout()
+    }
+
+    /// A fresh shared connection in place of the broken one; `broken`'s error if none opens.
+    async fn reconnect(&self, broken: RedisError) -> Result<MultiplexedConnection, RedisError> {
+        let mut cached = self.shared.lock().await;
+        let fresh = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config);
+        match tokio::time::timeout(TIMEOUT, fresh).await {
+            Ok(Ok(connection)) => {
+                *cached = Some(connection.clone());
+                Ok(connection)
+            }
+            _ => {
+                *cached = None;
+                Err(broken)
+            }
+        }
+    }
 }
 
 /// A Redis Cluster: one multiplexed [`ClusterConnection`] (it keeps a connection to every
@@ -213,6 +288,12 @@ impl ClusterBackend {
 
 /// A connection of either backend; commands and scripts are written once against it.
 enum Conn {
+    /// The shared connection of one Redis ([`SingleBackend`]). For a read (`Some`), a command
+    /// that finds it broken (Redis restarted since the last command) is sent once more on a
+    /// fresh one, as a pool's check-out would have replaced it; a write is never sent twice
+    /// (whether the first one ran is unknown), it fails and the caller answers `503`.
+    Shared(MultiplexedConnection, Option<std::sync::Arc<SingleBackend>>),
+    /// A pooled connection of one Redis, for a write that `WAIT`s.
     Single(deadpool_redis::Connection),
     Cluster(ClusterConnection),
     /// A cluster connection of one write ([`ClusterBackend::writer`]).
@@ -222,6 +303,16 @@ enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
+            Conn::Shared(c, None) => c.req_packed_command(cmd),
+            Conn::Shared(c, Some(single)) => Box::pin(async move {
+                match c.req_packed_command(cmd).await {
+                    Err(e) if SingleBackend::reconnect_for(&e) => {
+                        *c = single.reconnect(e).await?;
+                        c.req_packed_command(cmd).await
+                    }
+                    answer => answer,
+                }
+            }),
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
             Conn::Writer(w) => w.connection.req_packed_command(cmd),
@@ -235,6 +326,16 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
+            Conn::Shared(c, None) => c.req_packed_commands(cmd, offset, count),
+            Conn::Shared(c, Some(single)) => Box::pin(async move {
+                match c.req_packed_commands(cmd, offset, count).await {
+                    Err(e) if SingleBackend::reconnect_for(&e) => {
+                        *c = single.reconnect(e).await?;
+                        c.req_packed_commands(cmd, offset, count).await
+                    }
+                    answer => answer,
+                }
+            }),
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Writer(w) => w.connection.req_packed_commands(cmd, offset, count),
@@ -243,6 +344,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
+            Conn::Shared(c, _) => c.get_db(),
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
             Conn::Writer(w) => w.connection.get_db(),
@@ -275,12 +377,14 @@ impl RedisStore {
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
         // The URL may carry a password: never echo it.
-        let manager = Manager::new_with_config(url, connection_config).map_err(|e| {
+        let invalid = |e: RedisError| {
             StoreError::unavailable(ConfigError(format!(
                 "the Redis URL is not valid ({:?})",
                 e.kind()
             )))
-        })?;
+        };
+        let client = redis::Client::open(url).map_err(invalid)?;
+        let manager = Manager::new_with_config(url, connection_config.clone()).map_err(invalid)?;
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(TIMEOUT))
@@ -290,7 +394,12 @@ impl RedisStore {
             .build()
             .map_err(StoreError::unavailable)?;
         Ok(RedisStore {
-            backend: Backend::Single(pool),
+            backend: Backend::Single(std::sync::Arc::new(SingleBackend {
+                client,
+                config: connection_config,
+                shared: tokio::sync::Mutex::new(None),
+                pool,
+            })),
             prefix: prefix.to_owned(),
             commit_script: Script::new(COMMIT_SCRIPT),
             replication: None,
@@ -403,21 +512,27 @@ impl RedisStore {
 
     async fn conn(&self) -> Result<Conn, StoreError> {
         match &self.backend {
-            Backend::Single(pool) => pool
+            Backend::Single(single) => single
                 .get()
                 .await
-                .map(Conn::Single)
-                .map_err(StoreError::unavailable),
+                .map(|c| Conn::Shared(c, Some(single.clone()))),
             Backend::Cluster(cluster) => cluster.get().await.map(Conn::Cluster),
         }
     }
 
-    /// The connection of a write: with replication required in a cluster, one of its own, so
-    /// that its `WAIT` neither blocks nor is answered for other requests.
+    /// The connection of a write: with replication required, one of its own, so that its
+    /// `WAIT` neither blocks nor is answered for other requests.
     async fn write_conn(&self) -> Result<Conn, StoreError> {
         match (&self.backend, self.replication) {
             (Backend::Cluster(cluster), Some(_)) => cluster.writer().await.map(Conn::Writer),
-            _ => self.conn().await,
+            (Backend::Single(single), Some(_)) => single
+                .pool
+                .get()
+                .await
+                .map(Conn::Single)
+                .map_err(StoreError::unavailable),
+            (Backend::Single(single), None) => single.get().await.map(|c| Conn::Shared(c, None)),
+            (Backend::Cluster(_), None) => self.conn().await,
         }
     }
 
@@ -432,6 +547,7 @@ impl RedisStore {
         wait.arg(replication.min_replicas)
             .arg(replication.timeout.as_millis() as u64);
         let reply = match &mut conn {
+            Conn::Shared(c, _) => wait.query_async::<Value>(c).await,
             Conn::Single(c) => wait.query_async::<Value>(c).await,
             Conn::Cluster(c) => {
                 route_to_primary(c, wait, Route::with_key(key, SlotAddr::Master)).await
@@ -468,17 +584,110 @@ impl RedisStore {
     /// Classifies a command's error; in cluster mode a connection-level failure also drops
     /// the cluster connection, so the next command starts afresh.
     fn redis_error(&self, e: RedisError) -> StoreError {
-        if let Backend::Cluster(cluster) = &self.backend {
-            if e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_timeout()
-                || e.is_unrecoverable_error()
-                || stale_topology(&e)
-            {
-                cluster.forget_connection();
+        let connection_lost = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_timeout()
+            || e.is_unrecoverable_error();
+        match &self.backend {
+            Backend::Cluster(cluster) if connection_lost || stale_topology(&e) => {
+                cluster.forget_connection()
             }
+            Backend::Single(single) if connection_lost => single.forget_connection(),
+            _ => {}
         }
         redis_error(e)
+    }
+
+    /// The body digest a remembered token key holds (`stored`: its `GET`).
+    fn seen_body(
+        &self,
+        client_key: &ClientKey,
+        stored: Option<Value>,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        let stored: Option<String> = match stored {
+            Some(value) => {
+                redis::from_redis_value(value).map_err(|e| self.redis_error(e.into()))?
+            }
+            None => None,
+        };
+        let Some(stored) = stored else {
+            return Ok(None);
+        };
+        let mut body_digest = [0u8; 32];
+        hex::decode_to_slice(stored.as_bytes(), &mut body_digest).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "a remembered token of installation {client_key} holds no valid digest"
+            ))
+        })?;
+        Ok(Some(body_digest))
+    }
+
+    /// Runs [`COMMIT_SCRIPT`] for `commit`, indexing `site` first if given (one Redis only),
+    /// and confirms the write as configured (`WAIT`).
+    async fn run_commit(
+        &self,
+        commit: Commit<'_>,
+        site: Option<SiteEntry<'_>>,
+    ) -> Result<Written, StoreError> {
+        let client_key = &commit.record.client_key;
+        let new_version = commit.expected_version.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the version of installation {client_key} overflows"
+            ))
+        })?;
+        let compact = record::to_compact(record::encode(commit.record, new_version, &self.sealer)?);
+
+        let token = commit.token.filter(|t| t.expires_at > now_unix());
+        let installation_key = self.installation_key(client_key);
+
+        let mut invocation = self.commit_script.prepare_invoke();
+        invocation
+            .key(&installation_key)
+            .key(self.secrets_key(client_key))
+            .key(match &token {
+                Some(t) => self.token_key(client_key, &t.token_digest),
+                None => installation_key.clone(),
+            });
+        if let Some(site) = &site {
+            invocation.key(self.site_key(site.base_url));
+        }
+        let site_step = match site.map(|s| s.assumed_others) {
+            None => "",
+            Some(None) => "any",
+            Some(Some(false)) => "0",
+            Some(Some(true)) => "1",
+        };
+        invocation
+            .arg(commit.expected_version.to_string())
+            .arg(self.channel())
+            .arg(client_key.as_str())
+            .arg(new_version.to_string())
+            .arg(
+                token
+                    .map(|t| hex::encode(t.body_digest))
+                    .unwrap_or_default(),
+            )
+            .arg(token.map(|t| t.expires_at).unwrap_or(0))
+            .arg(site_step)
+            .arg(now_millis())
+            .arg(compact);
+
+        let mut conn = self.write_conn().await?;
+        let written: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        let written = match written {
+            1 => Written::Yes,
+            2 => Written::SiteDiffers,
+            _ => Written::Conflict,
+        };
+        if written != Written::Yes {
+            self.release(conn);
+            return Ok(written);
+        }
+        self.confirm_write(conn, &installation_key).await?;
+        Ok(written)
     }
 
     /// Every clientKey whose installation hash a `SCAN` of `conn` finds, added to `found`. In
@@ -766,6 +975,24 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The hash field of the record in its compact form (the field `version` beside it).
+const RECORD_FIELD: &str = "record";
+
+/// When a site index entry is first written: its score (ties sort by clientKey).
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What [`COMMIT_SCRIPT`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Yes,
+    Conflict,
+    SiteDiffers,
+}
+
 /// Escapes the glob characters of `SCAN MATCH` so the prefix matches literally.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -778,13 +1005,27 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Rebuilds an installation from its hash fields and secret list.
+/// Rebuilds an installation from its hash fields (and, in the old layout, its secret list).
 fn decode(
     client_key: &ClientKey,
-    fields: HashMap<String, Vec<u8>>,
+    mut fields: HashMap<String, Vec<u8>>,
     secrets: Vec<Vec<u8>>,
     sealer: &Sealer,
 ) -> Result<Installation, StoreError> {
+    if let Some(compact) = fields.remove(RECORD_FIELD) {
+        let version = fields
+            .get("version")
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("installation {client_key} has no valid version"))
+            })?;
+        // A parse error could quote a secret: only say which record is broken.
+        let stored = record::from_compact(&compact, version).ok_or_else(|| {
+            StoreError::Corrupt(format!("installation {client_key} is not valid JSON"))
+        })?;
+        return record::decode(client_key, stored.fields, stored.secrets, sealer);
+    }
+    // The old layout: one field per attribute, the secrets in a list of their own.
     let mut object = serde_json::Map::with_capacity(fields.len());
     for (name, raw) in fields {
         let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| {
@@ -832,74 +1073,67 @@ impl InstallationStore for RedisStore {
         token_digest: &[u8; 32],
     ) -> Result<Option<[u8; 32]>, StoreError> {
         let mut conn = self.conn().await?;
-        let stored: Option<String> = redis::cmd("GET")
+        let stored: Value = redis::cmd("GET")
             .arg(self.token_key(client_key, token_digest))
             .query_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
-        let Some(stored) = stored else {
-            return Ok(None);
-        };
-        let mut body_digest = [0u8; 32];
-        hex::decode_to_slice(stored.as_bytes(), &mut body_digest).map_err(|_| {
-            StoreError::Corrupt(format!(
-                "a remembered token of installation {client_key} holds no valid digest"
-            ))
-        })?;
-        Ok(Some(body_digest))
+        self.seen_body(client_key, Some(stored))
     }
 
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
-        let client_key = &commit.record.client_key;
-        let new_version = commit.expected_version.checked_add(1).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "the version of installation {client_key} overflows"
-            ))
-        })?;
-        let record::StoredRecord {
-            fields: object,
-            secrets,
-        } = record::encode(commit.record, new_version, &self.sealer)?;
+        Ok(match self.run_commit(commit, None).await? {
+            Written::Yes => CommitOutcome::Committed,
+            Written::Conflict | Written::SiteDiffers => CommitOutcome::Conflict,
+        })
+    }
 
-        let token = commit.token.filter(|t| t.expires_at > now_unix());
+    async fn commit_on_site(
+        &self,
+        commit: Commit<'_>,
+        site: SiteEntry<'_>,
+    ) -> Result<SiteCommitOutcome, StoreError> {
+        if self.is_cluster() {
+            // The site index is in another slot than the tenant's keys: no one script.
+            return super::commit_on_site_in_steps(self, commit, site).await;
+        }
+        Ok(match self.run_commit(commit, Some(site)).await? {
+            Written::Yes => SiteCommitOutcome::Committed,
+            Written::Conflict => SiteCommitOutcome::Conflict,
+            Written::SiteDiffers => SiteCommitOutcome::SiteDiffers {
+                others: !site.assumed_others.unwrap_or_default(),
+            },
+        })
+    }
 
-        let mut invocation = self.commit_script.prepare_invoke();
-        invocation
-            .key(self.installation_key(client_key))
-            .key(self.secrets_key(client_key));
-        if let Some(t) = &token {
-            invocation.key(self.token_key(client_key, &t.token_digest));
+    async fn load_with_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: Option<&[u8; 32]>,
+    ) -> Result<(Option<Installation>, Option<[u8; 32]>), StoreError> {
+        let mut read = redis::pipe();
+        read.atomic()
+            .hgetall(self.installation_key(client_key))
+            .lrange(self.secrets_key(client_key), 0, -1);
+        if let Some(digest) = token_digest {
+            read.get(self.token_key(client_key, digest));
         }
-        invocation
-            .arg(commit.expected_version.to_string())
-            .arg(self.channel())
-            .arg(client_key.as_str())
-            .arg(object.len())
-            .arg(
-                token
-                    .map(|t| hex::encode(t.body_digest))
-                    .unwrap_or_default(),
-            )
-            .arg(token.map(|t| t.expires_at).unwrap_or(0));
-        for (name, value) in &object {
-            invocation.arg(name.as_str()).arg(value.to_string());
-        }
-        for secret in &secrets {
-            invocation.arg(secret.to_string());
-        }
-
-        let mut conn = self.write_conn().await?;
-        let written: i64 = invocation
-            .invoke_async(&mut conn)
+        let mut conn = self.conn().await?;
+        let mut replies: Vec<Value> = read
+            .query_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
-        if written != 1 {
-            self.release(conn);
-            return Ok(CommitOutcome::Conflict);
+        let seen = match token_digest {
+            Some(_) => self.seen_body(client_key, replies.pop())?,
+            None => None,
+        };
+        let (fields, secrets): (HashMap<String, Vec<u8>>, Vec<Vec<u8>>) =
+            redis::from_redis_value(Value::Array(replies))
+                .map_err(|e| self.redis_error(e.into()))?;
+        if fields.is_empty() {
+            return Ok((None, seen));
         }
-        self.confirm_write(conn, &self.installation_key(client_key))
-            .await?;
-        Ok(CommitOutcome::Committed)
+        decode(client_key, fields, secrets, &self.sealer).map(|r| (Some(r), seen))
     }
 
     async fn reconfirm(&self, client_key: &ClientKey, token: &SeenToken) -> Result<(), StoreError> {
@@ -929,9 +1163,7 @@ impl InstallationStore for RedisStore {
     ) -> Result<(), StoreError> {
         let mut conn = self.write_conn().await?;
         // The first indexing fixes the position (NX); ties sort by clientKey, the same for all.
-        let first_indexed_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let first_indexed_ms = now_millis();
         let site_key = self.site_key(base_url);
         let _: i64 = redis::cmd("ZADD")
             .arg(&site_key)
@@ -970,7 +1202,7 @@ impl InstallationStore for RedisStore {
         let mut conn = self.conn().await?;
         let mut found = BTreeSet::new();
         match &mut conn {
-            Conn::Single(_) | Conn::Writer(_) => {
+            Conn::Shared(..) | Conn::Single(_) | Conn::Writer(_) => {
                 self.scan_into(&mut conn, None, &mut found).await?
             }
             Conn::Cluster(cluster) => {
@@ -1028,7 +1260,7 @@ impl InstallationStore for RedisStore {
     }
 
     async fn remember_install_key(&self, url: &str, entry: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: Value = redis::cmd("HSET")
             .arg(self.install_keys_key())
             .arg(url)
@@ -1040,7 +1272,7 @@ impl InstallationStore for RedisStore {
     }
 
     async fn forget_install_key(&self, url: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.write_conn().await?;
         let _: Value = redis::cmd("HDEL")
             .arg(self.install_keys_key())
             .arg(url)

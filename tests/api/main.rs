@@ -19,6 +19,7 @@ mod logging;
 mod ordering;
 mod polite_host;
 mod product_requests;
+mod redis_commands;
 mod replication;
 mod secrets_at_rest;
 mod service;

@@ -87,7 +87,7 @@ impl Place {
             .expect("warden runs")
     }
 
-    /// Everything stored for `client_key`, as raw text: the Redis hash and secret list, or the
+    /// Everything stored for `client_key`, as raw text: the Redis hash (secrets included), or the
     /// redb record (the process serving the embedded store must be gone: one at a time).
     async fn raw(&self, client_key: &str) -> String {
         match self.backend {
@@ -97,12 +97,8 @@ impl Place {
                     .hgetall(format!("{}:{{{client_key}}}:installation", self.prefix))
                     .await
                     .unwrap();
-                let secrets: Vec<String> = conn
-                    .lrange(format!("{}:{{{client_key}}}:secrets", self.prefix), 0, -1)
-                    .await
-                    .unwrap();
                 assert!(!fields.is_empty(), "no record for {client_key}");
-                format!("{}\n{}", fields.join("\n"), secrets.join("\n"))
+                fields.join("\n")
             }
             Backend::Embedded => {
                 let db = redb::Database::create(self.file()).unwrap();
@@ -126,11 +122,18 @@ impl Place {
     async fn copy_secrets(&self, from: &str, to: &str) {
         match self.backend {
             Backend::Redis => {
+                // The secret history is `s` of the compact record.
                 let mut conn = plain_redis().await;
-                let key = |ck: &str| format!("{}:{{{ck}}}:secrets", self.prefix);
-                let entries: Vec<String> = conn.lrange(key(from), 0, -1).await.unwrap();
-                let _: () = conn.del(key(to)).await.unwrap();
-                let _: () = conn.rpush(key(to), entries).await.unwrap();
+                let key = |ck: &str| format!("{}:{{{ck}}}:installation", self.prefix);
+                let record =
+                    |raw: String| -> serde_json::Value { serde_json::from_str(&raw).unwrap() };
+                let from_record = record(conn.hget(key(from), "record").await.unwrap());
+                let mut to_record = record(conn.hget(key(to), "record").await.unwrap());
+                to_record["s"] = from_record["s"].clone();
+                let _: () = conn
+                    .hset(key(to), "record", to_record.to_string())
+                    .await
+                    .unwrap();
             }
             Backend::Embedded => {
                 let from_record: serde_json::Value =

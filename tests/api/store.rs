@@ -15,7 +15,7 @@ use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
     Commit, CommitOutcome, InstallState, Installation, InstallationStore, ScanCursor, SeenToken,
-    SharedStore, SiteProof, StoreError,
+    SharedStore, SiteCommitOutcome, SiteEntry, SiteProof, StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -454,6 +454,125 @@ async fn scan_installations_pages_through_every_record(store: SharedStore) {
     assert!(pages >= 3, "{pages} page(s)");
 }
 
+/// The write of an install (docs/PROTOCOL.md §7): the site is indexed whatever happens to the
+/// record, and the record is written only if the site's other clientKeys are what it assumed.
+async fn commit_on_site_indexes_and_checks_the_site(store: SharedStore) {
+    let site = url("https://shared.atlassian.net");
+    let entry = |assumed_others| SiteEntry {
+        base_url: &site,
+        assumed_others,
+    };
+    let first = minimal("jira:site-first");
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &first,
+                expected_version: 0,
+                token: None,
+            },
+            entry(Some(false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+
+    // A second clientKey assuming it is alone: indexed, not written.
+    let second = minimal("jira:site-second");
+    let token = SeenToken {
+        token_digest: [0x33; 32],
+        body_digest: [0x44; 32],
+        expires_at: now_unix() + 600,
+    };
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 0,
+                token: Some(token),
+            },
+            entry(Some(false)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::SiteDiffers { others: true });
+    assert!(store.load(&second.client_key).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .seen_token(&second.client_key, &[0x33; 32])
+            .await
+            .unwrap(),
+        None,
+        "no token memory without the record"
+    );
+    assert_eq!(
+        store.client_keys_for_site(&site).await.unwrap(),
+        vec![first.client_key.clone(), second.client_key.clone()]
+    );
+
+    // A stale version: a conflict, nothing written.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 7,
+                token: Some(token),
+            },
+            entry(Some(true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Conflict);
+    assert!(store.load(&second.client_key).await.unwrap().is_none());
+
+    // Planned again with the others: written, token remembered, read back together.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &second,
+                expected_version: 0,
+                token: Some(token),
+            },
+            entry(Some(true)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+    let (record, seen) = store
+        .load_with_token(&second.client_key, Some(&[0x33; 32]))
+        .await
+        .unwrap();
+    assert_eq!(record.unwrap().version, 1);
+    assert_eq!(seen, Some([0x44; 32]));
+    let (_, unseen) = store
+        .load_with_token(&second.client_key, Some(&[0x55; 32]))
+        .await
+        .unwrap();
+    assert_eq!(unseen, None);
+
+    // A reinstall indexes whatever the site holds.
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &first,
+                expected_version: 1,
+                token: None,
+            },
+            entry(None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+    assert_eq!(
+        store
+            .load(&first.client_key)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
+
 async fn ping_answers(store: SharedStore) {
     store.ping().await.unwrap();
 }
@@ -497,6 +616,7 @@ both!(
     concurrent_commits_exactly_one_wins,
     seen_token_until_expiry,
     site_index,
+    commit_on_site_indexes_and_checks_the_site,
     list_client_keys_lists_committed_ones,
     scan_installations_pages_through_every_record,
     ping_answers,
@@ -600,20 +720,24 @@ async fn redis_key_layout_is_hash_tagged_per_tenant() {
 
     let mut conn = plain_redis().await;
     let hash = format!("{prefix}:{{jira:layout}}:installation");
-    let list = format!("{prefix}:{{jira:layout}}:secrets");
-    let version: Option<String> = conn.hget(&hash, "version").await.unwrap();
-    assert_eq!(version.as_deref(), Some("1"));
-    let product: Option<String> = conn.hget(&hash, "product_type").await.unwrap();
-    assert_eq!(product.as_deref(), Some("\"confluence\""));
-    let client_key: Option<String> = conn.hget(&hash, "client_key").await.unwrap();
-    assert_eq!(client_key.as_deref(), Some("\"jira:layout\""));
-    let secrets_field: bool = conn.hexists(&hash, "secrets").await.unwrap();
-    assert!(!secrets_field, "secrets live in their own list");
-    let len: usize = conn.llen(&list).await.unwrap();
-    assert_eq!(len, 3);
-    let oldest: String = conn.lindex(&list, 0).await.unwrap();
-    let oldest: serde_json::Value = serde_json::from_str(&oldest).unwrap();
-    assert_eq!(oldest["since"], 1_700_000_000);
+    // One hash of two fields: the compare-and-set version and the compact record.
+    let fields: std::collections::HashMap<String, String> = conn.hgetall(&hash).await.unwrap();
+    let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(names, ["record", "version"]);
+    assert_eq!(fields["version"], "1");
+    let stored: serde_json::Value = serde_json::from_str(&fields["record"]).unwrap();
+    assert_eq!(stored["pt"], "confluence");
+    assert_eq!(stored["ck"], "jira:layout");
+    assert!(stored.get("version").is_none(), "{stored}");
+    let secrets = stored["s"].as_array().unwrap();
+    assert_eq!(secrets.len(), 3);
+    assert_eq!(secrets[0]["t"], 1_700_000_000);
+    let list: bool = conn
+        .exists(format!("{prefix}:{{jira:layout}}:secrets"))
+        .await
+        .unwrap();
+    assert!(!list, "the secrets live in the record");
 
     let token_key = format!("{prefix}:{{jira:layout}}:token:{}", hex::encode([0x11; 32]));
     let body: Option<String> = conn.get(&token_key).await.unwrap();
@@ -642,13 +766,11 @@ async fn redis_damaged_record_is_corrupt() {
         commit(&store, &missing, 0, None).await,
         CommitOutcome::Committed
     );
-    let _: i64 = conn
-        .hdel(
-            format!("{prefix}:{{jira:missing-field}}:installation"),
-            "product_type",
-        )
-        .await
-        .unwrap();
+    let hash = |ck: &str| format!("{prefix}:{{{ck}}}:installation");
+    rewrite_record(&mut conn, &hash("jira:missing-field"), |record| {
+        record.as_object_mut().unwrap().remove("pt");
+    })
+    .await;
     assert!(matches!(
         store.load(&missing.client_key).await,
         Err(StoreError::Corrupt(_))
@@ -660,11 +782,7 @@ async fn redis_damaged_record_is_corrupt() {
         CommitOutcome::Committed
     );
     let _: i64 = conn
-        .hset(
-            format!("{prefix}:{{jira:garbled}}:installation"),
-            "enabled",
-            "not json",
-        )
+        .hset(hash("jira:garbled"), "record", "not json")
         .await
         .unwrap();
     assert!(matches!(
@@ -677,13 +795,7 @@ async fn redis_damaged_record_is_corrupt() {
         commit(&store, &no_version, 0, None).await,
         CommitOutcome::Committed
     );
-    let _: i64 = conn
-        .hdel(
-            format!("{prefix}:{{jira:no-version}}:installation"),
-            "version",
-        )
-        .await
-        .unwrap();
+    let _: i64 = conn.hdel(hash("jira:no-version"), "version").await.unwrap();
     assert!(matches!(
         store.load(&no_version.client_key).await,
         Err(StoreError::Corrupt(_))
@@ -699,17 +811,126 @@ async fn redis_damaged_record_is_corrupt() {
         commit(&store, &bad_secret, 0, None).await,
         CommitOutcome::Committed
     );
-    let _: i64 = conn
-        .rpush(
-            format!("{prefix}:{{jira:bad-secret}}:secrets"),
-            "{\"secret\":\"leak-me\"}",
-        )
-        .await
-        .unwrap();
+    rewrite_record(&mut conn, &hash("jira:bad-secret"), |record| {
+        record["s"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"p": "leak-me"}));
+    })
+    .await;
     match store.load(&bad_secret.client_key).await {
         Err(StoreError::Corrupt(msg)) => assert!(!msg.contains("leak-me"), "{msg}"),
         other => panic!("expected Corrupt, got {other:?}"),
     }
+}
+
+/// Changes the compact record stored in the installation hash `hash` with `change`.
+async fn rewrite_record(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    hash: &str,
+    change: impl FnOnce(&mut serde_json::Value),
+) {
+    use ::redis::AsyncCommands;
+
+    let raw: String = conn.hget(hash, "record").await.unwrap();
+    let mut record: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    change(&mut record);
+    let _: i64 = conn.hset(hash, "record", record.to_string()).await.unwrap();
+}
+
+/// Records written before the compact layout (one JSON field per attribute, the secrets in a
+/// list of their own) are still read, and rewritten in the compact layout by their next write.
+#[tokio::test]
+async fn redis_reads_the_old_layout_and_rewrites_it_on_its_next_write() {
+    use ::redis::AsyncCommands;
+
+    let prefix = crate::helpers::redis_server::unique_prefix();
+    let store = RedisStore::connect(crate::helpers::redis_server::redis_url(), &prefix)
+        .await
+        .unwrap();
+    let mut conn = plain_redis().await;
+    let hash = format!("{prefix}:{{jira:old-layout}}:installation");
+    let list = format!("{prefix}:{{jira:old-layout}}:secrets");
+    let old_fields = serde_json::json!({
+        "client_key": "jira:old-layout",
+        "base_url": "https://old.atlassian.net",
+        "display_url": null,
+        "product_type": "jira",
+        "description": "Atlassian JIRA at https://old.atlassian.net",
+        "oauth_client_id": "oauth-old",
+        "installation_id": null,
+        "cloud_id": null,
+        "service_entitlement_number": null,
+        "entitlement_id": null,
+        "entitlement_number": null,
+        "server_version": "100237",
+        "plugins_version": null,
+        "state": "installed",
+        "enabled": true,
+        "superseded_by": null,
+        "supersedes": ["jira:older"],
+        "site_proof": "skipped",
+        "signed_install": true,
+        "atlassian_installed": true,
+        "last_event_iat": 1_700_000_100,
+        "last_tenant_event_iat": 0,
+        "installed_at": 1_700_000_000,
+        "updated_at": 1_700_000_100,
+        "version": 3,
+    });
+    let pairs: Vec<(String, String)> = old_fields
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, value)| (name.clone(), value.to_string()))
+        .collect();
+    let _: () = conn.hset_multiple(&hash, &pairs).await.unwrap();
+    let _: () = conn
+        .rpush(
+            &list,
+            &[
+                r#"{"secret":"old-first","since":1700000000,"signed":true}"#,
+                r#"{"secret":"old-second","since":1700000100,"signed":true}"#,
+            ],
+        )
+        .await
+        .unwrap();
+
+    let loaded = store.load(&ck("jira:old-layout")).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 3);
+    assert_eq!(loaded.base_url, url("https://old.atlassian.net"));
+    assert_eq!(loaded.oauth_client_id.as_deref(), Some("oauth-old"));
+    assert_eq!(loaded.supersedes, vec![ck("jira:older")]);
+    assert_eq!(loaded.site_proof, Some(SiteProof::Skipped));
+    assert_eq!(loaded.last_event_iat, 1_700_000_100);
+    let secrets: Vec<&str> = loaded.secrets.iter().map(|s| s.secret.expose()).collect();
+    assert_eq!(secrets, ["old-first", "old-second"]);
+
+    let mut next = loaded.clone();
+    next.enabled = false;
+    assert_eq!(
+        commit(&store, &next, 3, None).await,
+        CommitOutcome::Committed
+    );
+    let fields: std::collections::HashMap<String, String> = conn.hgetall(&hash).await.unwrap();
+    let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["record", "version"],
+        "rewritten in the compact layout"
+    );
+    assert_eq!(fields["version"], "4");
+    let list_left: bool = conn.exists(&list).await.unwrap();
+    assert!(!list_left, "the old secret list is gone");
+
+    let reread = store.load(&ck("jira:old-layout")).await.unwrap().unwrap();
+    assert_eq!(reread.version, 4);
+    assert!(!reread.enabled);
+    assert_eq!(reread.supersedes, vec![ck("jira:older")]);
+    assert_eq!(reread.oauth_client_id.as_deref(), Some("oauth-old"));
+    let secrets: Vec<&str> = reread.secrets.iter().map(|s| s.secret.expose()).collect();
+    assert_eq!(secrets, ["old-first", "old-second"]);
 }
 
 /// A port on which nothing listens.
