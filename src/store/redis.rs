@@ -1233,8 +1233,10 @@ impl InstallationStore for RedisStore {
                 self.cluster_step(&mut conn, primaries, index, cursor)
                     .await?
             }
-            (ScanPosition::Start, Conn::Single(_)) => self.single_step(&mut conn, 0).await?,
-            (ScanPosition::Redis(cursor), Conn::Single(_)) => {
+            (ScanPosition::Start, Conn::Single(_) | Conn::Shared(..)) => {
+                self.single_step(&mut conn, 0).await?
+            }
+            (ScanPosition::Redis(cursor), Conn::Single(_) | Conn::Shared(..)) => {
                 self.single_step(&mut conn, cursor).await?
             }
             (other, _) => {
