@@ -159,8 +159,7 @@ impl AppState {
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
-        let descriptor = routes::descriptor::render(&settings)
-            .context("the descriptor template is not a JSON object")?;
+        let descriptor = settings.descriptor.to_pretty_string();
         let invalidations = Invalidations::new();
         Ok(Self {
             keys: InstallKeys::new(settings.keys_url.clone(), settings.key_fetch_timeout)

@@ -6,6 +6,7 @@ mod helpers;
 mod cli;
 mod cluster;
 mod coherence;
+mod descriptor;
 mod devtenant;
 mod host_client;
 mod install_keys;
