@@ -13,6 +13,7 @@ use connect_protocol::domain::{BaseUrl, HostPattern};
 
 use crate::routes::descriptor::{Descriptor, Placeholders};
 use crate::store::sealing::KeyRing;
+use crate::webhooks::WebhookSettings;
 
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
@@ -85,6 +86,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Site imports are confirmed by the site before they retire anyone (docs/PROTOCOL.md §7).
     pub site_proof: SiteProofSettings,
+    /// The queue between webhook routes and their handlers (`WARDEN_WEBHOOK_*`).
+    pub webhooks: WebhookSettings,
 }
 
 /// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
@@ -202,6 +205,9 @@ struct Raw {
     site_proof_backoff_ms: Option<String>,
     secret_keys: Option<List>,
     require_encryption: Option<String>,
+    webhook_queue_size: Option<String>,
+    webhook_workers: Option<String>,
+    webhook_dedupe_seconds: Option<String>,
 }
 
 impl Settings {
@@ -431,7 +437,31 @@ impl Settings {
             "WARDEN_REQUIRE_ENCRYPTION",
             raw.require_encryption.as_deref(),
         )?;
+        let webhooks = WebhookSettings {
+            queue_size: whole_number(
+                "WARDEN_WEBHOOK_QUEUE_SIZE",
+                raw.webhook_queue_size,
+                1_000,
+                1..=1_000_000,
+                "deliveries",
+            )? as usize,
+            workers: whole_number(
+                "WARDEN_WEBHOOK_WORKERS",
+                raw.webhook_workers,
+                8,
+                1..=1_024,
+                "workers",
+            )? as usize,
+            dedupe_window: Duration::from_secs(whole_number(
+                "WARDEN_WEBHOOK_DEDUPE_SECONDS",
+                raw.webhook_dedupe_seconds,
+                3_600,
+                1..=86_400,
+                "seconds",
+            )?),
+        };
         Ok(Self {
+            webhooks,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -606,6 +636,14 @@ mod tests {
         );
         assert!(s.secret_keys.is_empty());
         assert!(!s.require_encryption);
+        assert_eq!(
+            s.webhooks,
+            WebhookSettings {
+                queue_size: 1_000,
+                workers: 8,
+                dedupe_window: Duration::from_secs(3_600),
+            }
+        );
     }
 
     #[test]
@@ -704,6 +742,10 @@ mod tests {
             ("WARDEN_REDIS_WAIT_TIMEOUT_MS", "1501"),
             ("WARDEN_SECRET_KEYS", "a:c2hvcnQ="),
             ("WARDEN_REQUIRE_ENCRYPTION", "maybe"),
+            ("WARDEN_WEBHOOK_QUEUE_SIZE", "0"),
+            ("WARDEN_WEBHOOK_WORKERS", "many"),
+            ("WARDEN_WEBHOOK_WORKERS", "1025"),
+            ("WARDEN_WEBHOOK_DEDUPE_SECONDS", "0"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");

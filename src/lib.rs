@@ -16,6 +16,7 @@
 //!   other that a cached installation is stale;
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
+//! - [`webhooks`]: the descriptor's webhooks, queued for the vendor's handlers;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
 //!
@@ -36,3 +37,4 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod tenants;
+pub mod webhooks;

@@ -22,3 +22,4 @@ mod secrets_at_rest;
 mod service;
 mod site_import;
 mod store;
+mod webhooks;
