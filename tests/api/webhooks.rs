@@ -263,3 +263,49 @@ async fn a_handler_for_an_undeclared_event_stops_start_up() {
         .expect("start-up fails");
     assert!(error.to_string().contains("jira:issue_craeted"), "{error}");
 }
+
+/// devtenant delivers webhooks as Atlassian does (its own token code, the identifier header):
+/// its retry of a delivery is acknowledged and not handed over again.
+#[tokio::test]
+async fn devtenant_delivers_webhooks_and_their_retries() {
+    use devtenant::client::{http_client, AppCaller, AppDescriptor, DescriptorOptions};
+
+    let (app, mut seen, _dir) = app_with_webhooks(10, open_gate()).await;
+    let site = Site::new();
+    app.installed(&site).await;
+    let http = http_client(Duration::from_secs(10));
+    let descriptor = AppDescriptor::fetch(
+        &http,
+        &app.url("/atlassian-connect.json"),
+        &DescriptorOptions::default(),
+    )
+    .await
+    .unwrap();
+    let caller = AppCaller::new(http, descriptor);
+    let path = "/webhooks/created?issue=42";
+    for attempt in 0..2 {
+        let token = caller
+            .product_token(
+                &site.secret,
+                &site.client_key,
+                "POST",
+                path,
+                "user",
+                connect_protocol::jwt::now(),
+            )
+            .unwrap();
+        let exchange = caller
+            .webhook(
+                path,
+                &token,
+                "delivery-42",
+                Some(r#"{"issue":{"id":"42"}}"#.into()),
+            )
+            .await;
+        assert_eq!(exchange.status, Some(204), "attempt {attempt}: {exchange}");
+    }
+    let handled = next(&mut seen).await;
+    assert_eq!(handled.identifier.as_deref(), Some("delivery-42"));
+    assert_eq!(handled.body, json!({"issue": {"id": "42"}}));
+    nothing_else_handled(&app, &site, &mut seen).await;
+}
