@@ -797,6 +797,26 @@ mod tests {
     }
 
     #[test]
+    fn the_webhooks_example_descriptor_is_valid() {
+        let template: Value =
+            serde_json::from_str(include_str!("../../examples/webhooks.json")).unwrap();
+        let vars = env(&[("APP_KEY", "issue-watcher")]);
+        let placeholders = Placeholders {
+            base_url: "https://app.example.com",
+            app_key: None,
+            env: &vars,
+        };
+        let key = placeholders.substitute("{{env.APP_KEY}}", "key").unwrap();
+        let placeholders = Placeholders {
+            app_key: Some(&key),
+            ..placeholders
+        };
+        let d = Descriptor::render(&template, &placeholders, &key).unwrap();
+        assert_eq!(d.webhooks().len(), 2);
+        assert_eq!(d.webhooks()[0].path, "/webhooks/issue-created");
+    }
+
+    #[test]
     fn the_bundled_descriptor_is_valid() {
         let template: Value =
             serde_json::from_str(crate::configuration::BUNDLED_DESCRIPTOR).unwrap();
