@@ -309,3 +309,36 @@ async fn devtenant_delivers_webhooks_and_their_retries() {
     assert_eq!(handled.body, json!({"issue": {"id": "42"}}));
     nothing_else_handled(&app, &site, &mut seen).await;
 }
+
+/// Under a base path the webhook routes sit under it too, and the `qsh` is of the path
+/// relative to the base URL.
+#[tokio::test]
+async fn webhooks_are_served_under_the_base_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = write_template(dir.path(), |t| {
+        t["modules"]["webhooks"] = json!([{"event": CREATED, "url": "/webhooks/created"}]);
+    });
+    let (sender, mut seen) = mpsc::unbounded_channel();
+    let app = spawn_app_with(
+        Options::new(Backend::Embedded)
+            .set("WARDEN_BASE_URL", "https://warden.example.com/app")
+            .set("WARDEN_DESCRIPTOR", template)
+            .on_webhook(CREATED, move |webhook| {
+                let sender = sender.clone();
+                async move {
+                    sender.send(webhook.tenant.client_key.as_str().to_owned())?;
+                    Ok(())
+                }
+            }),
+    )
+    .await;
+    assert_eq!(app.base_path, "/app");
+    let site = Site::new();
+    app.installed(&site).await;
+    let response = app
+        .webhook(&site, "/webhooks/created", Some("x"), &json!({}))
+        .await;
+    assert_eq!(response.status(), 204);
+    let handled = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+    assert_eq!(handled.unwrap().unwrap(), site.client_key);
+}
