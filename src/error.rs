@@ -16,6 +16,7 @@ use crate::host_client::HostClientError;
 use crate::install_keys::KeyFetchError;
 use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
+use crate::webhooks::{WebhookError, RETRY_AFTER_SECONDS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -57,6 +58,9 @@ pub enum ApiError {
     /// 502: a call to the host or its authorization server failed.
     #[error("{0}")]
     Upstream(String),
+    /// 503 with `Retry-After`: the webhook queue is full; the sender retries later.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
 }
 
 /// A value from outside that does not parse: the request is malformed.
@@ -142,6 +146,7 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Webhook(WebhookError::QueueFull { .. }) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -180,6 +185,13 @@ impl ResponseError for ApiError {
         if let Some(request_id) = crate::telemetry::RequestId::current() {
             body["requestId"] = request_id.into();
         }
-        HttpResponse::build(status).json(body)
+        let mut response = HttpResponse::build(status);
+        if matches!(self, ApiError::Webhook(WebhookError::QueueFull { .. })) {
+            response.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECONDS.to_string(),
+            ));
+        }
+        response.json(body)
     }
 }

@@ -18,6 +18,7 @@
 //! - [`forge`]: Forge Remote: Forge Invocation Tokens and Forge's keys (`ForgeRequest`);
 //!   [`tenant_request`]: either way in, one view of the tenant (`TenantRequest`);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
+//! - [`webhooks`]: the descriptor's webhooks, queued for the vendor's handlers;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
 //!   [`inventory`]: what `warden tenants` shows operators of the store.
@@ -44,3 +45,4 @@ pub mod telemetry;
 pub mod tenant_request;
 pub mod tenants;
 pub mod upm;
+pub mod webhooks;

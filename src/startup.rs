@@ -23,6 +23,7 @@ use crate::store::sealing::{self, Sealer};
 use crate::store::SharedStore;
 use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
+use crate::webhooks::{Webhook, WebhookHandlers, WebhookQueue};
 use connect_protocol::domain::ClientKey;
 
 /// Bound on one call to a host site or the authorization server.
@@ -43,6 +44,8 @@ pub struct AppState {
     pub host: HostClient,
     /// Forge Remote, when `WARDEN_FORGE_APP_ID` is set.
     pub forge: Option<crate::forge::ForgeRemote>,
+    /// Webhook deliveries on their way to the vendor's handlers.
+    pub webhooks: WebhookQueue,
     /// The clientKeys whose site proof runs in this process now (one run each at a time).
     site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
 }
@@ -164,8 +167,7 @@ impl AppState {
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
-        let descriptor = routes::descriptor::render(&settings)
-            .context("the descriptor template is not a JSON object")?;
+        let descriptor = settings.descriptor.to_pretty_string();
         let invalidations = Invalidations::new();
         Ok(Self {
             keys: InstallKeys::new(settings.keys_urls.clone(), settings.key_fetch_timeout)
@@ -189,8 +191,18 @@ impl AppState {
                 .forge
                 .as_ref()
                 .map(|f| crate::forge::ForgeRemote::new(f, settings.key_fetch_timeout)),
+            // No handler yet, so no worker: see `with_webhooks`.
+            webhooks: WebhookQueue::start(WebhookHandlers::default(), settings.webhooks),
             settings: Arc::new(settings),
         })
+    }
+
+    /// Hands the descriptor's webhooks to `handlers`, starting the worker pool. A handler for
+    /// an event the descriptor does not declare is an error.
+    pub fn with_webhooks(mut self, handlers: WebhookHandlers) -> anyhow::Result<Self> {
+        handlers.check_declared(self.settings.descriptor.webhooks())?;
+        self.webhooks = WebhookQueue::start(handlers, self.settings.webhooks);
+        Ok(self)
     }
 }
 
@@ -243,7 +255,7 @@ pub struct Application {
 impl Application {
     /// Opens the store and binds `settings.bind` (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        Self::build_with_routes(settings, |_| {}).await
+        Self::builder(settings).build().await
     }
 
     /// Like [`build`](Self::build), with the vendor's own routes registered under the base
@@ -252,9 +264,65 @@ impl Application {
         settings: Settings,
         routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
     ) -> anyhow::Result<Self> {
+        Self::builder(settings).routes(routes).build().await
+    }
+
+    /// An application with vendor routes and webhook handlers:
+    /// `Application::builder(settings).routes(..).on_webhook("jira:issue_created", handler).build()`.
+    pub fn builder(settings: Settings) -> ApplicationBuilder {
+        ApplicationBuilder {
+            settings,
+            routes: Arc::new(|_| {}),
+            webhooks: WebhookHandlers::default(),
+        }
+    }
+}
+
+/// What [`Application::builder`] collects before the application starts.
+pub struct ApplicationBuilder {
+    settings: Settings,
+    routes: ExtraRoutes,
+    webhooks: WebhookHandlers,
+}
+
+impl ApplicationBuilder {
+    /// The vendor's own routes, registered under the base path beside warden's.
+    pub fn routes(
+        mut self,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.routes = Arc::new(routes);
+        self
+    }
+
+    /// Runs `handler` for each accepted delivery of the descriptor's webhook `event` (README
+    /// "Webhooks"). The event must be declared in `modules.webhooks`, or `build` fails.
+    pub fn on_webhook<F, Fut>(mut self, event: &str, handler: F) -> Self
+    where
+        F: Fn(Webhook) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.webhooks.on(event, handler);
+        self
+    }
+
+    /// Every handler of `handlers` (a set built elsewhere), in addition to those registered so
+    /// far; a handler for the same event replaces the earlier one.
+    pub fn with_handlers(mut self, handlers: WebhookHandlers) -> Self {
+        self.webhooks.extend(handlers);
+        self
+    }
+
+    /// Opens the store, starts the webhook workers and binds `settings.bind`.
+    pub async fn build(self) -> anyhow::Result<Application> {
+        let Self {
+            settings,
+            routes,
+            webhooks,
+        } = self;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
-        let state = web::Data::new(AppState::build(settings).await?);
+        let state = web::Data::new(AppState::build(settings).await?.with_webhooks(webhooks)?);
         // Started before serving: from here the tenant cache is not subscribed (reads go to
         // the store) until the listener is, so no request is answered from a cache that may
         // miss another instance's write.
@@ -284,16 +352,18 @@ impl Application {
             None => None,
         };
         let port = listener.local_addr()?.port();
-        let server = run(listener, state.clone(), Arc::new(routes))?;
+        let server = run(listener, state.clone(), routes)?;
         AppState::resume_site_proofs(&state);
-        Ok(Self {
+        Ok(Application {
             port,
             server,
             state,
             _invalidation: invalidation,
         })
     }
+}
 
+impl Application {
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -352,6 +422,10 @@ fn run(
             .wrap(actix_web::middleware::from_fn(telemetry::request_id_scope))
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
+            // Before the base-path scope, which would answer 404 for any path it lacks.
+            .configure(|cfg| {
+                routes::webhooks::configure(cfg, &base_path, state.settings.descriptor.webhooks())
+            })
             .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
             .default_service(web::to(routes::not_found))
     })

@@ -92,7 +92,7 @@ async fn handle(
 
 /// The whole body, refusing more than `limit` bytes (by `Content-Length` up front, and while
 /// reading for chunked bodies) with 413.
-async fn read_body(
+pub(crate) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
