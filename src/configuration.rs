@@ -83,6 +83,9 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Site imports are confirmed by the site before they retire anyone (docs/PROTOCOL.md §7).
     pub site_proof: SiteProofSettings,
+    /// `GET /metrics` on a listener of its own (`WARDEN_METRICS_BIND`) instead of the public
+    /// port.
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 /// `WARDEN_SITE_PROOF*`: how an install on a site shared with other installations is proven.
@@ -200,6 +203,7 @@ struct Raw {
     site_proof_backoff_ms: Option<String>,
     secret_keys: Option<List>,
     require_encryption: Option<String>,
+    metrics_bind: Option<String>,
 }
 
 impl Settings {
@@ -410,7 +414,20 @@ impl Settings {
             "WARDEN_REQUIRE_ENCRYPTION",
             raw.require_encryption.as_deref(),
         )?;
+        let metrics_bind = raw
+            .metrics_bind
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                v.trim().parse().map_err(|_| {
+                    bad(
+                        "WARDEN_METRICS_BIND",
+                        format!("{v:?} is not an IP address and port, e.g. 127.0.0.1:9090"),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
+            metrics_bind,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -742,5 +759,19 @@ mod tests {
         assert_eq!(s.bind, "0.0.0.0:9000");
         assert_eq!(s.base_url.as_str(), "https://env.example.com");
         assert!(s.host_allowed("x.example.org"));
+    }
+
+    #[test]
+    fn metrics_bind_is_an_address_and_port() {
+        let unset = Settings::from_sources(None, env(&[])).unwrap();
+        assert_eq!(unset.metrics_bind, None);
+        let set = Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", "127.0.0.1:9090")]))
+            .unwrap();
+        assert_eq!(set.metrics_bind, Some("127.0.0.1:9090".parse().unwrap()));
+        for bad in ["9090", "localhost:9090", "127.0.0.1"] {
+            let err =
+                Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", bad)])).unwrap_err();
+            assert_eq!(err.name, "WARDEN_METRICS_BIND", "{err}");
+        }
     }
 }

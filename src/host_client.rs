@@ -47,6 +47,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::error_chain;
+use crate::monitoring::HostCall;
 use crate::store::{Installation, Usability};
 use connect_protocol::claims::{self, JWT_BEARER_GRANT};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
@@ -485,8 +486,12 @@ impl HostClient {
                 ("scope", key.scopes.as_str()),
             ])
             .send()
-            .await
-            .map_err(|e| request_error(endpoint.url.as_str(), e))?;
+            .await;
+        crate::monitoring::host_call(
+            HostCall::Token,
+            response.as_ref().ok().map(reqwest::Response::status),
+        );
+        let response = response.map_err(|e| request_error(endpoint.url.as_str(), e))?;
         let status = response.status();
         if status == StatusCode::BAD_REQUEST {
             let body = read_capped(response, MAX_ERROR_BODY)
@@ -867,10 +872,12 @@ impl HostRequest {
         let http = self.http.clone();
         let (request, scrub) = self.build_signed()?;
         let url = redacted_url(request.url());
-        let response = http
-            .execute(request)
-            .await
-            .map_err(|e| request_error(&url, e))?;
+        let response = http.execute(request).await;
+        crate::monitoring::host_call(
+            HostCall::Request,
+            response.as_ref().ok().map(reqwest::Response::status),
+        );
+        let response = response.map_err(|e| request_error(&url, e))?;
         Ok((response, scrub))
     }
 

@@ -29,6 +29,8 @@ use moka::future::Cache;
 use reqwest::StatusCode;
 
 use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URL, STAGING_KEYS_URL};
+use crate::error::Refusal;
+use crate::monitoring;
 use crate::store::{SharedStore, StoreError};
 use connect_protocol::domain::{BaseUrl, KeyId};
 use connect_protocol::jwt::RsaVerifyingKey;
@@ -362,6 +364,7 @@ impl InstallKeys {
         if let Some(source) = source {
             if !self.source_budget(source).await.try_take() {
                 self.over_budget.fetch_add(1, Ordering::Relaxed);
+                monitoring::install_key_fetch(Err(Refusal::InstallKeyOverBudget));
                 tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
                 return self
                     .fallback_or(url, unavailable(SourceBudgetExhausted))
@@ -370,6 +373,7 @@ impl InstallKeys {
         }
         if !self.budget.try_take() {
             let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+            monitoring::install_key_fetch(Err(Refusal::InstallKeyOverBudget));
             if refused == 1 || refused.is_power_of_two() {
                 tracing::warn!(%kid, refused, "install-key fetch refused: global fetch budget exhausted");
             }
@@ -380,6 +384,7 @@ impl InstallKeys {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%kid, %url, "fetching install key");
         let result = self.fetch_uncounted(kid, url).await;
+        monitoring::install_key_fetch(result.as_ref().map(|_| ()).map_err(Refusal::of_install_key));
         match result {
             Ok((key, pem)) => {
                 tracing::debug!(%kid, %url, "install key fetched");

@@ -17,7 +17,8 @@
 //! - [`guard`]: product-request authentication (the `ProductRequest` extractor);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
 //! - [`error`]: the one place where failures become HTTP statuses;
-//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command.
+//! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
+//!   [`monitoring`]: Prometheus metrics (`GET /metrics`).
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
 
@@ -30,6 +31,7 @@ pub mod install_keys;
 pub mod invalidation;
 pub mod lifecycle;
 pub mod limits;
+pub mod monitoring;
 pub mod routes;
 pub mod secrets;
 pub mod startup;

@@ -744,6 +744,8 @@ impl InstallationStore for RedisStore {
             self.release(conn);
             return Ok(CommitOutcome::Conflict);
         }
+        // The script published the clientKey.
+        crate::monitoring::invalidation_sent();
         self.confirm_write(conn, &self.installation_key(client_key))
             .await?;
         Ok(CommitOutcome::Committed)

@@ -14,6 +14,7 @@ mod legacy;
 mod lifecycle;
 mod limits;
 mod logging;
+mod metrics;
 mod ordering;
 mod product_requests;
 mod replication;
