@@ -233,19 +233,17 @@ pub enum Lookup {
 
 /// Counts one tenant-cache lookup (an "unknown clientKey" remembered counts as a hit).
 pub fn tenant_cache(lookup: Lookup, hit: bool) {
-    match (lookup, hit) {
-        (Lookup::Get, true) => counter!(TENANT_CACHE_LOOKUPS, "lookup" => "get", "result" => "hit"),
-        (Lookup::Get, false) => {
-            counter!(TENANT_CACHE_LOOKUPS, "lookup" => "get", "result" => "miss")
-        }
-        (Lookup::Reload, true) => {
-            counter!(TENANT_CACHE_LOOKUPS, "lookup" => "reload", "result" => "hit")
-        }
-        (Lookup::Reload, false) => {
-            counter!(TENANT_CACHE_LOOKUPS, "lookup" => "reload", "result" => "miss")
-        }
-    }
-    .increment(1);
+    // On every product request: handles registered once, like [`Outcomes`].
+    static HANDLES: [OnceLock<Counter>; 4] = [const { OnceLock::new() }; 4];
+    let (slot, lookup, result) = match (lookup, hit) {
+        (Lookup::Get, true) => (0, "get", "hit"),
+        (Lookup::Get, false) => (1, "get", "miss"),
+        (Lookup::Reload, true) => (2, "reload", "hit"),
+        (Lookup::Reload, false) => (3, "reload", "miss"),
+    };
+    HANDLES[slot]
+        .get_or_init(|| counter!(TENANT_CACHE_LOOKUPS, "lookup" => lookup, "result" => result))
+        .increment(1);
 }
 
 pub fn invalidation_received() {
