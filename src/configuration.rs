@@ -104,6 +104,9 @@ pub struct Settings {
     pub host_calls: CallPolicy,
     /// The queue between webhook routes and their handlers (`WARDEN_WEBHOOK_*`).
     pub webhooks: WebhookSettings,
+    /// `GET /metrics` on a listener of its own (`WARDEN_METRICS_BIND`) instead of the public
+    /// port.
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// Forge Remote (docs/PROTOCOL.md §12); `None`: off, every Forge Invocation Token refused.
     pub forge: Option<ForgeSettings>,
 }
@@ -240,6 +243,7 @@ struct Raw {
     webhook_queue_size: Option<String>,
     webhook_workers: Option<String>,
     webhook_dedupe_seconds: Option<String>,
+    metrics_bind: Option<String>,
 }
 
 impl Settings {
@@ -500,10 +504,23 @@ impl Settings {
                 "seconds",
             )?),
         };
+        let metrics_bind = raw
+            .metrics_bind
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                v.trim().parse().map_err(|_| {
+                    bad(
+                        "WARDEN_METRICS_BIND",
+                        format!("{v:?} is not an IP address and port, e.g. 127.0.0.1:9090"),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
             host_calls,
             forge,
             webhooks,
+            metrics_bind,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -1033,5 +1050,19 @@ mod tests {
         assert_eq!(s.bind, "0.0.0.0:9000");
         assert_eq!(s.base_url.as_str(), "https://env.example.com");
         assert!(s.host_allowed("x.example.org"));
+    }
+
+    #[test]
+    fn metrics_bind_is_an_address_and_port() {
+        let unset = Settings::from_sources(None, env(&[])).unwrap();
+        assert_eq!(unset.metrics_bind, None);
+        let set = Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", "127.0.0.1:9090")]))
+            .unwrap();
+        assert_eq!(set.metrics_bind, Some("127.0.0.1:9090".parse().unwrap()));
+        for bad in ["9090", "localhost:9090", "127.0.0.1"] {
+            let err =
+                Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", bad)])).unwrap_err();
+            assert_eq!(err.name, "WARDEN_METRICS_BIND", "{err}");
+        }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
 //!   [`inventory`]: what `warden tenants` shows operators of the store.
+//!   [`monitoring`]: Prometheus metrics (`GET /metrics`).
 //! - [`upm`]: installing the app on a development site through its plugin manager (`warden dev`).
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
@@ -37,6 +38,7 @@ pub mod invalidation;
 pub mod inventory;
 pub mod lifecycle;
 pub mod limits;
+pub mod monitoring;
 pub mod routes;
 pub mod secrets;
 pub mod startup;

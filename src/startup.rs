@@ -48,6 +48,8 @@ pub struct AppState {
     pub webhooks: WebhookQueue,
     /// The clientKeys whose site proof runs in this process now (one run each at a time).
     site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
+    /// The installations gauge of `GET /metrics`.
+    pub census: crate::monitoring::Census,
 }
 
 impl AppState {
@@ -167,6 +169,8 @@ impl AppState {
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
+        // Every store operation is timed and its failures counted (`GET /metrics`).
+        let store = crate::monitoring::InstrumentedStore::wrap(store);
         let descriptor = settings.descriptor.to_pretty_string();
         let invalidations = Invalidations::new();
         Ok(Self {
@@ -193,6 +197,7 @@ impl AppState {
                 .map(|f| crate::forge::ForgeRemote::new(f, settings.key_fetch_timeout)),
             // No handler yet, so no worker: see `with_webhooks`.
             webhooks: WebhookQueue::start(WebhookHandlers::default(), settings.webhooks),
+            census: Default::default(),
             settings: Arc::new(settings),
         })
     }
@@ -247,6 +252,8 @@ pub async fn open_store(settings: &Settings, sealer: Sealer) -> anyhow::Result<S
 pub struct Application {
     port: u16,
     server: Server,
+    /// `GET /metrics` on `WARDEN_METRICS_BIND`, when set.
+    metrics_server: Option<Server>,
     state: web::Data<AppState>,
     /// With Redis: the subscription to other instances' writes; stops when this is dropped.
     _invalidation: Option<invalidation::Listener>,
@@ -322,6 +329,15 @@ impl ApplicationBuilder {
         } = self;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
+        let metrics_listener = settings
+            .metrics_bind
+            .map(|addr| {
+                TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} (WARDEN_METRICS_BIND)"))
+            })
+            .transpose()?;
+        // Before anything is counted: a count made without a recorder is lost.
+        let metrics = crate::monitoring::install();
         let state = web::Data::new(AppState::build(settings).await?.with_webhooks(webhooks)?);
         // Started before serving: from here the tenant cache is not subscribed (reads go to
         // the store) until the listener is, so no request is answered from a cache that may
@@ -353,10 +369,15 @@ impl ApplicationBuilder {
         };
         let port = listener.local_addr()?.port();
         let server = run(listener, state.clone(), routes)?;
+        let metrics_server = match metrics_listener {
+            Some(listener) if metrics.is_some() => Some(run_metrics(listener, state.clone())?),
+            _ => None,
+        };
         AppState::resume_site_proofs(&state);
         Ok(Application {
             port,
             server,
+            metrics_server,
             state,
             _invalidation: invalidation,
         })
@@ -374,7 +395,13 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        match self.metrics_server {
+            // Both stop on the same signal; the first failure ends both.
+            Some(metrics) => futures_util::future::try_join(self.server, metrics)
+                .await
+                .map(|_| ()),
+            None => self.server.await,
+        }
     }
 }
 
@@ -382,15 +409,20 @@ impl Application {
 type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
 /// Registers every route under the base URL's path (`""` or e.g. `/app`): `extra` first (the
-/// vendor's), then warden's.
+/// vendor's), then warden's. `GET /metrics` is among them only when `metrics` (no listener of
+/// its own).
 pub fn configure(
     cfg: &mut web::ServiceConfig,
     base_path: &str,
     extra: &dyn Fn(&mut web::ServiceConfig),
+    metrics: bool,
 ) {
+    let mut scope = web::scope(base_path).configure(extra);
+    if metrics {
+        scope = scope.route("/metrics", web::get().to(crate::monitoring::metrics));
+    }
     cfg.service(
-        web::scope(base_path)
-            .configure(extra)
+        scope
             .route(
                 "/atlassian-connect.json",
                 web::get().to(routes::descriptor::descriptor),
@@ -416,6 +448,7 @@ fn run(
 ) -> anyhow::Result<Server> {
     let base_path = state.settings.base_url.path().to_owned();
     let header_timeout = state.settings.header_timeout;
+    let public_metrics = state.settings.metrics_bind.is_none();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(crate::limits::body_deadline))
@@ -426,11 +459,26 @@ fn run(
             .configure(|cfg| {
                 routes::webhooks::configure(cfg, &base_path, state.settings.descriptor.webhooks())
             })
-            .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
+            .configure(|cfg| configure(cfg, &base_path, extra.as_ref(), public_metrics))
             .default_service(web::to(routes::not_found))
     })
     // Headers not complete in time: actix answers 408 and closes (docs/PROTOCOL.md §14).
     .client_request_timeout(header_timeout)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}
+
+/// `GET /metrics` alone, on `WARDEN_METRICS_BIND` (not under the base path); anything else
+/// answers `404`. One worker: a scrape every few seconds needs no more.
+fn run_metrics(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/metrics", web::get().to(crate::monitoring::metrics))
+            .default_service(web::to(routes::not_found))
+    })
+    .workers(1)
     .listen(listener)?
     .run();
     Ok(server)

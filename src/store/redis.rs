@@ -686,6 +686,8 @@ impl RedisStore {
             self.release(conn);
             return Ok(written);
         }
+        // The script published the clientKey.
+        crate::monitoring::invalidation_sent();
         self.confirm_write(conn, &installation_key).await?;
         Ok(written)
     }

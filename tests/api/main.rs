@@ -17,6 +17,7 @@ mod legacy;
 mod lifecycle;
 mod limits;
 mod logging;
+mod metrics;
 mod ordering;
 mod polite_host;
 mod product_requests;
