@@ -92,7 +92,10 @@ impl OwnRedis {
         let url = format!("redis://127.0.0.1:{port}");
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Self {
@@ -170,7 +173,10 @@ async fn main() {
         .with_sealer(sealer.clone());
     let start = Instant::now();
     fill(Arc::new(store), count, 64).await;
-    println!("redis     filled {count} in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "redis     filled {count} in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     let env = [
         ("WARDEN_REDIS_URL", redis.url.clone()),
         ("WARDEN_REDIS_PREFIX", "bench".to_owned()),
@@ -186,7 +192,10 @@ async fn main() {
             .with_sealer(sealer.clone());
         let start = Instant::now();
         fill(Arc::new(store), count, 8).await;
-        println!("embedded  filled {count} in {:.1} s", start.elapsed().as_secs_f64());
+        println!(
+            "embedded  filled {count} in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
     }
     let env = [
         ("WARDEN_DATA_DIR", dir.path().display().to_string()),
