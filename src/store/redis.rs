@@ -1298,8 +1298,11 @@ impl InstallationStore for RedisStore {
                 self.cluster_step(&mut conn, primaries, index, cursor)
                     .await?
             }
-            (ScanPosition::Start, Conn::Single(_)) => self.single_step(&mut conn, 0).await?,
-            (ScanPosition::Redis(cursor), Conn::Single(_)) => {
+            // `conn` hands out the shared connection of one Redis, never a pooled one.
+            (ScanPosition::Start, Conn::Shared(..) | Conn::Single(_)) => {
+                self.single_step(&mut conn, 0).await?
+            }
+            (ScanPosition::Redis(cursor), Conn::Shared(..) | Conn::Single(_)) => {
                 self.single_step(&mut conn, cursor).await?
             }
             (other, _) => {
