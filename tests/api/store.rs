@@ -1146,6 +1146,14 @@ async fn embedded_survives_a_restart() {
         store.list_client_keys().await.unwrap(),
         vec![record.client_key.clone()]
     );
+    // Its Forge identity index too (issue 9).
+    assert_eq!(
+        store
+            .client_keys_for_forge(&ForgeIdentity::Cloud("cloud-1".into()))
+            .await
+            .unwrap(),
+        vec![record.client_key.clone()]
+    );
     // The version carried over: the compare-and-set continues from it.
     assert_eq!(
         commit(&store, &record, 0, None).await,
