@@ -148,7 +148,7 @@ fn from_forge(fit: VerifiedFit, installation: Option<Arc<Installation>>) -> Tena
 }
 
 /// The active Connect installation of the tenant a FIT names: the one holding its
-/// `installationId` (several: the most recently installed), else the only one with its
+/// `installationId` (several: see below), else the only one with its
 /// `cloudId` and product.
 async fn linked_installation(
     state: &AppState,
@@ -156,9 +156,10 @@ async fn linked_installation(
 ) -> Result<Option<Arc<Installation>>, StoreError> {
     let by_installation = ForgeIdentity::Installation(fit.installation_id);
     let mut same_installation = candidates(state, &by_installation).await?;
-    same_installation.sort_by(|a, b| {
-        (a.installed_at, a.client_key.as_str()).cmp(&(b.installed_at, b.client_key.as_str()))
-    });
+    // Normally one. Otherwise one Atlassian's signature proved beats one it never did (an
+    // unsigned legacy install could name any installationId), then the newest binding wins.
+    same_installation
+        .sort_by_key(|i| (i.atlassian_installed, i.installed_at, i.client_key.clone()));
     if let Some(newest) = same_installation.pop() {
         return Ok(Some(newest));
     }

@@ -687,3 +687,53 @@ async fn records_stored_before_the_index_are_indexed_at_start_up() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Two active installations naming one `installationId` (which Forge never sends, but an
+/// install body can claim): the newest binding wins, whatever the clientKeys' order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_installations_claiming_one_installation_id_the_newest_is_linked() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[]).await;
+        let mut older = Site::new();
+        older.client_key = format!("zz-{}", older.client_key);
+        let mut newer = Site::new();
+        newer.client_key = format!("aa-{}", newer.client_key);
+        let installation = new_id();
+        install_on_forge(&app, &older, "jira", &installation, &new_id()).await;
+        // `installed_at` is in seconds.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        install_on_forge(&app, &newer, "jira", &installation, &new_id()).await;
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&installation)).await,
+            newer.client_key.as_str()
+        );
+    }
+}
+
+/// Legacy mode accepts unsigned first installs, whose body may claim any `installationId`: a
+/// newer unsigned claim never takes the link from an installation Atlassian's signature proved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_claim_of_an_installation_id_never_takes_the_link() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[("WARDEN_INSTALL_AUTH", "legacy")]).await;
+        let genuine = Site::new();
+        let installation = new_id();
+        install_on_forge(&app, &genuine, "jira", &installation, &new_id()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+        let claimer = Site::new();
+        let mut body = claimer.body("installed");
+        body["installationId"] = installation.as_str().into();
+        body["cloudId"] = new_id().into();
+        let response = app.post_lifecycle("/installed", None, &body).await;
+        assert_eq!(
+            response.status(),
+            204,
+            "legacy mode takes an unsigned first install"
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&installation)).await,
+            genuine.client_key.as_str()
+        );
+    }
+}
