@@ -22,8 +22,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::error::Refusal;
 use crate::startup::AppState;
 use crate::store::{
-    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, ScanCursor,
-    SeenToken, SharedStore, SiteCommitOutcome, SiteEntry, StoreError, Usability,
+    Commit, CommitOutcome, ForgeIdentity, Installation, InstallationPage, InstallationStore,
+    ScanCursor, SeenToken, SharedStore, SiteCommitOutcome, SiteEntry, StoreError, Usability,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::lifecycle::LifecycleEvent;
@@ -363,6 +363,21 @@ impl InstallationStore for InstrumentedStore {
         site: SiteEntry<'_>,
     ) -> Result<SiteCommitOutcome, StoreError> {
         timed("commit_on_site", self.inner.commit_on_site(commit, site)).await
+    }
+
+    async fn client_keys_for_forge(
+        &self,
+        identity: &ForgeIdentity,
+    ) -> Result<Vec<ClientKey>, StoreError> {
+        timed(
+            "client_keys_for_forge",
+            self.inner.client_keys_for_forge(identity),
+        )
+        .await
+    }
+
+    async fn index_forge(&self, record: &Installation) -> Result<(), StoreError> {
+        timed("index_forge", self.inner.index_forge(record)).await
     }
 
     async fn scan_installations(&self, cursor: ScanCursor) -> Result<InstallationPage, StoreError> {

@@ -141,6 +141,23 @@ impl AppState {
         });
     }
 
+    /// At start-up, with Forge Remote on: installations stored before the Forge identity
+    /// index existed are indexed (docs/PROTOCOL.md §12). One listing, in the background.
+    pub fn backfill_forge_index(state: &web::Data<AppState>) {
+        if state.settings.forge.is_none() {
+            return;
+        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            match crate::store::backfill_forge_index(state.store.as_ref()).await {
+                Ok(count) => tracing::info!(count, "Forge identity index backfilled"),
+                Err(error) => {
+                    tracing::warn!(error = %crate::error::error_chain(&error), "cannot backfill the Forge identity index; it is retried at the next start")
+                }
+            }
+        });
+    }
+
     /// At start-up: the site proofs a stopped process left pending run again. One listing of
     /// the store, in the background.
     pub fn resume_site_proofs(state: &web::Data<AppState>) {
@@ -374,6 +391,7 @@ impl ApplicationBuilder {
             _ => None,
         };
         AppState::resume_site_proofs(&state);
+        AppState::backfill_forge_index(&state);
         Ok(Application {
             port,
             server,

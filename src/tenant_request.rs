@@ -5,8 +5,10 @@
 //!
 //! A Forge call is linked to the Connect installation of the same tenant when one is stored:
 //! first by `installationId` (the Connect `installed` body carries it once the app adopted
-//! Forge), else by `cloudId` and product among active installations, when exactly one matches.
-//! The lookup lists the installations (fine for a handful; an identity index is the next step).
+//! Forge), else by `cloudId` and product among active installations, when exactly one matches
+//! (docs/PROTOCOL.md §12). The store's Forge identity index names the candidates in O(1); each
+//! candidate record is re-checked, so an index entry a reinstall or a site import left behind
+//! never links the wrong installation.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +20,7 @@ use crate::error::ApiError;
 use crate::forge;
 use crate::guard::ProductRequest;
 use crate::startup::AppState;
-use crate::store::{Installation, StoreError, Usability};
+use crate::store::{ForgeIdentity, Installation, StoreError, Usability};
 use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::forge::{InstallationId, VerifiedFit};
 
@@ -145,35 +147,50 @@ fn from_forge(fit: VerifiedFit, installation: Option<Arc<Installation>>) -> Tena
     }
 }
 
-/// The active Connect installation of the tenant a FIT names: the one with its
-/// `installationId`, else the only one with its `cloudId` and product.
+/// The active Connect installation of the tenant a FIT names: the one holding its
+/// `installationId` (several: see below), else the only one with its
+/// `cloudId` and product.
 async fn linked_installation(
     state: &AppState,
     fit: &VerifiedFit,
 ) -> Result<Option<Arc<Installation>>, StoreError> {
-    let mut same_site = Vec::new();
-    for client_key in state.store.list_client_keys().await? {
-        let Some(installation) = state.tenants.get(&client_key).await? else {
-            continue;
-        };
-        if installation.usability() != Usability::Active {
-            continue;
-        }
-        let same_installation = installation
-            .installation_id
-            .as_deref()
-            .and_then(|id| InstallationId::parse(id).ok())
-            == Some(fit.installation_id);
-        if same_installation {
-            return Ok(Some(installation));
-        }
-        let same_cloud = fit.cloud_id.is_some() && installation.cloud_id == fit.cloud_id;
-        if same_cloud && fit.product() == Some(installation.product_type.as_str()) {
-            same_site.push(installation);
-        }
+    let by_installation = ForgeIdentity::Installation(fit.installation_id);
+    let mut same_installation = candidates(state, &by_installation).await?;
+    // Normally one. Otherwise one Atlassian's signature proved beats one it never did (an
+    // unsigned legacy install could name any installationId), then the newest binding wins.
+    same_installation
+        .sort_by_key(|i| (i.atlassian_installed, i.installed_at, i.client_key.clone()));
+    if let Some(newest) = same_installation.pop() {
+        return Ok(Some(newest));
     }
+    let Some(cloud_id) = fit.cloud_id.as_deref() else {
+        return Ok(None);
+    };
+    let mut same_site: Vec<_> =
+        candidates(state, &ForgeIdentity::Cloud(cloud_id.trim().to_owned()))
+            .await?
+            .into_iter()
+            .filter(|installation| fit.product() == Some(installation.product_type.as_str()))
+            .collect();
     Ok(match same_site.len() {
         1 => same_site.pop(),
         _ => None,
     })
+}
+
+/// The active installations the identity index names under `identity` that still carry it.
+async fn candidates(
+    state: &AppState,
+    identity: &ForgeIdentity,
+) -> Result<Vec<Arc<Installation>>, StoreError> {
+    let mut found = Vec::new();
+    for client_key in state.store.client_keys_for_forge(identity).await? {
+        let Some(installation) = state.tenants.get(&client_key).await? else {
+            continue;
+        };
+        if installation.usability() == Usability::Active && identity.names(&installation) {
+            found.push(installation);
+        }
+    }
+    Ok(found)
 }

@@ -518,6 +518,15 @@ mod tests {
         async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
             Ok(Vec::new())
         }
+        async fn client_keys_for_forge(
+            &self,
+            _: &crate::store::ForgeIdentity,
+        ) -> Result<Vec<ClientKey>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn index_forge(&self, _: &Installation) -> Result<(), StoreError> {
+            Ok(())
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }

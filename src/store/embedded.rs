@@ -19,8 +19,8 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use super::record;
 use super::sealing::Sealer;
 use super::{
-    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
-    ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
+    Commit, CommitOutcome, ForgeIdentity, Installation, InstallationPage, InstallationStore,
+    Listed, ScanCursor, ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
@@ -37,6 +37,8 @@ const SITE_INSTALLS: TableDefinition<(&str, &str), u64> = TableDefinition::new("
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// key URL -> install key PEM
 const INSTALL_KEYS: TableDefinition<&str, &str> = TableDefinition::new("install_keys");
+/// (Forge identity's index name, clientKey): docs/PROTOCOL.md §12
+const FORGE_IDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("forge_ids");
 const SITE_SEQ: &str = "site_seq";
 /// Records per page of [`InstallationStore::scan_installations`].
 const PAGE_SIZE: usize = 1000;
@@ -114,6 +116,7 @@ impl EmbeddedStore {
             txn.open_table(META).map_err(|e| fail(Box::new(e)))?;
             txn.open_table(INSTALL_KEYS)
                 .map_err(|e| fail(Box::new(e)))?;
+            txn.open_table(FORGE_IDS).map_err(|e| fail(Box::new(e)))?;
         }
         txn.commit().map_err(|e| fail(Box::new(e)))?;
         Ok(EmbeddedStore {
@@ -150,6 +153,8 @@ impl EmbeddedStore {
 /// A commit ready to run in a write transaction: the record in its stored form.
 struct PreparedWrite {
     client_key: String,
+    /// The index names of the record's Forge identities.
+    forge_ids: Vec<String>,
     expected: u64,
     json: Vec<u8>,
     token: Option<SeenToken>,
@@ -173,6 +178,7 @@ impl EmbeddedStore {
             StoreError::Corrupt(format!("cannot serialize installation {client_key}"))
         })?;
         Ok(PreparedWrite {
+            forge_ids: forge_index_names(commit.record),
             client_key,
             expected,
             json,
@@ -201,6 +207,7 @@ impl PreparedWrite {
         installations
             .insert(client_key, self.json.as_slice())
             .map_err(io)?;
+        forge_index_in(txn, &self.forge_ids, client_key)?;
 
         let mut tokens = txn.open_table(TOKENS).map_err(io)?;
         let low = [0u8; 32];
@@ -233,6 +240,26 @@ fn index_in(txn: &WriteTransaction, base_url: &str, client_key: &str) -> Result<
         let seq = meta.get(SITE_SEQ).map_err(io)?.map_or(0, |v| v.value()) + 1;
         meta.insert(SITE_SEQ, seq).map_err(io)?;
         sites.insert(key, seq).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn forge_index_names(record: &Installation) -> Vec<String> {
+    ForgeIdentity::of(record)
+        .iter()
+        .map(ForgeIdentity::index_name)
+        .collect()
+}
+
+/// Indexes `client_key` under each of `names` (Forge identities) in `txn`.
+fn forge_index_in(
+    txn: &WriteTransaction,
+    names: &[String],
+    client_key: &str,
+) -> Result<(), StoreError> {
+    let mut ids = txn.open_table(FORGE_IDS).map_err(io)?;
+    for name in names {
+        ids.insert((name.as_str(), client_key), ()).map_err(io)?;
     }
     Ok(())
 }
@@ -342,6 +369,47 @@ impl InstallationStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(io)?;
             index_in(&txn, &base_url, &client_key)?;
+            txn.commit().map_err(io)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn client_keys_for_forge(
+        &self,
+        identity: &ForgeIdentity,
+    ) -> Result<Vec<ClientKey>, StoreError> {
+        let name = identity.index_name();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let ids = txn.open_table(FORGE_IDS).map_err(io)?;
+            let mut keys = Vec::new();
+            for entry in ids.range((name.as_str(), "")..).map_err(io)? {
+                let (key, _) = entry.map_err(io)?;
+                let (indexed, client_key) = key.value();
+                if indexed != name {
+                    break;
+                }
+                keys.push(ClientKey::parse(client_key).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "the Forge identity index of {name} holds an invalid clientKey"
+                    ))
+                })?);
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn index_forge(&self, record: &Installation) -> Result<(), StoreError> {
+        let names = forge_index_names(record);
+        if names.is_empty() {
+            return Ok(());
+        }
+        let client_key = record.client_key.as_str().to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            forge_index_in(&txn, &names, &client_key)?;
             txn.commit().map_err(io)?;
             Ok(())
         })

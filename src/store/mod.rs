@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::forge::InstallationId;
 
 use crate::secrets::SecretVersion;
 use sealing::AtRest;
@@ -235,6 +236,50 @@ impl Installation {
     }
 }
 
+/// A Forge identity a Connect installation carries (from its `installed` body), under which
+/// the identity index finds its clientKey in O(1) (docs/PROTOCOL.md §12). The index only
+/// names candidates: a reader re-checks the record it loads, so an entry left behind by a
+/// reinstall or a site import never links the wrong installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForgeIdentity {
+    /// `installationId` (stored in its ARI form, however the body spelled it).
+    Installation(InstallationId),
+    /// `cloudId`: shared by every product (Jira, Confluence) on one site.
+    Cloud(String),
+}
+
+impl ForgeIdentity {
+    /// The identities `record` is indexed under: its `installationId` (when it parses) and
+    /// its `cloudId`.
+    pub fn of(record: &Installation) -> Vec<ForgeIdentity> {
+        let installation = record
+            .installation_id
+            .as_deref()
+            .and_then(|id| InstallationId::parse(id).ok())
+            .map(ForgeIdentity::Installation);
+        let cloud = record
+            .cloud_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(|id| ForgeIdentity::Cloud(id.to_owned()));
+        installation.into_iter().chain(cloud).collect()
+    }
+
+    /// Whether `record` still carries this identity (what a reader re-checks).
+    pub fn names(&self, record: &Installation) -> bool {
+        ForgeIdentity::of(record).contains(self)
+    }
+
+    /// The identity as the stores key it: `installation:<ari>` or `cloud:<cloudId>`.
+    pub fn index_name(&self) -> String {
+        match self {
+            ForgeIdentity::Installation(id) => format!("installation:{id}"),
+            ForgeIdentity::Cloud(id) => format!("cloud:{id}"),
+        }
+    }
+}
+
 /// A lifecycle token already accepted: its digest, the digest of the body it came with, and
 /// when it expires (after that it is refused anyway, so it need not be remembered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,6 +432,19 @@ pub trait InstallationStore: Send + Sync + 'static {
         commit_on_site_in_steps(self, commit, site).await
     }
 
+    /// Every clientKey ever committed with `identity` ([`ForgeIdentity::of`]), in no
+    /// particular order: candidates only, a record may have moved on since (a reinstall with
+    /// a new `installationId`, a site import). Every commit of a record indexes its
+    /// identities in the same atomic write (a Redis Cluster: just before it).
+    async fn client_keys_for_forge(
+        &self,
+        identity: &ForgeIdentity,
+    ) -> Result<Vec<ClientKey>, StoreError>;
+
+    /// Indexes `record` under its identities without writing it (idempotent): the backfill
+    /// of records committed before the index existed.
+    async fn index_forge(&self, record: &Installation) -> Result<(), StoreError>;
+
     /// Every installation's clientKey (Redis: `SCAN`, never `KEYS`).
     async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError>;
 
@@ -430,6 +488,29 @@ pub trait InstallationStore: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
+
+/// Indexes every stored installation under its Forge identities
+/// ([`InstallationStore::index_forge`]), one page in memory at a time: the backfill of records
+/// committed before the identity index existed (docs/PROTOCOL.md §12). Idempotent; records
+/// that cannot be read are skipped. Returns how many records carry an identity.
+pub async fn backfill_forge_index(store: &dyn InstallationStore) -> Result<u64, StoreError> {
+    let mut indexed = 0;
+    let mut cursor = ScanCursor::default();
+    loop {
+        let page = store.scan_installations(cursor).await?;
+        for listed in page.installations {
+            let Ok(record) = listed.record else { continue };
+            if !ForgeIdentity::of(&record).is_empty() {
+                store.index_forge(&record).await?;
+                indexed += 1;
+            }
+        }
+        match page.next {
+            Some(next) => cursor = next,
+            None => return Ok(indexed),
+        }
+    }
+}
 
 /// [`InstallationStore::commit_on_site`] as separate operations (index, read the site, commit):
 /// for a store that cannot do them in one step (a Redis Cluster, where the site index lives in
@@ -549,6 +630,15 @@ pub(crate) mod testing {
         }
         async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
             self.inner.list_client_keys().await
+        }
+        async fn client_keys_for_forge(
+            &self,
+            identity: &ForgeIdentity,
+        ) -> Result<Vec<ClientKey>, StoreError> {
+            self.inner.client_keys_for_forge(identity).await
+        }
+        async fn index_forge(&self, record: &Installation) -> Result<(), StoreError> {
+            self.inner.index_forge(record).await
         }
         async fn remember_install_key(&self, url: &str, pem: &str) -> Result<(), StoreError> {
             self.inner.remember_install_key(url, pem).await

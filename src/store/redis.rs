@@ -42,8 +42,8 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Scrip
 use super::record;
 use super::sealing::Sealer;
 use super::{
-    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, Listed, ScanCursor,
-    ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
+    Commit, CommitOutcome, ForgeIdentity, Installation, InstallationPage, InstallationStore,
+    Listed, ScanCursor, ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 
@@ -64,7 +64,9 @@ const CLUSTER_LISTING_LOADS: usize = 128;
 ///
 /// KEYS[1] installation hash, KEYS[2] the secret list of the old layout (deleted by every
 /// write), KEYS[3] token key (the hash again when no token is remembered), KEYS[4] site index
-/// (only with a site step).
+/// (the hash again without a site step), KEYS[5..] the Forge identity sets the clientKey joins
+/// with the record (docs/PROTOCOL.md §12; one Redis only: on a Cluster they live in other
+/// slots and are written just before).
 /// ARGV[1] expected version, ARGV[2] channel, ARGV[3] clientKey, ARGV[4] new version,
 /// ARGV[5] token body digest ('' when no token is remembered), ARGV[6] token expiry (Unix
 /// seconds), ARGV[7] site step ('': none; 'any': index; '0'/'1': index, and write only if the
@@ -99,6 +101,9 @@ if current ~= '0' then
   redis.call('DEL', KEYS[1], KEYS[2])
 end
 redis.call('HSET', KEYS[1], 'version', ARGV[4], 'record', ARGV[9])
+for i = 5, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[3])
+end
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
 end
@@ -510,6 +515,18 @@ impl RedisStore {
         format!("{}:site:{{{}}}", self.prefix, base_url.as_str())
     }
 
+    /// The set of clientKeys committed with a Forge identity: hash-tagged on the identity, so
+    /// one slot holds it on a Cluster.
+    fn forge_key(&self, identity: &ForgeIdentity) -> String {
+        match identity {
+            // The bare UUID: the ARI's constant prefix would only cost memory.
+            ForgeIdentity::Installation(id) => {
+                format!("{}:forge-installation:{{{}}}", self.prefix, id.uuid())
+            }
+            ForgeIdentity::Cloud(id) => format!("{}:forge-cloud:{{{id}}}", self.prefix),
+        }
+    }
+
     async fn conn(&self) -> Result<Conn, StoreError> {
         match &self.backend {
             Backend::Single(single) => single
@@ -648,8 +665,18 @@ impl RedisStore {
                 Some(t) => self.token_key(client_key, &t.token_digest),
                 None => installation_key.clone(),
             });
-        if let Some(site) = &site {
-            invocation.key(self.site_key(site.base_url));
+        invocation.key(match &site {
+            Some(site) => self.site_key(site.base_url),
+            None => installation_key.clone(),
+        });
+        if self.is_cluster() {
+            // Index first: a stale entry is harmless (readers re-check), a record its
+            // identities do not find is not.
+            self.index_forge(commit.record).await?;
+        } else {
+            for identity in ForgeIdentity::of(commit.record) {
+                invocation.key(self.forge_key(&identity));
+            }
         }
         let site_step = match site.map(|s| s.assumed_others) {
             None => "",
@@ -1178,6 +1205,44 @@ impl InstallationStore for RedisStore {
         self.confirm_write(conn, &site_key).await
     }
 
+    async fn client_keys_for_forge(
+        &self,
+        identity: &ForgeIdentity,
+    ) -> Result<Vec<ClientKey>, StoreError> {
+        let mut conn = self.conn().await?;
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.forge_key(identity))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        members
+            .iter()
+            .map(|m| {
+                ClientKey::parse(m).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "the Forge identity index of {} holds an invalid clientKey",
+                        identity.index_name()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn index_forge(&self, record: &Installation) -> Result<(), StoreError> {
+        for identity in ForgeIdentity::of(record) {
+            let key = self.forge_key(&identity);
+            let mut conn = self.write_conn().await?;
+            let _: i64 = redis::cmd("SADD")
+                .arg(&key)
+                .arg(record.client_key.as_str())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.redis_error(e))?;
+            self.confirm_write(conn, &key).await?;
+        }
+        Ok(())
+    }
+
     async fn client_keys_for_site(&self, base_url: &BaseUrl) -> Result<Vec<ClientKey>, StoreError> {
         let mut conn = self.conn().await?;
         let members: Vec<String> = redis::cmd("ZRANGE")
@@ -1235,10 +1300,11 @@ impl InstallationStore for RedisStore {
                 self.cluster_step(&mut conn, primaries, index, cursor)
                     .await?
             }
-            (ScanPosition::Start, Conn::Single(_) | Conn::Shared(..)) => {
+            // `conn` hands out the shared connection of one Redis, never a pooled one.
+            (ScanPosition::Start, Conn::Shared(..) | Conn::Single(_)) => {
                 self.single_step(&mut conn, 0).await?
             }
-            (ScanPosition::Redis(cursor), Conn::Single(_) | Conn::Shared(..)) => {
+            (ScanPosition::Redis(cursor), Conn::Shared(..) | Conn::Single(_)) => {
                 self.single_step(&mut conn, cursor).await?
             }
             (other, _) => {

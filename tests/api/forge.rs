@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use crate::helpers::app::{
-    error_of, shared_signing_key, spawn_app_with, Backend, Options, Site, TestApp,
+    error_of, shared_signing_key, spawn_app_with, Backend, Cluster, Options, Site, TestApp,
 };
 use connect_protocol::jwt;
 use devtenant::{FitSigner, JwksServer, JwksService, SigningKey};
@@ -403,4 +403,337 @@ async fn devtenants_server_serves_the_forge_jwks() {
     server.forge_jwks().add(shared_signing_key());
     assert_eq!(tenant_as(&app, &fit()).await.status(), 200);
     assert_eq!(server.forge_jwks().fetches(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9: the Forge identity index (docs/PROTOCOL.md §12)
+
+/// Forge's JWKS publishing [`shared_signing_key`].
+async fn forge_jwks() -> JwksServer {
+    JwksServer::start("127.0.0.1:0", JwksService::new([shared_signing_key()]))
+        .await
+        .unwrap()
+}
+
+/// Warden with Forge Remote on, on `backend`, with `extra` settings.
+async fn forge_app_on(backend: Backend, extra: &[(&str, &str)]) -> (JwksServer, TestApp) {
+    let jwks = forge_jwks().await;
+    let options = extra.iter().fold(
+        Options::new(backend)
+            .set("WARDEN_FORGE_APP_ID", APP_UUID)
+            .set("WARDEN_FORGE_JWKS_URL", jwks.jwks_url()),
+        |options, (var, value)| options.set(var, *value),
+    );
+    (jwks, spawn_app_with(options).await)
+}
+
+/// The Forge Remote settings of a `warden` process trusting `jwks`.
+fn forge_env(jwks: &JwksServer) -> [(&'static str, String); 2] {
+    [
+        ("WARDEN_FORGE_APP_ID", APP_UUID.to_owned()),
+        ("WARDEN_FORGE_JWKS_URL", jwks.jwks_url()),
+    ]
+}
+
+/// A signed `installed` of `site` for `product`, carrying `installationId` (as an ARI) and
+/// `cloudId`.
+async fn install_on_forge(
+    app: &TestApp,
+    site: &Site,
+    product: &str,
+    installation: &str,
+    cloud: &str,
+) {
+    let mut body = site.body("installed");
+    body["productType"] = product.into();
+    body["installationId"] = format!("ari:cloud:ecosystem::installation/{installation}").into();
+    body["cloudId"] = cloud.into();
+    let token = app.install_token(&site.client_key, "/installed");
+    let response = app.post_lifecycle("/installed", Some(&token), &body).await;
+    assert_eq!(response.status(), 204, "{}", app.name);
+}
+
+/// A FIT naming only an installation (no site context): linked by `installationId` or not at
+/// all.
+fn fit_of_installation(installation: &str) -> FitSigner {
+    fit()
+        .installation_id(installation)
+        .with_claims(|c| c.app.as_mut().unwrap().installation = None)
+}
+
+/// A FIT of a new installation on the site `cloud` for `product`: linked by `cloudId` only.
+fn fit_of_site(cloud: &str, product: &str) -> FitSigner {
+    fit().site(cloud, product)
+}
+
+/// The clientKey `GET /api/tenant` shows for `fit` (`null`: not linked).
+async fn linked_client_key(app: &TestApp, fit: &FitSigner) -> serde_json::Value {
+    let response = tenant_as(app, fit).await;
+    assert_eq!(response.status(), 200, "{}", app.name);
+    response.json::<serde_json::Value>().await.unwrap()["clientKey"].clone()
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// On both stores: a FIT is linked through the index by `installationId`, and by `cloudId`
+/// per product (Jira and Confluence on one site share the `cloudId`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_is_found_on_both_stores_per_product() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[]).await;
+        let (jira, confluence) = (Site::new(), Site::new());
+        let (jira_installation, confluence_installation, cloud) = (new_id(), new_id(), new_id());
+        install_on_forge(&app, &jira, "jira", &jira_installation, &cloud).await;
+        install_on_forge(
+            &app,
+            &confluence,
+            "confluence",
+            &confluence_installation,
+            &cloud,
+        )
+        .await;
+
+        let jira_key = serde_json::Value::from(jira.client_key.as_str());
+        let confluence_key = serde_json::Value::from(confluence.client_key.as_str());
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&jira_installation)).await,
+            jira_key
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&confluence_installation)).await,
+            confluence_key
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&cloud, "jira")).await,
+            jira_key
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&cloud, "confluence")).await,
+            confluence_key
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&new_id(), "jira")).await,
+            serde_json::Value::Null
+        );
+    }
+}
+
+/// A reinstall brings a new `installationId` for the same clientKey and `cloudId`: the new
+/// one links, the old one no longer does (only the site's `cloudId` still would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reinstall_with_a_new_installation_id_moves_the_link() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[]).await;
+        let site = Site::new();
+        let (first, second, cloud) = (new_id(), new_id(), new_id());
+        install_on_forge(&app, &site, "jira", &first, &cloud).await;
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&first)).await,
+            site.client_key.as_str()
+        );
+        let mut rolled = site.clone();
+        rolled.secret = format!("{}-rolled", site.secret);
+        install_on_forge(&app, &rolled, "jira", &second, &cloud).await;
+
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&second)).await,
+            site.client_key.as_str()
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&first)).await,
+            serde_json::Value::Null,
+            "the old installationId is no longer this installation's"
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&cloud, "jira")).await,
+            site.client_key.as_str()
+        );
+    }
+}
+
+/// A site import: a new clientKey on the same site (same `cloudId`, a new `installationId`)
+/// supersedes the old installation, which is never linked again, by either identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_installation_is_never_shown() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[("WARDEN_SITE_PROOF", "off")]).await;
+        let old = Site::new();
+        let mut new = Site::new();
+        new.base_url = old.base_url.clone();
+        let (old_installation, new_installation, cloud) = (new_id(), new_id(), new_id());
+        install_on_forge(&app, &old, "jira", &old_installation, &cloud).await;
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&cloud, "jira")).await,
+            old.client_key.as_str()
+        );
+        install_on_forge(&app, &new, "jira", &new_installation, &cloud).await;
+        assert_eq!(
+            app.tenant_status(&old, &old.secret).await,
+            403,
+            "superseded"
+        );
+
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&old_installation)).await,
+            serde_json::Value::Null
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&new_installation)).await,
+            new.client_key.as_str()
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_site(&cloud, "jira")).await,
+            new.client_key.as_str(),
+            "the cloudId maps to the active installation only"
+        );
+    }
+}
+
+/// Embedded: the index is on disk with the records; a restarted process links the FIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_survives_a_restart_on_embedded() {
+    let jwks = forge_jwks().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let dir = data_dir.path().display().to_string();
+    let spawn = |name: &'static str| {
+        let options = forge_env(&jwks).into_iter().fold(
+            Options::new(Backend::Embedded).set("WARDEN_DATA_DIR", dir.as_str()),
+            |options, (var, value)| options.set(var, value),
+        );
+        TestApp::spawn_process(name, options)
+    };
+    let site = Site::new();
+    let (installation, cloud) = (new_id(), new_id());
+    let first = spawn("first").await;
+    install_on_forge(&first, &site, "jira", &installation, &cloud).await;
+    drop(first);
+
+    let second = spawn("second").await;
+    assert_eq!(
+        linked_client_key(&second, &fit_of_installation(&installation)).await,
+        site.client_key.as_str()
+    );
+    assert_eq!(
+        linked_client_key(&second, &fit_of_site(&cloud, "jira")).await,
+        site.client_key.as_str()
+    );
+}
+
+/// Redis: an install through instance A is linked by instance B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_link() {
+    let jwks = forge_jwks().await;
+    let cluster = Cluster::new().await;
+    let env = forge_env(&jwks);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = cluster.spawn("A", &env).await;
+    let b = cluster.spawn("B", &env).await;
+    let site = Site::new();
+    let (installation, cloud) = (new_id(), new_id());
+    install_on_forge(&a, &site, "jira", &installation, &cloud).await;
+    assert_eq!(
+        linked_client_key(&b, &fit_of_installation(&installation)).await,
+        site.client_key.as_str()
+    );
+    assert_eq!(
+        linked_client_key(&b, &fit_of_site(&cloud, "jira")).await,
+        site.client_key.as_str()
+    );
+}
+
+/// Records stored before the index existed (simulated: their index entries deleted) are
+/// indexed by the next start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stored_before_the_index_are_indexed_at_start_up() {
+    let jwks = forge_jwks().await;
+    let cluster = Cluster::new().await;
+    let env = forge_env(&jwks);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = cluster.spawn("A", &env).await;
+    let site = Site::new();
+    let (installation, cloud) = (new_id(), new_id());
+    install_on_forge(&a, &site, "jira", &installation, &cloud).await;
+
+    let mut redis = redis::Client::open(cluster.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let index: Vec<String> =
+        redis::AsyncCommands::keys(&mut redis, format!("{}:forge-*", cluster.redis_prefix))
+            .await
+            .unwrap();
+    assert_eq!(index.len(), 2, "{index:?}");
+    let _: () = redis::AsyncCommands::del(&mut redis, &index).await.unwrap();
+    assert_eq!(
+        linked_client_key(&a, &fit_of_installation(&installation)).await,
+        serde_json::Value::Null,
+        "without its index entries the record is not found"
+    );
+
+    let b = cluster.spawn("B", &env).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let linked = linked_client_key(&b, &fit_of_installation(&installation)).await;
+        if linked == site.client_key.as_str() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never backfilled: {linked}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Two active installations naming one `installationId` (which Forge never sends, but an
+/// install body can claim): the newest binding wins, whatever the clientKeys' order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_installations_claiming_one_installation_id_the_newest_is_linked() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[]).await;
+        let mut older = Site::new();
+        older.client_key = format!("zz-{}", older.client_key);
+        let mut newer = Site::new();
+        newer.client_key = format!("aa-{}", newer.client_key);
+        let installation = new_id();
+        install_on_forge(&app, &older, "jira", &installation, &new_id()).await;
+        // `installed_at` is in seconds.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        install_on_forge(&app, &newer, "jira", &installation, &new_id()).await;
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&installation)).await,
+            newer.client_key.as_str()
+        );
+    }
+}
+
+/// Legacy mode accepts unsigned first installs, whose body may claim any `installationId`: a
+/// newer unsigned claim never takes the link from an installation Atlassian's signature proved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_claim_of_an_installation_id_never_takes_the_link() {
+    for backend in [Backend::Redis, Backend::Embedded] {
+        let (_jwks, app) = forge_app_on(backend, &[("WARDEN_INSTALL_AUTH", "legacy")]).await;
+        let genuine = Site::new();
+        let installation = new_id();
+        install_on_forge(&app, &genuine, "jira", &installation, &new_id()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+        let claimer = Site::new();
+        let mut body = claimer.body("installed");
+        body["installationId"] = installation.as_str().into();
+        body["cloudId"] = new_id().into();
+        let response = app.post_lifecycle("/installed", None, &body).await;
+        assert_eq!(
+            response.status(),
+            204,
+            "legacy mode takes an unsigned first install"
+        );
+        assert_eq!(
+            linked_client_key(&app, &fit_of_installation(&installation)).await,
+            genuine.client_key.as_str()
+        );
+    }
 }

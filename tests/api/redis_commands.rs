@@ -93,6 +93,29 @@ impl Bench {
             .unwrap();
         keys.retain(|k| !k.contains(":token:"));
         keys.push(format!("{}:site:{{{}}}", self.prefix, site.base_url));
+
+        let mut usage = BTreeMap::new();
+        for key in keys {
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            usage.insert(key, bytes.expect("the key exists"));
+        }
+        usage
+    }
+    /// `MEMORY USAGE` of every Forge identity index key (docs/PROTOCOL.md §12).
+    async fn forge_index_memory(&self) -> BTreeMap<String, u64> {
+        let mut conn = redis::Client::open(self.node.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = conn.keys(format!("{}:forge-*", self.prefix)).await.unwrap();
         let mut usage = BTreeMap::new();
         for key in keys {
             let bytes: Option<u64> = redis::cmd("MEMORY")
@@ -181,7 +204,8 @@ fn composition(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
 
 /// Issue 8: the first install of a new site and a reinstall (secret roll) each cost two round
 /// trips: one transaction reading the record and the token memory, one script writing the
-/// record, the token memory and the site index, and publishing the invalidation.
+/// record, the token memory, the site index and the Forge identity index, and publishing the
+/// invalidation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_install_costs_two_round_trips() {
     let bench = Bench::start(None).await;
@@ -215,13 +239,15 @@ async fn a_signed_install_costs_two_round_trips() {
         ("exec", 1),
     ];
     // The write: one script indexing the site, checking the version, writing record and
-    // token memory, publishing the invalidation.
+    // token memory, indexing its Forge identities (`installationId`, `cloudId`: one `sadd`
+    // each, docs/PROTOCOL.md §12), publishing the invalidation.
     let write = [
         ("evalsha", 1),
         ("zadd", 1),
         ("hget", 1),
         ("hset", 1),
         ("set", 1),
+        ("sadd", 2),
         ("publish", 1),
     ];
     // A new installation: no record yet (`exists`), alone on its site (`zcard`).
@@ -264,4 +290,17 @@ async fn an_installation_takes_at_most_one_and_a_half_kib() {
     for (sealed, total, usage) in totals {
         assert!(total <= 1536, "secret {sealed}: {total} bytes: {usage:?}");
     }
+}
+
+/// Issue 9: the Forge identity index of a Jira Cloud install (its `installationId` and its
+/// `cloudId`, one small set each) adds at most 600 bytes of Redis memory on top of the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forge_identity_index_takes_at_most_600_bytes_per_installation() {
+    let bench = Bench::start(None).await;
+    bench.install(&typical_site()).await;
+    let usage = bench.forge_index_memory().await;
+    let total: u64 = usage.values().sum();
+    eprintln!("MEMORY USAGE, Forge identity index: {total} bytes: {usage:?}");
+    assert_eq!(usage.len(), 2, "one set per identity: {usage:?}");
+    assert!(total <= 600, "{total} bytes: {usage:?}");
 }

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::forge::InstallationId;
 use connect_warden::secrets::SecretVersion;
 use connect_warden::store::embedded::EmbeddedStore;
 use connect_warden::store::redis::RedisStore;
 use connect_warden::store::{
-    Commit, CommitOutcome, InstallState, Installation, InstallationStore, ScanCursor, SeenToken,
-    SharedStore, SiteCommitOutcome, SiteEntry, SiteProof, StoreError,
+    Commit, CommitOutcome, ForgeIdentity, InstallState, Installation, InstallationStore,
+    ScanCursor, SeenToken, SharedStore, SiteCommitOutcome, SiteEntry, SiteProof, StoreError,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -573,6 +574,111 @@ async fn commit_on_site_indexes_and_checks_the_site(store: SharedStore) {
     );
 }
 
+/// A Connect installation of a site that adopted Forge: active, with an `installationId`
+/// (its ARI) and a `cloudId`.
+fn on_forge(client_key: &str, product: &str, installation: &str, cloud: &str) -> Installation {
+    let mut record = minimal(client_key);
+    record.state = InstallState::Installed;
+    record.enabled = true;
+    record.product_type = product.into();
+    record.installation_id = Some(format!("ari:cloud:ecosystem::installation/{installation}"));
+    record.cloud_id = Some(cloud.into());
+    record
+}
+
+fn by_installation(uuid: &str) -> ForgeIdentity {
+    ForgeIdentity::Installation(InstallationId::parse(uuid).unwrap())
+}
+
+async fn sorted_forge_keys(store: &SharedStore, identity: &ForgeIdentity) -> Vec<String> {
+    let mut keys: Vec<String> = store
+        .client_keys_for_forge(identity)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Issue 9: a commit (plain or on its site) indexes the record under its `installationId`
+/// and `cloudId`; a reinstall with a new `installationId` adds it (the old entry stays: a
+/// reader re-checks the record); `index_forge` indexes without writing (the backfill).
+async fn forge_identity_index(store: SharedStore) {
+    let (i1, i2, i3, i4) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let cloud = uuid::Uuid::new_v4().to_string();
+    let jira = on_forge("jira:forge-a", "jira", &i1, &cloud);
+    let confluence = on_forge("confluence:forge-b", "confluence", &i2, &cloud);
+    assert_eq!(
+        commit(store.as_ref(), &jira, 0, None).await,
+        CommitOutcome::Committed
+    );
+    let site = SiteEntry {
+        base_url: &confluence.base_url,
+        assumed_others: None,
+    };
+    let outcome = store
+        .commit_on_site(
+            Commit {
+                record: &confluence,
+                expected_version: 0,
+                token: None,
+            },
+            site,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, SiteCommitOutcome::Committed);
+
+    assert_eq!(
+        sorted_forge_keys(&store, &by_installation(&i1)).await,
+        ["jira:forge-a"]
+    );
+    // The bare UUID and the ARI name the same installation.
+    let ari = format!("ari:cloud:ecosystem::installation/{i2}");
+    assert_eq!(
+        sorted_forge_keys(&store, &by_installation(&ari)).await,
+        ["confluence:forge-b"]
+    );
+    assert_eq!(
+        sorted_forge_keys(&store, &ForgeIdentity::Cloud(cloud.clone())).await,
+        ["confluence:forge-b", "jira:forge-a"]
+    );
+    assert!(sorted_forge_keys(&store, &by_installation(&i4))
+        .await
+        .is_empty());
+
+    let reinstalled = on_forge("jira:forge-a", "jira", &i3, &cloud);
+    assert_eq!(
+        commit(store.as_ref(), &reinstalled, 1, None).await,
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        sorted_forge_keys(&store, &by_installation(&i3)).await,
+        ["jira:forge-a"]
+    );
+    let loaded = store.load(&ck("jira:forge-a")).await.unwrap().unwrap();
+    assert!(by_installation(&i3).names(&loaded));
+    assert!(
+        !by_installation(&i1).names(&loaded),
+        "the old installationId no longer names the reinstalled record"
+    );
+
+    let never_committed = on_forge("jira:forge-c", "jira", &i4, &cloud);
+    store.index_forge(&never_committed).await.unwrap();
+    assert_eq!(
+        sorted_forge_keys(&store, &by_installation(&i4)).await,
+        ["jira:forge-c"]
+    );
+    assert!(store.load(&ck("jira:forge-c")).await.unwrap().is_none());
+}
+
 async fn ping_answers(store: SharedStore) {
     store.ping().await.unwrap();
 }
@@ -619,6 +725,7 @@ both!(
     commit_on_site_indexes_and_checks_the_site,
     list_client_keys_lists_committed_ones,
     scan_installations_pages_through_every_record,
+    forge_identity_index,
     ping_answers,
 );
 
@@ -1037,6 +1144,14 @@ async fn embedded_survives_a_restart() {
     );
     assert_eq!(
         store.list_client_keys().await.unwrap(),
+        vec![record.client_key.clone()]
+    );
+    // Its Forge identity index too (issue 9).
+    assert_eq!(
+        store
+            .client_keys_for_forge(&ForgeIdentity::Cloud("cloud-1".into()))
+            .await
+            .unwrap(),
         vec![record.client_key.clone()]
     );
     // The version carried over: the compare-and-set continues from it.
