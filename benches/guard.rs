@@ -2,7 +2,8 @@
 //! verification, time checks and `qsh`, i.e. [`guard::verify_product_token`], the code the
 //! `ProductRequest` extractor runs once it holds the installation.
 //!
-//! Also the install path's RS256 verify ([`bench_install_verify`]).
+//! Also the install path's RS256 verify ([`bench_install_verify`]) and what counting a request
+//! in the metrics costs ([`bench_counting`]).
 //!
 //! `cargo bench --bench guard -- --warm-up-time 1 --measurement-time 5`; figures in
 //! docs/PERFORMANCE.md.
@@ -191,5 +192,22 @@ fn bench_install_verify(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_guard, bench_install_verify);
+/// What counting adds to a request: a product-request outcome (a handle registered once per
+/// label set) and a tenant-cache lookup (a static key looked up in the recorder).
+fn bench_counting(c: &mut Criterion) {
+    use connect_warden::error::Refusal;
+    use connect_warden::monitoring::{self, Lookup};
+    monitoring::install().expect("no other recorder in the bench");
+    c.bench_function("metrics/product_request accepted", |b| {
+        b.iter(|| monitoring::product_request(black_box(Ok(()))))
+    });
+    c.bench_function("metrics/product_request refused", |b| {
+        b.iter(|| monitoring::product_request(black_box(Err(Refusal::BadSignature))))
+    });
+    c.bench_function("metrics/tenant_cache hit", |b| {
+        b.iter(|| monitoring::tenant_cache(black_box(Lookup::Get), black_box(true)))
+    });
+}
+
+criterion_group!(benches, bench_guard, bench_install_verify, bench_counting);
 criterion_main!(benches);

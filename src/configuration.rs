@@ -13,7 +13,9 @@ use connect_protocol::domain::{BaseUrl, HostPattern};
 use connect_protocol::forge::AppAri;
 
 use crate::host_client::CallPolicy;
+use crate::routes::descriptor::{Descriptor, Placeholders};
 use crate::store::sealing::KeyRing;
+use crate::webhooks::WebhookSettings;
 
 /// Production install-key CDN.
 pub const PRODUCTION_KEYS_URL: &str = "https://connect-install-keys.atlassian.com";
@@ -40,12 +42,12 @@ pub const FORGE_JWKS_URL: &str = "https://forge.cdn.prod.atlassian-dev.net/.well
 pub const OAUTH_TOKEN_URL: &str =
     "https://oauth-2-authorization-server.services.atlassian.com/oauth2/token";
 
-/// The descriptor shipped with the binary, used when no template file is found on disk.
 /// Upper bound of `WARDEN_REDIS_WAIT_TIMEOUT_MS`: the host expects a quick answer to a
 /// lifecycle callback, and a Redis command of the store times out after 2 s.
 pub const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
 /// Upper bound of `WARDEN_REDIS_MIN_REPLICAS` (a sanity bound, not a Redis limit).
 pub const MAX_MIN_REPLICAS: u32 = 16;
+/// The descriptor shipped with the binary, used when no template file is found on disk.
 pub const BUNDLED_DESCRIPTOR: &str = include_str!("../atlassian-connect.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +82,8 @@ pub struct Settings {
     pub install_auth: InstallAuth,
     pub secret_grace: Duration,
     pub oauth_token_url: String,
-    pub descriptor_template: String,
+    /// The descriptor rendered from `WARDEN_DESCRIPTOR` and checked (README "Descriptor").
+    pub descriptor: Descriptor,
     /// Backstop lifetime of cached secrets, should an invalidation message be lost.
     pub secret_cache_ttl: Duration,
     /// Timeout of one install-key fetch.
@@ -99,6 +102,11 @@ pub struct Settings {
     pub site_proof: SiteProofSettings,
     /// `WARDEN_HOST_*`: retries and in-flight limit of the app's calls to a site.
     pub host_calls: CallPolicy,
+    /// The queue between webhook routes and their handlers (`WARDEN_WEBHOOK_*`).
+    pub webhooks: WebhookSettings,
+    /// `GET /metrics` on a listener of its own (`WARDEN_METRICS_BIND`) instead of the public
+    /// port.
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// Forge Remote (docs/PROTOCOL.md §12); `None`: off, every Forge Invocation Token refused.
     pub forge: Option<ForgeSettings>,
 }
@@ -232,6 +240,10 @@ struct Raw {
     host_concurrency_per_site: Option<String>,
     forge_app_id: Option<String>,
     forge_jwks_url: Option<String>,
+    webhook_queue_size: Option<String>,
+    webhook_workers: Option<String>,
+    webhook_dedupe_seconds: Option<String>,
+    metrics_bind: Option<String>,
 }
 
 impl Settings {
@@ -251,9 +263,12 @@ impl Settings {
             builder = builder
                 .add_source(config::File::new(path, config::FileFormat::Toml).required(true));
         }
-        let env_map: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("WARDEN_") && k != "WARDEN_CONFIG")
+        // Every variable, for the descriptor's `{{env.NAME}}` placeholders.
+        let all_env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let env_map: std::collections::HashMap<String, String> = all_env
+            .iter()
+            .filter(|(k, _)| k.starts_with("WARDEN_") && k.as_str() != "WARDEN_CONFIG")
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("WARDEN")
@@ -264,10 +279,13 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| bad("WARDEN_CONFIG", e.to_string()))?;
-        Self::parse(raw)
+        Self::parse(raw, &all_env)
     }
 
-    fn parse(raw: Raw) -> Result<Self, SettingsError> {
+    fn parse(
+        raw: Raw,
+        all_env: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
         let base_url = BaseUrl::parse(raw.base_url.as_deref().unwrap_or("http://localhost:8080"))
             .map_err(|e| bad("WARDEN_BASE_URL", e.0))?;
         let allowed_base_urls = raw
@@ -297,19 +315,32 @@ impl Settings {
                     format!("{descriptor_path} is not JSON: {e}"),
                 )
             })?;
+        // The template's own `key` may name environment variables, not the app key.
+        let placeholders = |app_key| Placeholders {
+            base_url: base_url.as_str(),
+            app_key,
+            env: all_env,
+        };
+        let descriptor_error = |e| bad("WARDEN_DESCRIPTOR", format!("{descriptor_path}: {e}"));
         let app_key = match raw.app_key.filter(|k| !k.trim().is_empty()) {
             Some(k) => k.trim().to_owned(),
-            None => descriptor
-                .get("key")
-                .and_then(|k| k.as_str())
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    bad(
-                        "WARDEN_APP_KEY",
-                        "not set and the descriptor has no \"key\"",
-                    )
-                })?,
+            None => {
+                let key = descriptor
+                    .get("key")
+                    .and_then(|k| k.as_str())
+                    .ok_or_else(|| {
+                        bad(
+                            "WARDEN_APP_KEY",
+                            "not set and the descriptor has no \"key\"",
+                        )
+                    })?;
+                placeholders(None)
+                    .substitute(key, "key")
+                    .map_err(descriptor_error)?
+            }
         };
+        let descriptor = Descriptor::render(&descriptor, &placeholders(Some(&app_key)), &app_key)
+            .map_err(descriptor_error)?;
         let product_hosts = raw
             .product_hosts
             .map(|l| l.items())
@@ -450,9 +481,46 @@ impl Settings {
             raw.host_concurrency_per_site,
         )?;
         let forge = parse_forge(raw.forge_app_id, raw.forge_jwks_url)?;
+        let webhooks = WebhookSettings {
+            queue_size: whole_number(
+                "WARDEN_WEBHOOK_QUEUE_SIZE",
+                raw.webhook_queue_size,
+                1_000,
+                1..=1_000_000,
+                "deliveries",
+            )? as usize,
+            workers: whole_number(
+                "WARDEN_WEBHOOK_WORKERS",
+                raw.webhook_workers,
+                8,
+                1..=1_024,
+                "workers",
+            )? as usize,
+            dedupe_window: Duration::from_secs(whole_number(
+                "WARDEN_WEBHOOK_DEDUPE_SECONDS",
+                raw.webhook_dedupe_seconds,
+                3_600,
+                1..=86_400,
+                "seconds",
+            )?),
+        };
+        let metrics_bind = raw
+            .metrics_bind
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                v.trim().parse().map_err(|_| {
+                    bad(
+                        "WARDEN_METRICS_BIND",
+                        format!("{v:?} is not an IP address and port, e.g. 127.0.0.1:9090"),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
             host_calls,
             forge,
+            webhooks,
+            metrics_bind,
             site_proof,
             bind: raw.bind.unwrap_or_else(|| "127.0.0.1:8080".into()),
             base_url,
@@ -474,7 +542,7 @@ impl Settings {
                 86_400,
             )?,
             oauth_token_url,
-            descriptor_template,
+            descriptor,
             secret_cache_ttl: seconds(
                 "WARDEN_SECRET_CACHE_TTL_SECONDS",
                 raw.secret_cache_ttl_seconds,
@@ -689,6 +757,14 @@ mod tests {
         assert_eq!(s.host_calls.max_retries, 3);
         assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(30));
         assert_eq!(s.host_calls.concurrency_per_site, 8);
+        assert_eq!(
+            s.webhooks,
+            WebhookSettings {
+                queue_size: 1_000,
+                workers: 8,
+                dedupe_window: Duration::from_secs(3_600),
+            }
+        );
     }
 
     #[test]
@@ -876,10 +952,49 @@ mod tests {
             ("WARDEN_HOST_MAX_RETRY_WAIT_SECONDS", "0"),
             ("WARDEN_HOST_CONCURRENCY_PER_SITE", "0"),
             ("WARDEN_HOST_CONCURRENCY_PER_SITE", "many"),
+            ("WARDEN_WEBHOOK_QUEUE_SIZE", "0"),
+            ("WARDEN_WEBHOOK_WORKERS", "many"),
+            ("WARDEN_WEBHOOK_WORKERS", "1025"),
+            ("WARDEN_WEBHOOK_DEDUPE_SECONDS", "0"),
         ] {
             let err = Settings::from_sources(None, env(&[(name, value)])).unwrap_err();
             assert_eq!(err.name, name, "{err}");
         }
+    }
+
+    #[test]
+    fn the_descriptor_template_is_rendered_from_the_whole_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("atlassian-connect.json");
+        let template = |key: &str| {
+            serde_json::json!({
+                "key": key, "baseUrl": "{{baseUrl}}", "authentication": {"type": "jwt"},
+                "vendor": {"name": "{{env.VENDOR_NAME}}"},
+                "lifecycle": {"installed": "/installed", "uninstalled": "/uninstalled"}
+            })
+            .to_string()
+        };
+        std::fs::write(&path, template("{{env.APP_KEY}}")).unwrap();
+        let descriptor = ("WARDEN_DESCRIPTOR", path.to_str().unwrap());
+        let s = Settings::from_sources(
+            None,
+            env(&[descriptor, ("VENDOR_NAME", "Acme"), ("APP_KEY", "acme-app")]),
+        )
+        .unwrap();
+        assert_eq!(s.app_key, "acme-app");
+        assert_eq!(s.descriptor.json()["vendor"]["name"], "Acme");
+        assert_eq!(s.descriptor.json()["key"], "acme-app");
+        let err = Settings::from_sources(None, env(&[descriptor, ("APP_KEY", "a")])).unwrap_err();
+        assert_eq!(err.name, "WARDEN_DESCRIPTOR");
+        assert!(
+            err.message.contains("VENDOR_NAME") && err.message.contains("vendor.name"),
+            "{err}"
+        );
+        std::fs::write(&path, template("bad key")).unwrap();
+        let err =
+            Settings::from_sources(None, env(&[descriptor, ("VENDOR_NAME", "A")])).unwrap_err();
+        assert_eq!(err.name, "WARDEN_DESCRIPTOR");
+        assert!(err.message.contains("key: "), "{err}");
     }
 
     #[test]
@@ -935,5 +1050,19 @@ mod tests {
         assert_eq!(s.bind, "0.0.0.0:9000");
         assert_eq!(s.base_url.as_str(), "https://env.example.com");
         assert!(s.host_allowed("x.example.org"));
+    }
+
+    #[test]
+    fn metrics_bind_is_an_address_and_port() {
+        let unset = Settings::from_sources(None, env(&[])).unwrap();
+        assert_eq!(unset.metrics_bind, None);
+        let set = Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", "127.0.0.1:9090")]))
+            .unwrap();
+        assert_eq!(set.metrics_bind, Some("127.0.0.1:9090".parse().unwrap()));
+        for bad in ["9090", "localhost:9090", "127.0.0.1"] {
+            let err =
+                Settings::from_sources(None, env(&[("WARDEN_METRICS_BIND", bad)])).unwrap_err();
+            assert_eq!(err.name, "WARDEN_METRICS_BIND", "{err}");
+        }
     }
 }

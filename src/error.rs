@@ -16,6 +16,7 @@ use crate::host_client::HostClientError;
 use crate::install_keys::KeyFetchError;
 use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
+use crate::webhooks::{WebhookError, RETRY_AFTER_SECONDS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -57,6 +58,9 @@ pub enum ApiError {
     /// 502: a call to the host or its authorization server failed.
     #[error("{0}")]
     Upstream(String),
+    /// 503 with `Retry-After`: the webhook queue is full; the sender retries later.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
 }
 
 /// A value from outside that does not parse: the request is malformed.
@@ -142,6 +146,213 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Webhook(WebhookError::QueueFull { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Why a request was refused, as a metrics label (see [`crate::monitoring`]): a fixed set
+/// derived from the error's kind, so a label never carries a clientKey, URL, kid or anything
+/// else the caller sent. The one place where errors become labels, beside `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Malformed,
+    PayloadTooLarge,
+    BodyTimeout,
+    NoToken,
+    Unauthenticated,
+    MalformedToken,
+    BadSignature,
+    TokenTime,
+    WrongAudience,
+    QshMismatch,
+    ContextToken,
+    InvalidIssuer,
+    UnknownTenant,
+    OtherTenant,
+    Forbidden,
+    Superseded,
+    Uninstalled,
+    Disabled,
+    Stale,
+    Contention,
+    InstallKeyNotFound,
+    InstallKeyInvalid,
+    InstallKeyUnavailable,
+    InstallKeyOverBudget,
+    StoreUnavailable,
+    StoreNotReplicated,
+    StoreCorrupt,
+    StoreUnsealable,
+    Upstream,
+    ForgeOff,
+    ForgeToken,
+    ForgeKeysUnavailable,
+    WebhookQueueFull,
+}
+
+impl Refusal {
+    /// Every refusal, in the order of [`Refusal::index`].
+    pub const ALL: [Refusal; 33] = [
+        Refusal::Malformed,
+        Refusal::PayloadTooLarge,
+        Refusal::BodyTimeout,
+        Refusal::NoToken,
+        Refusal::Unauthenticated,
+        Refusal::MalformedToken,
+        Refusal::BadSignature,
+        Refusal::TokenTime,
+        Refusal::WrongAudience,
+        Refusal::QshMismatch,
+        Refusal::ContextToken,
+        Refusal::InvalidIssuer,
+        Refusal::UnknownTenant,
+        Refusal::OtherTenant,
+        Refusal::Forbidden,
+        Refusal::Superseded,
+        Refusal::Uninstalled,
+        Refusal::Disabled,
+        Refusal::Stale,
+        Refusal::Contention,
+        Refusal::InstallKeyNotFound,
+        Refusal::InstallKeyInvalid,
+        Refusal::InstallKeyUnavailable,
+        Refusal::InstallKeyOverBudget,
+        Refusal::StoreUnavailable,
+        Refusal::StoreNotReplicated,
+        Refusal::StoreCorrupt,
+        Refusal::StoreUnsealable,
+        Refusal::Upstream,
+        Refusal::ForgeOff,
+        Refusal::ForgeToken,
+        Refusal::ForgeKeysUnavailable,
+        Refusal::WebhookQueueFull,
+    ];
+
+    /// Position in [`Refusal::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::PayloadTooLarge => "payload_too_large",
+            Refusal::BodyTimeout => "body_timeout",
+            Refusal::NoToken => "no_token",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::MalformedToken => "malformed_token",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::TokenTime => "token_time",
+            Refusal::WrongAudience => "wrong_audience",
+            Refusal::QshMismatch => "qsh_mismatch",
+            Refusal::ContextToken => "context_token",
+            Refusal::InvalidIssuer => "invalid_issuer",
+            Refusal::UnknownTenant => "unknown_tenant",
+            Refusal::OtherTenant => "other_tenant",
+            Refusal::Forbidden => "forbidden",
+            Refusal::Superseded => "superseded",
+            Refusal::Uninstalled => "uninstalled",
+            Refusal::Disabled => "disabled",
+            Refusal::Stale => "stale",
+            Refusal::Contention => "contention",
+            Refusal::InstallKeyNotFound => "install_key_not_found",
+            Refusal::InstallKeyInvalid => "install_key_invalid",
+            Refusal::InstallKeyUnavailable => "install_key_unavailable",
+            Refusal::InstallKeyOverBudget => "install_key_over_budget",
+            Refusal::StoreUnavailable => "store_unavailable",
+            Refusal::StoreNotReplicated => "store_not_replicated",
+            Refusal::StoreCorrupt => "store_corrupt",
+            Refusal::StoreUnsealable => "store_unsealable",
+            Refusal::Upstream => "upstream",
+            Refusal::ForgeOff => "forge_off",
+            Refusal::ForgeToken => "forge_token",
+            Refusal::ForgeKeysUnavailable => "forge_keys_unavailable",
+            Refusal::WebhookQueueFull => "webhook_queue_full",
+        }
+    }
+
+    fn of_token(e: &JwtError) -> Self {
+        match e {
+            JwtError::Malformed(_)
+            | JwtError::WrongAlgorithm { .. }
+            | JwtError::MissingKid
+            | JwtError::InvalidKid
+            | JwtError::MissingClaim(_) => Refusal::MalformedToken,
+            JwtError::BadSignature => Refusal::BadSignature,
+            JwtError::Expired | JwtError::IssuedInFuture | JwtError::ExpiresBeforeIssued => {
+                Refusal::TokenTime
+            }
+            JwtError::WrongAudience => Refusal::WrongAudience,
+            JwtError::QshMismatch { .. } => Refusal::QshMismatch,
+            JwtError::ContextTokenNotAllowed => Refusal::ContextToken,
+        }
+    }
+
+    fn of_authorization(e: AuthorizationError) -> Self {
+        if e.is_malformed() {
+            Refusal::Malformed
+        } else {
+            Refusal::NoToken
+        }
+    }
+
+    pub fn of_store(e: &StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Refusal::StoreUnavailable,
+            StoreError::NotReplicated { .. } => Refusal::StoreNotReplicated,
+            StoreError::Corrupt(_) => Refusal::StoreCorrupt,
+            StoreError::Unsealable(_) => Refusal::StoreUnsealable,
+        }
+    }
+
+    pub fn of_install_key(e: &KeyFetchError) -> Self {
+        match e {
+            KeyFetchError::NotFound { .. } => Refusal::InstallKeyNotFound,
+            KeyFetchError::InvalidKey => Refusal::InstallKeyInvalid,
+            e if e.is_over_budget() => Refusal::InstallKeyOverBudget,
+            KeyFetchError::Unavailable(_) => Refusal::InstallKeyUnavailable,
+        }
+    }
+}
+
+impl ApiError {
+    /// The metrics label of this refusal.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            ApiError::BadRequest(_) => Refusal::Malformed,
+            ApiError::Unauthenticated(_) => Refusal::Unauthenticated,
+            ApiError::Token(e) => Refusal::of_token(e),
+            ApiError::Forbidden(_) => Refusal::Forbidden,
+            ApiError::Conflict(_) => Refusal::Stale,
+            ApiError::Unavailable(_) => Refusal::Contention,
+            ApiError::PayloadTooLarge { .. } => Refusal::PayloadTooLarge,
+            ApiError::BodyTimeout { .. } => Refusal::BodyTimeout,
+            ApiError::Store(e) => Refusal::of_store(e),
+            ApiError::InstallKey(e) => Refusal::of_install_key(e),
+            ApiError::Upstream(_) => Refusal::Upstream,
+            ApiError::Forge(ForgeAuthError::Off) => Refusal::ForgeOff,
+            ApiError::Forge(ForgeAuthError::Token(_)) => Refusal::ForgeToken,
+            ApiError::Forge(ForgeAuthError::KeysUnavailable(_)) => Refusal::ForgeKeysUnavailable,
+            ApiError::Webhook(WebhookError::QueueFull { .. }) => Refusal::WebhookQueueFull,
+        }
+    }
+}
+
+impl ProductAuthError {
+    /// The metrics label of this refusal: finer than [`ApiError::refusal`], which sees these
+    /// only as 401 or 403.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            ProductAuthError::Authorization(e) => Refusal::of_authorization(*e),
+            ProductAuthError::Token(e) => Refusal::of_token(e),
+            ProductAuthError::InvalidIssuer => Refusal::InvalidIssuer,
+            ProductAuthError::UnknownTenant(_) => Refusal::UnknownTenant,
+            ProductAuthError::OtherTenant { .. } => Refusal::OtherTenant,
+            ProductAuthError::Superseded { .. } => Refusal::Superseded,
+            ProductAuthError::Uninstalled(_) => Refusal::Uninstalled,
+            ProductAuthError::Disabled(_) => Refusal::Disabled,
+            ProductAuthError::Store(e) => Refusal::of_store(e),
         }
     }
 }
@@ -180,6 +391,13 @@ impl ResponseError for ApiError {
         if let Some(request_id) = crate::telemetry::RequestId::current() {
             body["requestId"] = request_id.into();
         }
-        HttpResponse::build(status).json(body)
+        let mut response = HttpResponse::build(status);
+        if matches!(self, ApiError::Webhook(WebhookError::QueueFull { .. })) {
+            response.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                RETRY_AFTER_SECONDS.to_string(),
+            ));
+        }
+        response.json(body)
     }
 }

@@ -77,7 +77,7 @@ impl FromRequest for ProductRequest {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
-        Box::pin(async move { Ok(authenticate(&req, false).await?) })
+        Box::pin(async move { Ok(counted(authenticate(&req, false).await)?) })
     }
 }
 
@@ -87,8 +87,16 @@ impl FromRequest for ContextRequest {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
-        Box::pin(async move { Ok(ContextRequest(authenticate(&req, true).await?)) })
+        Box::pin(async move { Ok(ContextRequest(counted(authenticate(&req, true).await)?)) })
     }
+}
+
+/// Counts the guard's outcome (`warden_product_requests_total`).
+fn counted(
+    result: Result<ProductRequest, ProductAuthError>,
+) -> Result<ProductRequest, ProductAuthError> {
+    crate::monitoring::product_request(result.as_ref().map(|_| ()).map_err(|e| e.refusal()));
+    result
 }
 
 /// The token from `Authorization: JWT <token>` or `?jwt=<token>`; both at once is refused.

@@ -61,6 +61,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::error::error_chain;
+use crate::monitoring::HostCall;
 use crate::store::{Installation, Usability};
 use connect_protocol::claims::{self, JWT_BEARER_GRANT};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
@@ -685,8 +686,12 @@ impl HostClient {
                 ("scope", key.scopes.as_str()),
             ])
             .send()
-            .await
-            .map_err(|e| request_error(endpoint.url.as_str(), e))?;
+            .await;
+        crate::monitoring::host_call(
+            HostCall::Token,
+            response.as_ref().ok().map(reqwest::Response::status),
+        );
+        let response = response.map_err(|e| request_error(endpoint.url.as_str(), e))?;
         let status = response.status();
         if status == StatusCode::BAD_REQUEST {
             let body = read_capped(response, MAX_ERROR_BODY)
@@ -1081,10 +1086,12 @@ impl HostRequest {
                     .acquire()
                     .await
                     .expect("a site's limiter is never closed");
-                self.http
-                    .execute(request)
-                    .await
-                    .map_err(|e| request_error(&url, e))?
+                let response = self.http.execute(request).await;
+                crate::monitoring::host_call(
+                    HostCall::Request,
+                    response.as_ref().ok().map(reqwest::Response::status),
+                );
+                response.map_err(|e| request_error(&url, e))?
             };
             let wait = spare.as_ref().and_then(|_| {
                 policy.retry_wait(response.status(), &RateLimit::of(&response), attempts - 1)

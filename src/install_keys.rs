@@ -36,6 +36,8 @@ use moka::future::Cache;
 use reqwest::StatusCode;
 
 use crate::configuration::{is_staging_host, PRODUCTION_KEYS_URLS, STAGING_KEYS_URLS};
+use crate::error::Refusal;
+use crate::monitoring;
 use crate::store::{SharedStore, StoreError};
 use connect_protocol::domain::{BaseUrl, KeyId};
 use connect_protocol::jwt::RsaVerifyingKey;
@@ -396,6 +398,7 @@ impl InstallKeys {
         if let Some(source) = source {
             if !self.source_budget(source).await.try_take() {
                 self.over_budget.fetch_add(1, Ordering::Relaxed);
+                monitoring::install_key_fetch(Err(Refusal::InstallKeyOverBudget));
                 tracing::debug!(%kid, %source, "install-key fetch refused: this source's fetch budget is spent");
                 return self
                     .fallback_or(url, unavailable(SourceBudgetExhausted))
@@ -409,6 +412,7 @@ impl InstallKeys {
             let server_url = kid_url(server, kid);
             if !self.server_budget(server).try_take() {
                 let refused = self.over_budget.fetch_add(1, Ordering::Relaxed) + 1;
+                monitoring::install_key_fetch(Err(Refusal::InstallKeyOverBudget));
                 if refused == 1 || refused.is_power_of_two() {
                     tracing::warn!(%kid, %server, refused, "install-key fetch refused: this key server's fetch budget is exhausted");
                 }
@@ -417,7 +421,11 @@ impl InstallKeys {
             }
             self.fetches.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%kid, url = %server_url, "fetching install key");
-            match self.fetch_uncounted(kid, &server_url).await {
+            let result = self.fetch_uncounted(kid, &server_url).await;
+            monitoring::install_key_fetch(
+                result.as_ref().map(|_| ()).map_err(Refusal::of_install_key),
+            );
+            match result {
                 Ok((key, pem)) => {
                     tracing::debug!(%kid, url = %server_url, "install key fetched");
                     self.remember(url, &key, &pem).await;

@@ -191,12 +191,17 @@ async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCac
     let mut failures: u32 = 0;
     // The seed tried first: the one that worked last.
     let mut first = 0;
+    // Whether a subscription was made (and so lost) before: the next one is a reconnect.
+    let mut lost_before = false;
+    crate::monitoring::invalidation_subscription(false, false);
     loop {
         match subscribe_any(&clients, &mut first, &channel).await {
             Ok(pubsub) => {
                 // Whatever was published while we were not subscribed is lost: the cache drops
                 // everything, then serves again.
                 tenants.set_subscription(Subscription::Subscribed);
+                crate::monitoring::invalidation_subscription(true, lost_before);
+                lost_before = true;
                 if failures > 0 {
                     tracing::info!(%channel, failed_attempts = failures, "invalidation channel subscribed again; tenant cache cleared");
                 } else {
@@ -210,6 +215,7 @@ async fn listen(clients: Vec<redis::Client>, channel: String, tenants: TenantCac
                 // announce the drop now (for the other per-tenant caches) rather than at the
                 // reconnect, which a partition can delay indefinitely.
                 tenants.set_subscription(Subscription::NotSubscribed);
+                crate::monitoring::invalidation_subscription(false, false);
                 tenants.invalidate_all();
                 tracing::warn!(%channel, reason = %reason, "invalidation channel lost; tenant cache cleared and bypassed until subscribed; reconnecting");
                 if since.elapsed() >= MAX_BACKOFF {
@@ -296,6 +302,7 @@ async fn receive(pubsub: redis::aio::PubSub, tenants: &TenantCache) -> String {
                 let Some(message) = message else {
                     return "the connection closed".into();
                 };
+                crate::monitoring::invalidation_received();
                 let payload = message.get_payload_bytes();
                 match std::str::from_utf8(payload).ok().and_then(|s| ClientKey::parse(s).ok()) {
                     Some(client_key) => tenants.invalidate(&client_key).await,

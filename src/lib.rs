@@ -18,9 +18,11 @@
 //! - [`forge`]: Forge Remote: Forge Invocation Tokens and Forge's keys (`ForgeRequest`);
 //!   [`tenant_request`]: either way in, one view of the tenant (`TenantRequest`);
 //! - [`host_client`]: calls from the app to a host, as the app or as a user;
+//! - [`webhooks`]: the descriptor's webhooks, queued for the vendor's handlers;
 //! - [`error`]: the one place where failures become HTTP statuses;
 //! - [`configuration`], [`telemetry`], [`cli`]: settings, logs, the `warden` command;
 //!   [`inventory`]: what `warden tenants` shows operators of the store.
+//!   [`monitoring`]: Prometheus metrics (`GET /metrics`).
 //! - [`upm`]: installing the app on a development site through its plugin manager (`warden dev`).
 //!
 //! `docs/PROTOCOL.md` states each protocol rule and names its home.
@@ -36,6 +38,7 @@ pub mod invalidation;
 pub mod inventory;
 pub mod lifecycle;
 pub mod limits;
+pub mod monitoring;
 pub mod routes;
 pub mod secrets;
 pub mod startup;
@@ -44,3 +47,4 @@ pub mod telemetry;
 pub mod tenant_request;
 pub mod tenants;
 pub mod upm;
+pub mod webhooks;

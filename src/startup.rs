@@ -23,6 +23,7 @@ use crate::store::sealing::{self, Sealer};
 use crate::store::SharedStore;
 use crate::telemetry::{self, RedactingRootSpan};
 use crate::tenants::TenantCache;
+use crate::webhooks::{Webhook, WebhookHandlers, WebhookQueue};
 use connect_protocol::domain::ClientKey;
 
 /// Bound on one call to a host site or the authorization server.
@@ -43,8 +44,12 @@ pub struct AppState {
     pub host: HostClient,
     /// Forge Remote, when `WARDEN_FORGE_APP_ID` is set.
     pub forge: Option<crate::forge::ForgeRemote>,
+    /// Webhook deliveries on their way to the vendor's handlers.
+    pub webhooks: WebhookQueue,
     /// The clientKeys whose site proof runs in this process now (one run each at a time).
     site_proofs: std::sync::Mutex<std::collections::HashSet<ClientKey>>,
+    /// The installations gauge of `GET /metrics`.
+    pub census: crate::monitoring::Census,
 }
 
 impl AppState {
@@ -181,8 +186,9 @@ impl AppState {
     }
 
     pub fn with_store(settings: Settings, store: SharedStore) -> anyhow::Result<Self> {
-        let descriptor = routes::descriptor::render(&settings)
-            .context("the descriptor template is not a JSON object")?;
+        // Every store operation is timed and its failures counted (`GET /metrics`).
+        let store = crate::monitoring::InstrumentedStore::wrap(store);
+        let descriptor = settings.descriptor.to_pretty_string();
         let invalidations = Invalidations::new();
         Ok(Self {
             keys: InstallKeys::new(settings.keys_urls.clone(), settings.key_fetch_timeout)
@@ -206,8 +212,19 @@ impl AppState {
                 .forge
                 .as_ref()
                 .map(|f| crate::forge::ForgeRemote::new(f, settings.key_fetch_timeout)),
+            // No handler yet, so no worker: see `with_webhooks`.
+            webhooks: WebhookQueue::start(WebhookHandlers::default(), settings.webhooks),
+            census: Default::default(),
             settings: Arc::new(settings),
         })
+    }
+
+    /// Hands the descriptor's webhooks to `handlers`, starting the worker pool. A handler for
+    /// an event the descriptor does not declare is an error.
+    pub fn with_webhooks(mut self, handlers: WebhookHandlers) -> anyhow::Result<Self> {
+        handlers.check_declared(self.settings.descriptor.webhooks())?;
+        self.webhooks = WebhookQueue::start(handlers, self.settings.webhooks);
+        Ok(self)
     }
 }
 
@@ -252,6 +269,8 @@ pub async fn open_store(settings: &Settings, sealer: Sealer) -> anyhow::Result<S
 pub struct Application {
     port: u16,
     server: Server,
+    /// `GET /metrics` on `WARDEN_METRICS_BIND`, when set.
+    metrics_server: Option<Server>,
     state: web::Data<AppState>,
     /// With Redis: the subscription to other instances' writes; stops when this is dropped.
     _invalidation: Option<invalidation::Listener>,
@@ -260,7 +279,7 @@ pub struct Application {
 impl Application {
     /// Opens the store and binds `settings.bind` (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        Self::build_with_routes(settings, |_| {}).await
+        Self::builder(settings).build().await
     }
 
     /// Like [`build`](Self::build), with the vendor's own routes registered under the base
@@ -269,9 +288,74 @@ impl Application {
         settings: Settings,
         routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
     ) -> anyhow::Result<Self> {
+        Self::builder(settings).routes(routes).build().await
+    }
+
+    /// An application with vendor routes and webhook handlers:
+    /// `Application::builder(settings).routes(..).on_webhook("jira:issue_created", handler).build()`.
+    pub fn builder(settings: Settings) -> ApplicationBuilder {
+        ApplicationBuilder {
+            settings,
+            routes: Arc::new(|_| {}),
+            webhooks: WebhookHandlers::default(),
+        }
+    }
+}
+
+/// What [`Application::builder`] collects before the application starts.
+pub struct ApplicationBuilder {
+    settings: Settings,
+    routes: ExtraRoutes,
+    webhooks: WebhookHandlers,
+}
+
+impl ApplicationBuilder {
+    /// The vendor's own routes, registered under the base path beside warden's.
+    pub fn routes(
+        mut self,
+        routes: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.routes = Arc::new(routes);
+        self
+    }
+
+    /// Runs `handler` for each accepted delivery of the descriptor's webhook `event` (README
+    /// "Webhooks"). The event must be declared in `modules.webhooks`, or `build` fails.
+    pub fn on_webhook<F, Fut>(mut self, event: &str, handler: F) -> Self
+    where
+        F: Fn(Webhook) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.webhooks.on(event, handler);
+        self
+    }
+
+    /// Every handler of `handlers` (a set built elsewhere), in addition to those registered so
+    /// far; a handler for the same event replaces the earlier one.
+    pub fn with_handlers(mut self, handlers: WebhookHandlers) -> Self {
+        self.webhooks.extend(handlers);
+        self
+    }
+
+    /// Opens the store, starts the webhook workers and binds `settings.bind`.
+    pub async fn build(self) -> anyhow::Result<Application> {
+        let Self {
+            settings,
+            routes,
+            webhooks,
+        } = self;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("cannot listen on {} (WARDEN_BIND)", settings.bind))?;
-        let state = web::Data::new(AppState::build(settings).await?);
+        let metrics_listener = settings
+            .metrics_bind
+            .map(|addr| {
+                TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} (WARDEN_METRICS_BIND)"))
+            })
+            .transpose()?;
+        // Before anything is counted: a count made without a recorder is lost.
+        let metrics = crate::monitoring::install();
+        let state = web::Data::new(AppState::build(settings).await?.with_webhooks(webhooks)?);
         // Started before serving: from here the tenant cache is not subscribed (reads go to
         // the store) until the listener is, so no request is answered from a cache that may
         // miss another instance's write.
@@ -301,17 +385,24 @@ impl Application {
             None => None,
         };
         let port = listener.local_addr()?.port();
-        let server = run(listener, state.clone(), Arc::new(routes))?;
+        let server = run(listener, state.clone(), routes)?;
+        let metrics_server = match metrics_listener {
+            Some(listener) if metrics.is_some() => Some(run_metrics(listener, state.clone())?),
+            _ => None,
+        };
         AppState::resume_site_proofs(&state);
         AppState::backfill_forge_index(&state);
-        Ok(Self {
+        Ok(Application {
             port,
             server,
+            metrics_server,
             state,
             _invalidation: invalidation,
         })
     }
+}
 
+impl Application {
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -322,7 +413,13 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        match self.metrics_server {
+            // Both stop on the same signal; the first failure ends both.
+            Some(metrics) => futures_util::future::try_join(self.server, metrics)
+                .await
+                .map(|_| ()),
+            None => self.server.await,
+        }
     }
 }
 
@@ -330,15 +427,20 @@ impl Application {
 type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
 /// Registers every route under the base URL's path (`""` or e.g. `/app`): `extra` first (the
-/// vendor's), then warden's.
+/// vendor's), then warden's. `GET /metrics` is among them only when `metrics` (no listener of
+/// its own).
 pub fn configure(
     cfg: &mut web::ServiceConfig,
     base_path: &str,
     extra: &dyn Fn(&mut web::ServiceConfig),
+    metrics: bool,
 ) {
+    let mut scope = web::scope(base_path).configure(extra);
+    if metrics {
+        scope = scope.route("/metrics", web::get().to(crate::monitoring::metrics));
+    }
     cfg.service(
-        web::scope(base_path)
-            .configure(extra)
+        scope
             .route(
                 "/atlassian-connect.json",
                 web::get().to(routes::descriptor::descriptor),
@@ -364,17 +466,37 @@ fn run(
 ) -> anyhow::Result<Server> {
     let base_path = state.settings.base_url.path().to_owned();
     let header_timeout = state.settings.header_timeout;
+    let public_metrics = state.settings.metrics_bind.is_none();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(crate::limits::body_deadline))
             .wrap(actix_web::middleware::from_fn(telemetry::request_id_scope))
             .wrap(TracingLogger::<RedactingRootSpan>::new())
             .app_data(state.clone())
-            .configure(|cfg| configure(cfg, &base_path, extra.as_ref()))
+            // Before the base-path scope, which would answer 404 for any path it lacks.
+            .configure(|cfg| {
+                routes::webhooks::configure(cfg, &base_path, state.settings.descriptor.webhooks())
+            })
+            .configure(|cfg| configure(cfg, &base_path, extra.as_ref(), public_metrics))
             .default_service(web::to(routes::not_found))
     })
     // Headers not complete in time: actix answers 408 and closes (docs/PROTOCOL.md §14).
     .client_request_timeout(header_timeout)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}
+
+/// `GET /metrics` alone, on `WARDEN_METRICS_BIND` (not under the base path); anything else
+/// answers `404`. One worker: a scrape every few seconds needs no more.
+fn run_metrics(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/metrics", web::get().to(crate::monitoring::metrics))
+            .default_service(web::to(routes::not_found))
+    })
+    .workers(1)
     .listen(listener)?
     .run();
     Ok(server)

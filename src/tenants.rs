@@ -45,6 +45,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use moka::future::Cache;
 
 use crate::invalidation::{Invalidation, Invalidations};
+use crate::monitoring::{self, Lookup};
 use crate::store::{Installation, SharedStore, StoreError};
 use connect_protocol::domain::ClientKey;
 
@@ -296,12 +297,15 @@ impl TenantCache {
     ) -> Result<Option<Arc<Installation>>, StoreError> {
         if self.is_subscribed() {
             if let Some(hit) = self.cache.get(client_key).await {
+                monitoring::tenant_cache(Lookup::Get, true);
                 return Ok(Some(hit.installation));
             }
             if self.unknown.get(client_key).await.is_some() {
+                monitoring::tenant_cache(Lookup::Get, true);
                 return Ok(None);
             }
         }
+        monitoring::tenant_cache(Lookup::Get, false);
         self.read(client_key).await
     }
 
@@ -319,11 +323,14 @@ impl TenantCache {
     ) -> Result<Option<Arc<Installation>>, StoreError> {
         if let Some(hit) = self.cache.get(client_key).await {
             if hit.read_at.elapsed() < self.fresh_for {
+                monitoring::tenant_cache(Lookup::Reload, true);
                 return Ok(Some(hit.installation));
             }
         } else if self.is_subscribed() && self.unknown.get(client_key).await.is_some() {
+            monitoring::tenant_cache(Lookup::Reload, true);
             return Ok(None);
         }
+        monitoring::tenant_cache(Lookup::Reload, false);
         self.read(client_key).await
     }
 

@@ -45,7 +45,22 @@ pub async fn disabled(
     handle(LifecycleEvent::Disabled, req, body, state).await
 }
 
+/// Handles the callback and counts its outcome (`warden_lifecycle_callbacks_total`).
 async fn handle(
+    event: LifecycleEvent,
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = apply(event, req, body, state).await;
+    crate::monitoring::lifecycle_callback(
+        event,
+        result.as_ref().map(|_| ()).map_err(ApiError::refusal),
+    );
+    result
+}
+
+async fn apply(
     event: LifecycleEvent,
     req: HttpRequest,
     body: web::Payload,
@@ -92,7 +107,7 @@ async fn handle(
 
 /// The whole body, refusing more than `limit` bytes (by `Content-Length` up front, and while
 /// reading for chunked bodies) with 413.
-async fn read_body(
+pub(crate) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,

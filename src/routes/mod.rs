@@ -5,6 +5,7 @@ pub mod descriptor;
 pub mod health;
 pub mod lifecycle;
 pub mod tenant;
+pub mod webhooks;
 
 use actix_web::HttpResponse;
 

@@ -713,6 +713,8 @@ impl RedisStore {
             self.release(conn);
             return Ok(written);
         }
+        // The script published the clientKey.
+        crate::monitoring::invalidation_sent();
         self.confirm_write(conn, &installation_key).await?;
         Ok(written)
     }
@@ -1298,11 +1300,10 @@ impl InstallationStore for RedisStore {
                 self.cluster_step(&mut conn, primaries, index, cursor)
                     .await?
             }
-            // `conn` hands out the shared connection of one Redis, never a pooled one.
-            (ScanPosition::Start, Conn::Shared(..) | Conn::Single(_)) => {
+            (ScanPosition::Start, Conn::Single(_) | Conn::Shared(..)) => {
                 self.single_step(&mut conn, 0).await?
             }
-            (ScanPosition::Redis(cursor), Conn::Shared(..) | Conn::Single(_)) => {
+            (ScanPosition::Redis(cursor), Conn::Single(_) | Conn::Shared(..)) => {
                 self.single_step(&mut conn, cursor).await?
             }
             (other, _) => {

@@ -194,6 +194,10 @@ pub enum DevtenantCommand {
         /// JSON request body.
         #[arg(long, value_name = "JSON")]
         data: Option<String>,
+        /// Send it as a webhook delivery with `X-Atlassian-Webhook-Identifier: ID` (method
+        /// POST); the same ID again is a retry of that delivery.
+        #[arg(long, value_name = "ID")]
+        webhook_id: Option<String>,
     },
     /// Make a new install-signing key current (the old kids stay served).
     RotateKey,
@@ -307,17 +311,22 @@ pub async fn run(cli: DevtenantCli) -> anyhow::Result<ExitCode> {
             previous_secret,
             iat_offset,
             data,
+            webhook_id,
         } => {
+            let signing = Signing {
+                user: &user,
+                previous_secret,
+                iat_offset,
+            };
             request(
                 &state,
                 &app,
                 &tenant,
                 &method,
                 &path,
-                &user,
-                previous_secret,
-                iat_offset,
+                signing,
                 data,
+                webhook_id.as_deref(),
             )
             .await
         }
@@ -745,17 +754,32 @@ async fn import(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How `devtenant request` signs: as which user, with which secret, issued when.
+struct Signing<'a> {
+    user: &'a str,
+    previous_secret: bool,
+    iat_offset: i64,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn request(
     state: &StateDir,
     app: &AppArgs,
     name: &str,
     method: &str,
     path: &str,
-    user: &str,
-    previous_secret: bool,
-    iat_offset: i64,
+    signing: Signing<'_>,
     data: Option<String>,
+    webhook_id: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
+    let Signing {
+        user,
+        previous_secret,
+        iat_offset,
+    } = signing;
+    if webhook_id.is_some() && !method.eq_ignore_ascii_case("POST") {
+        anyhow::bail!("a webhook delivery (--webhook-id) is a POST, not {method}");
+    }
     let tenant = state.tenant(name)?;
     let client = connect(app, Some(&tenant)).await?;
     println!("{}", describe_tenant(&tenant));
@@ -785,7 +809,10 @@ async fn request(
         user,
         jwt::now() + iat_offset,
     )?;
-    let exchange = client.product_request(method, &path, &token, data).await?;
+    let exchange = match webhook_id {
+        Some(id) => client.webhook(&path, &token, id, data).await,
+        None => client.product_request(method, &path, &token, data).await?,
+    };
     println!("{exchange}");
     Ok(exit_for(&exchange))
 }

@@ -45,6 +45,9 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
         .expect("a reqwest client without custom certificates builds")
 }
 
+/// The header Atlassian repeats on every attempt of one webhook delivery.
+pub const WEBHOOK_IDENTIFIER_HEADER: &str = "X-Atlassian-Webhook-Identifier";
+
 /// Where the app's descriptor is read and where requests go.
 #[derive(Debug, Clone, Default)]
 pub struct DescriptorOptions {
@@ -379,6 +382,32 @@ impl AppCaller {
             None => request,
         };
         Ok(Exchange::perform("POST", self.app.url_for(path), sent, request).await)
+    }
+
+    /// POSTs a webhook delivery to `path_and_query` as Atlassian does: `Authorization: JWT
+    /// <token>` and `X-Atlassian-Webhook-Identifier: <identifier>` (the same on every retry).
+    pub async fn webhook(
+        &self,
+        path_and_query: &str,
+        token: &str,
+        identifier: &str,
+        body: Option<String>,
+    ) -> Exchange {
+        let url = self.app.url_for(path_and_query);
+        let body = body.unwrap_or_else(|| "{}".to_owned());
+        let sent = vec![
+            describe_auth(Some(token)),
+            format!("{WEBHOOK_IDENTIFIER_HEADER}: {identifier}"),
+            format!("body: {}", shorten(&body, 200)),
+        ];
+        let request = self
+            .http
+            .post(&url)
+            .header("authorization", format!("JWT {token}"))
+            .header(WEBHOOK_IDENTIFIER_HEADER, identifier)
+            .header("content-type", "application/json")
+            .body(body);
+        Exchange::perform("POST", url, sent, request).await
     }
 
     /// Sends a product request `method path_and_query` with `Authorization: JWT <token>`.

@@ -16,6 +16,7 @@ use connect_protocol::jwt::{self, Claims};
 use connect_warden::configuration::Settings;
 use connect_warden::startup::{AppState, Application};
 use connect_warden::store::Installation;
+use connect_warden::webhooks::{Webhook, WebhookHandlers};
 use devtenant::{FakeHost, KeyRing, KeyServer, SigningKey, TenantRecord};
 use serde_json::json;
 
@@ -69,6 +70,8 @@ pub struct Options {
     redis_prefix: Option<String>,
     /// An install-key server shared with other instances instead of a fresh one.
     keys: Option<Arc<KeyServer>>,
+    /// Webhook handlers (in-process only).
+    webhooks: WebhookHandlers,
 }
 
 impl Options {
@@ -80,7 +83,18 @@ impl Options {
             redis_url: None,
             redis_prefix: None,
             keys: None,
+            webhooks: WebhookHandlers::default(),
         }
+    }
+
+    /// Runs `handler` for the descriptor's webhook `event`.
+    pub fn on_webhook<F, Fut>(mut self, event: &str, handler: F) -> Self
+    where
+        F: Fn(Webhook) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.webhooks.on(event, handler);
+        self
     }
 
     pub fn set(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -218,9 +232,9 @@ impl TestApp {
         let routes = options
             .routes
             .unwrap_or_else(|| Arc::new(|_: &mut web::ServiceConfig| {}));
-        let app = Application::build_with_routes(settings, move |cfg| routes(cfg))
-            .await
-            .expect("application builds");
+        let mut builder = Application::builder(settings).routes(move |cfg| routes(cfg));
+        builder = builder.with_handlers(std::mem::take(&mut options.webhooks));
+        let app = builder.build().await.expect("application builds");
         let port = app.port();
         let state = app.state();
         tokio::spawn(app.run_until_stopped());
@@ -243,8 +257,8 @@ impl TestApp {
     /// returns once it answers `GET /readyz` with 200.
     pub async fn spawn_process(name: &str, mut options: Options) -> TestApp {
         assert!(
-            options.routes.is_none(),
-            "vendor routes need an in-process app"
+            options.routes.is_none() && options.webhooks.is_empty(),
+            "vendor routes and webhook handlers need an in-process app"
         );
         let port = free_port();
         let prepared = prepare(&mut options, format!("127.0.0.1:{port}")).await;
@@ -461,6 +475,46 @@ impl TestApp {
             self.name,
             response.text().await.unwrap()
         );
+    }
+
+    // -- Webhooks --------------------------------------------------------------------------
+
+    /// The token a site sends with `POST <path_and_query>` (a webhook): HS256 with `secret`,
+    /// `qsh` of exactly that request.
+    pub fn webhook_token(&self, client_key: &str, secret: &str, path_and_query: &str) -> String {
+        tokens::webhook_token(&self.base_path, client_key, secret, path_and_query)
+    }
+
+    /// POSTs a webhook delivery to `path_and_query` as `site` (signed with its secret), with
+    /// `X-Atlassian-Webhook-Identifier: identifier` when given.
+    pub async fn webhook(
+        &self,
+        site: &Site,
+        path_and_query: &str,
+        identifier: Option<&str>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let token = self.webhook_token(&site.client_key, &site.secret, path_and_query);
+        self.post_webhook(path_and_query, Some(&token), identifier, body)
+            .await
+    }
+
+    /// POSTs a webhook delivery with `token` (if any) and `identifier` (if any).
+    pub async fn post_webhook(
+        &self,
+        path_and_query: &str,
+        token: Option<&str>,
+        identifier: Option<&str>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let mut request = self.client.post(self.url(path_and_query)).json(body);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("JWT {token}"));
+        }
+        if let Some(identifier) = identifier {
+            request = request.header("x-atlassian-webhook-identifier", identifier);
+        }
+        request.send().await.expect("request reaches the app")
     }
 
     // -- Product routes --------------------------------------------------------------------

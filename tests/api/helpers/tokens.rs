@@ -78,3 +78,26 @@ pub fn product_token(
     );
     jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
 }
+
+/// A site's token for a webhook delivery to `path_and_query`: HS256 with `secret`, `qsh` of the
+/// `POST`, no user.
+pub fn webhook_token(
+    base_path: &str,
+    client_key: &str,
+    secret: &str,
+    path_and_query: &str,
+) -> String {
+    static LIFETIME: AtomicI64 = AtomicI64::new(0);
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let request = CanonicalRequest::new("POST", &format!("{base_path}{path}"), query, base_path);
+    let now = jwt::now();
+    let claims = claims::tenant_claims(
+        client_key,
+        &request,
+        now,
+        now + distinct_lifetime(&LIFETIME),
+    );
+    jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
+}
