@@ -387,6 +387,7 @@ impl InstallationStore for InstrumentedStore {
     async fn list_client_keys(&self) -> Result<Vec<ClientKey>, StoreError> {
         timed("list_client_keys", self.inner.list_client_keys()).await
     }
+
     async fn ping(&self) -> Result<(), StoreError> {
         timed("ping", self.inner.ping()).await
     }
