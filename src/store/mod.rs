@@ -439,24 +439,14 @@ pub trait InstallationStore: Send + Sync + 'static {
         &self,
         installation: &InstallationId,
         token: &ForgeAppToken,
-    ) -> Result<bool, StoreError> {
-        let _ = (installation, token);
-        Err(StoreError::Unavailable(
-            "this store does not keep Forge app tokens".into(),
-        ))
-    }
+    ) -> Result<bool, StoreError>;
 
     /// The Forge app token kept for `installation`, expired or not (Redis drops it at its
     /// expiry by itself).
     async fn forge_token(
         &self,
         installation: &InstallationId,
-    ) -> Result<Option<ForgeAppToken>, StoreError> {
-        let _ = installation;
-        Err(StoreError::Unavailable(
-            "this store does not keep Forge app tokens".into(),
-        ))
-    }
+    ) -> Result<Option<ForgeAppToken>, StoreError>;
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
@@ -588,6 +578,19 @@ pub(crate) mod testing {
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             self.inner.install_keys().await
+        }
+        async fn keep_forge_token(
+            &self,
+            i: &InstallationId,
+            t: &ForgeAppToken,
+        ) -> Result<bool, StoreError> {
+            self.inner.keep_forge_token(i, t).await
+        }
+        async fn forge_token(
+            &self,
+            i: &InstallationId,
+        ) -> Result<Option<ForgeAppToken>, StoreError> {
+            self.inner.forge_token(i).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
