@@ -106,3 +106,84 @@ impl TokenKeeper {
         Ok(written)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use connect_protocol::domain::BaseUrl;
+    use secrecy::ExposeSecret as _;
+
+    fn jwt_with_exp(exp: i64) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2lnbmF0dXJl")
+    }
+
+    fn fit(installation: &str) -> VerifiedFit {
+        VerifiedFit {
+            installation_id: InstallationId::parse(installation).unwrap(),
+            api_base_url: BaseUrl::parse("https://api.atlassian.com/ex/jira/c1").unwrap(),
+            cloud_id: None,
+            site_url: None,
+            account_id: None,
+            module_key: None,
+            module_type: None,
+            environment_type: None,
+            environment_id: None,
+            app_version: None,
+            license: None,
+            jti: "j".into(),
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_expiry_is_the_jwt_exp_capped_else_the_least_lifetime_promised() {
+        let now = 1_000_000;
+        assert_eq!(expiry_hint(&jwt_with_exp(now + 600), now), now + 600);
+        assert_eq!(
+            expiry_hint(&jwt_with_exp(now + 86_400), now),
+            now + MAX_LIFETIME
+        );
+        assert_eq!(expiry_hint("opaque-token", now), now + ASSUMED_LIFETIME);
+        assert_eq!(expiry_hint("a.%%%.b", now), now + ASSUMED_LIFETIME);
+    }
+
+    #[tokio::test]
+    async fn a_token_already_kept_is_not_written_again() {
+        let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let empty = EmbeddedStore::open(other_dir.path()).unwrap();
+        let fit = fit("2f9a6c1e-6d0b-4d8e-9a51-3e4c8b7f0a12");
+        let keeper = TokenKeeper::default();
+        let now = connect_protocol::jwt::now();
+        let token = || SecretString::from(jwt_with_exp(now + 3600));
+        assert!(keeper.keep(&store, &fit, token(), now).await.unwrap());
+        // Known to this process: no write is even tried (the other store stays empty).
+        assert!(!keeper.keep(&empty, &fit, token(), now).await.unwrap());
+        assert!(empty
+            .forge_token(&fit.installation_id)
+            .await
+            .unwrap()
+            .is_none());
+        let older = SecretString::from(jwt_with_exp(now + 60));
+        assert!(!keeper.keep(&empty, &fit, older, now).await.unwrap());
+        assert!(empty
+            .forge_token(&fit.installation_id)
+            .await
+            .unwrap()
+            .is_none());
+        // A newer one is written.
+        let newer = jwt_with_exp(now + 7200);
+        let written = keeper.keep(&store, &fit, SecretString::from(newer.clone()), now);
+        assert!(written.await.unwrap());
+        let kept = store
+            .forge_token(&fit.installation_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kept.token.expose_secret(), newer);
+        // Its Debug shows no token.
+        assert!(!format!("{kept:?}").contains(&newer));
+    }
+}
