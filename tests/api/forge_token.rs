@@ -423,3 +423,56 @@ async fn redis_dump(prefix: &str) -> String {
     }
     dump
 }
+
+/// docs/PERFORMANCE.md: Forge calls repeating the token kept cost the store no write. Counted
+/// by a private `redis-server` (`INFO commandstats`; the script's `HMGET`/`HSET` are counted
+/// too, so each is one run of the keeping script).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_calls_with_the_same_token_writes_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = redis_server::RedisNode::start(crate::helpers::free_port(), dir.path(), &[]);
+    let cluster = crate::helpers::app::Cluster::on(&node.url).await;
+    let forge = JwksServer::start("127.0.0.1:0", JwksService::new([shared_signing_key()]))
+        .await
+        .unwrap();
+    let app = TestApp::spawn(
+        Options::new(Backend::Redis)
+            .shared(&cluster)
+            .set("WARDEN_FORGE_APP_ID", APP_UUID)
+            .set("WARDEN_FORGE_JWKS_URL", forge.jwks_url())
+            .routes(|cfg| {
+                cfg.route("/api/whoami", web::get().to(whoami));
+            }),
+    )
+    .await;
+    let (fit, installation) = fit_for(&forge);
+    let token = forge.service().api.issue_system_token(jwt::now() + 3600);
+    assert_eq!(node.cli(&["config", "resetstat"]).trim(), "OK");
+    for _ in 0..20 {
+        assert_eq!(call(&app, &fit, &[(SYSTEM, &token)]).await.0, 200);
+        assert_eq!(call(&app, &fit, &[]).await.0, 200);
+    }
+    let runs = |command: &str| -> u64 {
+        node.cli(&["info", "commandstats"])
+            .lines()
+            .find_map(|line| {
+                let stats = line.trim().strip_prefix(&format!("cmdstat_{command}:"))?;
+                stats
+                    .split(',')
+                    .find_map(|s| s.strip_prefix("calls="))?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(runs("hmget"), 1, "the keeping script ran more than once");
+    assert_eq!(runs("hset"), 1);
+    assert_eq!(
+        kept(&app, &installation)
+            .await
+            .unwrap()
+            .token
+            .expose_secret(),
+        token
+    );
+}
