@@ -23,8 +23,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::error::Refusal;
 use crate::startup::AppState;
 use crate::store::{
-    Commit, CommitOutcome, Installation, InstallationStore, SeenToken, SharedStore, StoreError,
-    Usability,
+    Commit, CommitOutcome, Installation, InstallationPage, InstallationStore, ScanCursor,
+    SeenToken, SharedStore, SiteCommitOutcome, SiteEntry, StoreError, Usability,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
 use connect_protocol::lifecycle::LifecycleEvent;
@@ -328,6 +328,29 @@ impl InstallationStore for InstrumentedStore {
     }
     async fn commit(&self, commit: Commit<'_>) -> Result<CommitOutcome, StoreError> {
         timed("commit", self.inner.commit(commit)).await
+    }
+    // The next three have defaults in steps; forwarding keeps the inner store's one-round-trip
+    // (and, for `commit_on_site` on one Redis, atomic) versions.
+    async fn commit_on_site(
+        &self,
+        commit: Commit<'_>,
+        site: SiteEntry<'_>,
+    ) -> Result<SiteCommitOutcome, StoreError> {
+        timed("commit_on_site", self.inner.commit_on_site(commit, site)).await
+    }
+    async fn load_with_token(
+        &self,
+        client_key: &ClientKey,
+        token_digest: Option<&[u8; 32]>,
+    ) -> Result<(Option<Installation>, Option<[u8; 32]>), StoreError> {
+        timed(
+            "load_with_token",
+            self.inner.load_with_token(client_key, token_digest),
+        )
+        .await
+    }
+    async fn scan_installations(&self, cursor: ScanCursor) -> Result<InstallationPage, StoreError> {
+        timed("scan_installations", self.inner.scan_installations(cursor)).await
     }
     async fn reconfirm(&self, client_key: &ClientKey, token: &SeenToken) -> Result<(), StoreError> {
         timed("reconfirm", self.inner.reconfirm(client_key, token)).await
