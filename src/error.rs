@@ -100,9 +100,17 @@ impl From<ProductAuthError> for ApiError {
 }
 
 /// Handlers answer `502` when a call to the host fails.
+/// ... except when the app has no usable Forge app token yet: `503` until Forge sends one.
 impl From<HostClientError> for ApiError {
     fn from(e: HostClientError) -> Self {
-        ApiError::Upstream(error_chain(&e))
+        match e {
+            HostClientError::NoForgeAppToken { .. }
+            | HostClientError::ForgeAppTokenExpired { .. }
+            | HostClientError::ForgeAppTokenUnreadable { .. } => {
+                ApiError::Unavailable(e.to_string())
+            }
+            e => ApiError::Upstream(error_chain(&e)),
+        }
     }
 }
 

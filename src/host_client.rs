@@ -62,9 +62,10 @@ use tokio::sync::Semaphore;
 
 use crate::error::error_chain;
 use crate::monitoring::HostCall;
-use crate::store::{Installation, Usability};
+use crate::store::{Installation, InstallationStore, Usability};
 use connect_protocol::claims::{self, JWT_BEARER_GRANT};
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
+use connect_protocol::forge::InstallationId;
 use connect_protocol::jwt;
 use connect_protocol::qsh::CanonicalRequest;
 
@@ -166,6 +167,29 @@ pub enum HostClientError {
     BadTokenResponse {
         client_key: ClientKey,
         reason: &'static str,
+    },
+    /// No Forge app token was ever kept for the installation (docs/PROTOCOL.md §12).
+    #[error(
+        "no Forge app token is kept for installation {installation}: Forge sends one \
+         (x-forge-oauth-system, when the manifest asks for appSystemToken) with its calls; the \
+         app can call as itself once such a call arrived"
+    )]
+    NoForgeAppToken { installation: InstallationId },
+    /// The token kept is past its expiry: no request is made with it.
+    #[error(
+        "the Forge app token kept for installation {installation} expired at {expired_at} (Unix \
+         time) and Forge sent no newer one since; the next Forge call (e.g. a scheduled \
+         trigger) brings one"
+    )]
+    ForgeAppTokenExpired {
+        installation: InstallationId,
+        expired_at: i64,
+    },
+    /// The store could not say which token is kept.
+    #[error("the Forge app token of installation {installation} cannot be read: {reason}")]
+    ForgeAppTokenUnreadable {
+        installation: InstallationId,
+        reason: String,
     },
 }
 
@@ -566,6 +590,41 @@ impl HostClient {
         }
     }
 
+    /// Requests as the Forge app to the `apiBaseUrl` of Forge installation `installation`
+    /// (paths such as `/rest/api/3/myself`), with the system token kept from Forge's calls
+    /// (`Authorization: Bearer`, docs/PROTOCOL.md §12). Refused, without a request, when no
+    /// token is kept or it expired.
+    pub async fn as_forge_app(
+        &self,
+        store: &dyn InstallationStore,
+        installation: &InstallationId,
+    ) -> Result<HostRequests, HostClientError> {
+        let installation = *installation;
+        let kept = store.forge_token(&installation).await.map_err(|e| {
+            HostClientError::ForgeAppTokenUnreadable {
+                installation,
+                reason: error_chain(&e),
+            }
+        })?;
+        let token = kept.ok_or(HostClientError::NoForgeAppToken { installation })?;
+        if token.expires_at <= jwt::now() {
+            return Err(HostClientError::ForgeAppTokenExpired {
+                installation,
+                expired_at: token.expires_at,
+            });
+        }
+        // Calls to one installation share one per-site cap, under a key no clientKey has.
+        let site = ClientKey::parse(&format!("forge-installation:{}", installation.uuid()))
+            .expect("a UUID with this prefix is a valid clientKey");
+        Ok(HostRequests {
+            http: self.http.clone(),
+            base_url: token.api_base_url,
+            client_key: site,
+            polite: self.polite.clone(),
+            auth: Auth::ForgeApp(token.token),
+        })
+    }
+
     /// Requests to `installation`'s site as the user `account_id` (`Authorization: Bearer`).
     pub async fn as_user_requests(
         &self,
@@ -867,6 +926,8 @@ enum Auth {
         secret: SharedSecret,
     },
     Bearer(AccessToken),
+    /// The Forge app's system token.
+    ForgeApp(SecretString),
     /// Nothing may be sent with this identity (a superseded installation).
     Refused(HostClientError),
 }
@@ -888,6 +949,7 @@ impl fmt::Debug for HostRequests {
         let identity = match &self.auth {
             Auth::App { app_key, .. } => format!("app {app_key}"),
             Auth::Bearer(_) => "user (bearer token)".into(),
+            Auth::ForgeApp(_) => "Forge app (system token)".into(),
             Auth::Refused(_) => "nobody (refused)".into(),
         };
         f.debug_struct("HostRequests")
@@ -1194,6 +1256,10 @@ fn sign(
             )
         }
         Auth::Bearer(token) => (
+            format!("Bearer {}", token.expose_secret()),
+            vec![token.expose_secret().to_owned()],
+        ),
+        Auth::ForgeApp(token) => (
             format!("Bearer {}", token.expose_secret()),
             vec![token.expose_secret().to_owned()],
         ),

@@ -404,6 +404,23 @@ impl InstallationStore for InstrumentedStore {
     async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
         timed("install_keys", self.inner.install_keys()).await
     }
+    async fn keep_forge_token(
+        &self,
+        installation: &connect_protocol::forge::InstallationId,
+        token: &crate::store::forge_token::ForgeAppToken,
+    ) -> Result<bool, StoreError> {
+        timed(
+            "keep_forge_token",
+            self.inner.keep_forge_token(installation, token),
+        )
+        .await
+    }
+    async fn forge_token(
+        &self,
+        installation: &connect_protocol::forge::InstallationId,
+    ) -> Result<Option<crate::store::forge_token::ForgeAppToken>, StoreError> {
+        timed("forge_token", self.inner.forge_token(installation)).await
+    }
 }
 
 /// The installations gauge, counted from the store on scrape and reused for [`CENSUS_EVERY`]:

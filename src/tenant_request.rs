@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use secrecy::SecretString;
 
 use crate::error::ApiError;
 use crate::forge;
@@ -60,6 +61,8 @@ pub struct TenantView {
     pub environment_id: Option<String>,
     pub license: Option<serde_json::Value>,
     pub app_version: Option<String>,
+    /// Forge's `x-forge-oauth-user` (a Forge call): the user's token, for this request only.
+    pub user_token: Option<SecretString>,
 }
 
 /// An authenticated tenant request: the common view, and what the way it came adds.
@@ -90,7 +93,9 @@ impl FromRequest for TenantRequest {
                 .app_data::<web::Data<AppState>>()
                 .expect("AppState is registered by startup::build_app");
             let installation = linked_installation(state, &fit).await?;
-            Ok(from_forge(fit, installation))
+            let mut request = from_forge(fit, installation);
+            request.view.user_token = forge::user_token(&req);
+            Ok(request)
         })
     }
 }
@@ -114,6 +119,7 @@ fn from_connect(request: ProductRequest) -> TenantRequest {
         environment_id: None,
         license: None,
         app_version: None,
+        user_token: None,
     };
     TenantRequest {
         view,
@@ -138,6 +144,7 @@ fn from_forge(fit: VerifiedFit, installation: Option<Arc<Installation>>) -> Tena
         environment_id: fit.environment_id.clone(),
         license: fit.license.clone(),
         app_version: fit.app_version.clone(),
+        user_token: None,
     };
     TenantRequest {
         view,

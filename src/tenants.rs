@@ -539,6 +539,19 @@ mod tests {
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             Ok(Vec::new())
         }
+        async fn keep_forge_token(
+            &self,
+            _: &connect_protocol::forge::InstallationId,
+            _: &crate::store::forge_token::ForgeAppToken,
+        ) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn forge_token(
+            &self,
+            _: &connect_protocol::forge::InstallationId,
+        ) -> Result<Option<crate::store::forge_token::ForgeAppToken>, StoreError> {
+            Ok(None)
+        }
     }
 
     /// Starts a reload that reads version 1, lets `meanwhile` run while the read is in

@@ -9,13 +9,18 @@
 //! JWKS; the signature; `iss`, `aud` (the app ARI), `exp`/`nbf`/`iat` with 30 s leeway, `jti`;
 //! `app.installationId` and `app.apiBaseUrl`. Each failure has its own `401` message; only a
 //! JWKS that cannot answer for an unknown kid is `503`.
+//!
+//! Once a FIT verified, the OAuth tokens sent with it are taken ([`app_token`]): the app's
+//! system token kept per installation, the user's handed to the handler only.
 
+pub mod app_token;
 pub mod jwks;
 
 use std::future::Future;
 use std::pin::Pin;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use secrecy::SecretString;
 
 use crate::configuration::ForgeSettings;
 use crate::error::ApiError;
@@ -42,6 +47,8 @@ pub enum ForgeAuthError {
 pub struct ForgeRemote {
     pub app: AppAri,
     pub keys: ForgeJwks,
+    /// The system tokens sent with verified FITs.
+    pub tokens: app_token::TokenKeeper,
 }
 
 impl ForgeRemote {
@@ -49,6 +56,7 @@ impl ForgeRemote {
         Self {
             app: settings.app.clone(),
             keys: ForgeJwks::new(settings.jwks_url.clone(), fetch_timeout),
+            tokens: app_token::TokenKeeper::default(),
         }
     }
 
@@ -67,10 +75,12 @@ impl ForgeRemote {
     }
 }
 
-/// A call from Forge, its FIT verified. Every field comes from the token.
+/// A call from Forge, its FIT verified. Every field but `user_token` comes from the token.
 #[derive(Debug, Clone)]
 pub struct ForgeRequest {
     pub fit: VerifiedFit,
+    /// `x-forge-oauth-user`: the user's token, for this request only (never kept).
+    pub user_token: Option<SecretString>,
 }
 
 impl FromRequest for ForgeRequest {
@@ -81,7 +91,10 @@ impl FromRequest for ForgeRequest {
         let req = req.clone();
         Box::pin(async move {
             let fit = authenticate(&req).await?;
-            Ok(ForgeRequest { fit })
+            Ok(ForgeRequest {
+                fit,
+                user_token: user_token(&req),
+            })
         })
     }
 }
@@ -97,7 +110,28 @@ pub async fn authenticate(req: &HttpRequest) -> Result<VerifiedFit, ForgeAuthErr
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| bearer_token(v.as_bytes()))
         .unwrap_or(Err(FitError::MissingBearer))?;
-    forge.verify(raw, connect_protocol::jwt::now()).await
+    let now = connect_protocol::jwt::now();
+    let fit = forge.verify(raw, now).await?;
+    if let Some(token) = app_token::header_token(req, app_token::SYSTEM_TOKEN_HEADER) {
+        // The call is served without it: a token not kept now comes again with the next call.
+        if let Err(e) = forge
+            .tokens
+            .keep(state.store.as_ref(), &fit, token, now)
+            .await
+        {
+            tracing::warn!(
+                installation = %fit.installation_id,
+                error = %e,
+                "the Forge app token sent with this call could not be kept"
+            );
+        }
+    }
+    Ok(fit)
+}
+
+/// `x-forge-oauth-user` of `req`: use it only once its FIT verified, for that request only.
+pub fn user_token(req: &HttpRequest) -> Option<SecretString> {
+    app_token::header_token(req, app_token::USER_TOKEN_HEADER)
 }
 
 /// Whether `req` carries `Authorization: Bearer ...` (a FIT) rather than a Connect token.

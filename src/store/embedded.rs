@@ -9,6 +9,8 @@
 //!   clientKey are pruned by its commits, and never reported by [`InstallationStore::seen_token`].
 //! - `site_installs`: (baseUrl, clientKey) -> the order in which the clientKey was first
 //!   indexed on that site (from the `meta` counter `site_seq`).
+//! - `forge_tokens`: installationId -> the Forge app token's stored form
+//!   (`super::forge_token`); an expired one stays until a newer one replaces it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::forge_token::{self, ForgeAppToken};
 use super::record;
 use super::sealing::Sealer;
 use super::{
@@ -23,6 +26,7 @@ use super::{
     Listed, ScanCursor, ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
+use connect_protocol::forge::InstallationId;
 
 pub const FILE_NAME: &str = "warden.redb";
 
@@ -39,6 +43,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INSTALL_KEYS: TableDefinition<&str, &str> = TableDefinition::new("install_keys");
 /// (Forge identity's index name, clientKey): docs/PROTOCOL.md §12
 const FORGE_IDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("forge_ids");
+/// Forge app tokens: installationId -> stored form (`super::forge_token`). Created by its first
+/// write.
+const FORGE_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("forge_tokens");
 const SITE_SEQ: &str = "site_seq";
 /// Records per page of [`InstallationStore::scan_installations`].
 const PAGE_SIZE: usize = 1000;
@@ -547,6 +554,58 @@ impl InstallationStore for EmbeddedStore {
                 keys.push((url.value().to_owned(), pem.value().to_owned()));
             }
             Ok(keys)
+        })
+        .await
+    }
+
+    async fn keep_forge_token(
+        &self,
+        installation: &InstallationId,
+        token: &ForgeAppToken,
+    ) -> Result<bool, StoreError> {
+        let key = installation.to_string();
+        let stored = forge_token::encode(installation, token, &self.sealer);
+        let (expires_at, digest) = (token.expires_at, hex::encode(token.digest()));
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            {
+                let mut table = txn.open_table(FORGE_TOKENS).map_err(io)?;
+                let kept = table.get(key.as_str()).map_err(io)?.map(|v| {
+                    serde_json::from_str::<serde_json::Value>(v.value()).unwrap_or_default()
+                });
+                let newer_or_same = kept.is_some_and(|kept| {
+                    kept["exp"].as_i64().is_some_and(|exp| exp >= expires_at)
+                        || kept["digest"].as_str() == Some(digest.as_str())
+                });
+                if newer_or_same {
+                    return Ok(false);
+                }
+                table.insert(key.as_str(), stored.as_str()).map_err(io)?;
+            }
+            txn.commit().map_err(io)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn forge_token(
+        &self,
+        installation: &InstallationId,
+    ) -> Result<Option<ForgeAppToken>, StoreError> {
+        let installation = *installation;
+        let sealer = self.sealer.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(io)?;
+            let table = match txn.open_table(FORGE_TOKENS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(io(e)),
+            };
+            let key = installation.to_string();
+            match table.get(key.as_str()).map_err(io)? {
+                Some(raw) => forge_token::decode(&installation, raw.value(), &sealer).map(Some),
+                None => Ok(None),
+            }
         })
         .await
     }

@@ -8,6 +8,7 @@
 //! the one stored form of [`record`], whose secrets [`sealing`] seals.
 
 pub mod embedded;
+pub mod forge_token;
 mod record;
 pub mod redis;
 pub mod sealing;
@@ -19,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use connect_protocol::domain::{BaseUrl, ClientKey, SharedSecret};
 use connect_protocol::forge::InstallationId;
+
+use forge_token::ForgeAppToken;
 
 use crate::secrets::SecretVersion;
 use sealing::AtRest;
@@ -485,6 +488,22 @@ pub trait InstallationStore: Send + Sync + 'static {
 
     /// Every remembered install key as `(url, entry)`.
     async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Keeps `token` as the Forge app (system) token of `installation`, unless the token kept
+    /// is the same one or expires as late or later: compare-and-set on the expiry, so an older
+    /// token never replaces a newer one (docs/PROTOCOL.md §12). Returns whether it was written.
+    async fn keep_forge_token(
+        &self,
+        installation: &InstallationId,
+        token: &ForgeAppToken,
+    ) -> Result<bool, StoreError>;
+
+    /// The Forge app token kept for `installation`, expired or not (Redis drops it at its
+    /// expiry by itself).
+    async fn forge_token(
+        &self,
+        installation: &InstallationId,
+    ) -> Result<Option<ForgeAppToken>, StoreError>;
 }
 
 pub type SharedStore = Arc<dyn InstallationStore>;
@@ -648,6 +667,19 @@ pub(crate) mod testing {
         }
         async fn install_keys(&self) -> Result<Vec<(String, String)>, StoreError> {
             self.inner.install_keys().await
+        }
+        async fn keep_forge_token(
+            &self,
+            i: &InstallationId,
+            t: &ForgeAppToken,
+        ) -> Result<bool, StoreError> {
+            self.inner.keep_forge_token(i, t).await
+        }
+        async fn forge_token(
+            &self,
+            i: &InstallationId,
+        ) -> Result<Option<ForgeAppToken>, StoreError> {
+            self.inner.forge_token(i).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await

@@ -13,6 +13,10 @@
 //!   token's `exp` (`EXAT`).
 //! - `P:site:{<baseUrl>}`: a sorted SET of the clientKeys installed on that site, scored by
 //!   when each was first indexed (milliseconds), so every instance sees the same order.
+//! - `P:forge-token:{<installationId>}`: a HASH (`exp`, `digest`, `value`: the stored form of
+//!   `super::forge_token`) of the Forge app token of one installation, expiring at its `exp`;
+//!   written by [`FORGE_TOKEN_SCRIPT`], never waited on for replicas (a lost token is sent
+//!   again by Forge's next call).
 //! - `P:invalidate`: the channel on which every commit publishes the clientKey it wrote, so that
 //!   other instances drop what they cached.
 //!
@@ -39,6 +43,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
+use super::forge_token::{self, ForgeAppToken};
 use super::record;
 use super::sealing::Sealer;
 use super::{
@@ -46,6 +51,7 @@ use super::{
     Listed, ScanCursor, ScanPosition, SeenToken, SiteCommitOutcome, SiteEntry, StoreError,
 };
 use connect_protocol::domain::{BaseUrl, ClientKey};
+use connect_protocol::forge::InstallationId;
 
 /// How long to wait for a connection from the pool, for a new connection, or for an answer.
 /// An outage must turn into a quick `503`, not a hanging request.
@@ -56,6 +62,22 @@ const SCAN_COUNT: usize = 500;
 const LISTING_SCAN_COUNT: usize = 1000;
 /// How many `load`s of one listing page a cluster connection carries at once.
 const CLUSTER_LISTING_LOADS: usize = 128;
+
+/// Keeps a Forge app token unless the one kept is the same or expires as late or later
+/// (compare-and-set on `exp`, atomic); the key expires with the token.
+/// KEYS[1] the token hash; ARGV[1] exp (Unix seconds), ARGV[2] hex digest, ARGV[3] stored form.
+/// Returns 1 when written, 0 when the kept token stays.
+const FORGE_TOKEN_SCRIPT: &str = r#"
+local kept = redis.call('HMGET', KEYS[1], 'exp', 'digest')
+if kept[1] and (tonumber(kept[1]) >= tonumber(ARGV[1]) or kept[2] == ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'exp', ARGV[1], 'digest', ARGV[2], 'value', ARGV[3])
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 1
+"#;
+static FORGE_TOKEN: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(FORGE_TOKEN_SCRIPT));
 
 /// The compare-and-set write: one script, so the check, the writes and the notification are
 /// atomic. It may also index the installation on its site first (one Redis, not a Cluster:
@@ -509,6 +531,10 @@ impl RedisStore {
             client_key.as_str(),
             hex::encode(token_digest)
         )
+    }
+
+    fn forge_token_key(&self, installation: &InstallationId) -> String {
+        format!("{}:forge-token:{{{}}}", self.prefix, installation.uuid())
     }
 
     fn site_key(&self, base_url: &BaseUrl) -> String {
@@ -1360,6 +1386,39 @@ impl InstallationStore for RedisStore {
             .await
             .map_err(|e| self.redis_error(e))?;
         Ok(keys.into_iter().collect())
+    }
+
+    async fn keep_forge_token(
+        &self,
+        installation: &InstallationId,
+        token: &ForgeAppToken,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let written: i64 = FORGE_TOKEN
+            .key(self.forge_token_key(installation))
+            .arg(token.expires_at)
+            .arg(hex::encode(token.digest()))
+            .arg(forge_token::encode(installation, token, &self.sealer))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        Ok(written == 1)
+    }
+
+    async fn forge_token(
+        &self,
+        installation: &InstallationId,
+    ) -> Result<Option<ForgeAppToken>, StoreError> {
+        let mut conn = self.conn().await?;
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(self.forge_token_key(installation))
+            .arg("value")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))?;
+        stored
+            .map(|raw| forge_token::decode(installation, &raw, &self.sealer))
+            .transpose()
     }
 }
 

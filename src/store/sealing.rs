@@ -193,23 +193,7 @@ impl Sealer {
     }
 
     fn seal(&self, client_key: &ClientKey, secret: &SharedSecret) -> Option<String> {
-        let key = self.ring.0.first()?;
-        let cipher = XChaCha20Poly1305::new(key.key.expose_secret().into());
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ciphertext = cipher
-            .encrypt(
-                &XNonce::from(nonce),
-                Payload {
-                    msg: secret.expose().as_bytes(),
-                    aad: client_key.as_str().as_bytes(),
-                },
-            )
-            .expect("XChaCha20-Poly1305 seals any secret of at most 512 bytes");
-        let mut body = Vec::with_capacity(NONCE_LEN + ciphertext.len());
-        body.extend_from_slice(&nonce);
-        body.extend_from_slice(&ciphertext);
-        Some(format!("{FORMAT}:{}:{}", key.id, STANDARD.encode(body)))
+        self.seal_bytes(client_key.as_str().as_bytes(), secret.expose().as_bytes())
     }
 
     fn open(
@@ -217,6 +201,35 @@ impl Sealer {
         client_key: &ClientKey,
         sealed: &str,
     ) -> Result<(SharedSecret, SealingKeyId), SealError> {
+        let (plaintext, id) = self.open_bytes(client_key.as_str().as_bytes(), sealed)?;
+        let rejected = || SealError::Rejected { id: id.0.clone() };
+        let text = String::from_utf8(plaintext).map_err(|_| rejected())?;
+        let secret = SharedSecret::parse(&text).map_err(|_| rejected())?;
+        Ok((secret, id))
+    }
+
+    /// `msg` sealed under the newest key, bound to `aad` (it opens only with the same `aad`);
+    /// `None` without a key.
+    pub(crate) fn seal_bytes(&self, aad: &[u8], msg: &[u8]) -> Option<String> {
+        let key = self.ring.0.first()?;
+        let cipher = XChaCha20Poly1305::new(key.key.expose_secret().into());
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ciphertext = cipher
+            .encrypt(&XNonce::from(nonce), Payload { msg, aad })
+            .expect("XChaCha20-Poly1305 seals any message shorter than 256 GiB");
+        let mut body = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        body.extend_from_slice(&nonce);
+        body.extend_from_slice(&ciphertext);
+        Some(format!("{FORMAT}:{}:{}", key.id, STANDARD.encode(body)))
+    }
+
+    /// What [`seal_bytes`](Self::seal_bytes) sealed with the same `aad`, and the key it used.
+    pub(crate) fn open_bytes(
+        &self,
+        aad: &[u8],
+        sealed: &str,
+    ) -> Result<(Vec<u8>, SealingKeyId), SealError> {
         let mut parts = sealed.splitn(3, ':');
         let (Some(FORMAT), Some(id), Some(encoded)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -240,21 +253,18 @@ impl Sealer {
         let (nonce, ciphertext) = body.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| SealError::Malformed)?;
         let cipher = XChaCha20Poly1305::new(key.key.expose_secret().into());
-        let rejected = || SealError::Rejected {
-            id: key.id.0.clone(),
-        };
         let plaintext = cipher
             .decrypt(
                 &XNonce::from(nonce),
                 Payload {
                     msg: ciphertext,
-                    aad: client_key.as_str().as_bytes(),
+                    aad,
                 },
             )
-            .map_err(|_| rejected())?;
-        let text = String::from_utf8(plaintext).map_err(|_| rejected())?;
-        let secret = SharedSecret::parse(&text).map_err(|_| rejected())?;
-        Ok((secret, key.id.clone()))
+            .map_err(|_| SealError::Rejected {
+                id: key.id.0.clone(),
+            })?;
+        Ok((plaintext, key.id.clone()))
     }
 
     /// The stored form of a secret history, oldest first: each entry sealed under the newest

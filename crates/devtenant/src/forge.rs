@@ -5,6 +5,11 @@
 //! [`JwksService`] is the shared state (keys published, added, rotated, revoked; a failure mode;
 //! a request counter) and [`configure`] mounts it into any actix `App` or scope;
 //! [`JwksServer`] runs it alone on its own loopback address.
+//!
+//! Beside the JWKS, the same service plays the product API behind a FIT's `app.apiBaseUrl`
+//! ([`ForgeApi`], under [`FORGE_API_PATH`]): it issues the app's system tokens (what Forge
+//! sends as `x-forge-oauth-system`) and answers `GET .../rest/api/3/myself` only with one of
+//! them, unexpired.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -29,6 +34,67 @@ use connect_protocol::jwt::Audience;
 
 /// Where the JWKS is served, relative to the mount point (as on Forge's CDN).
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Where the product API is served: `apiBaseUrl`s are `<server>/forge-api/ex/<product>/<cloudId>`.
+pub const FORGE_API_PATH: &str = "/forge-api";
+
+/// The product API behind `apiBaseUrl`: the system tokens it issued, and the calls it got.
+#[derive(Debug, Default)]
+pub struct ForgeApi {
+    /// token -> expiry (Unix seconds).
+    issued: Mutex<std::collections::HashMap<String, i64>>,
+    calls: AtomicU64,
+    accepted: AtomicU64,
+}
+
+impl ForgeApi {
+    /// A new system token valid until `exp`, shaped as a JWT whose payload carries `exp`
+    /// (as Atlassian's are); only this API accepts it.
+    pub fn issue_system_token(&self, exp: i64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD
+            .encode(json!({ "exp": exp, "jti": uuid::Uuid::new_v4().to_string() }).to_string());
+        let signature = URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        let token = format!("{header}.{payload}.{signature}");
+        lock(&self.issued).insert(token.clone(), exp);
+        token
+    }
+
+    /// A new system token that is not a JWT (its lifetime cannot be read), valid until `exp`.
+    pub fn issue_opaque_system_token(&self, exp: i64) -> String {
+        let token = format!("opaque-{}", uuid::Uuid::new_v4().simple());
+        lock(&self.issued).insert(token.clone(), exp);
+        token
+    }
+
+    /// Requests received, whatever the answer.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered `200` (they carried an unexpired token issued here).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn myself(&self, authorization: Option<&str>, cloud_id: &str) -> HttpResponse {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = connect_protocol::jwt::now();
+        let valid = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|token| lock(&self.issued).get(token).copied())
+            .is_some_and(|exp| exp > now);
+        if !valid {
+            return HttpResponse::Unauthorized()
+                .json(json!({ "message": "a valid system token is required" }));
+        }
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        HttpResponse::Ok().json(json!({
+            "accountId": "forge-app-system-user",
+            "accountType": "app",
+            "cloudId": cloud_id,
+        }))
+    }
+}
 
 /// The public half of `key` as a JWK (`kty` RSA, `n`, `e`, `kid`, `alg` RS256, `use` sig).
 pub fn jwk(key: &SigningKey) -> serde_json::Value {
@@ -52,6 +118,8 @@ pub struct JwksService {
     failing: AtomicBool,
     delay_ms: AtomicU64,
     fetches: AtomicU64,
+    /// The product API behind `apiBaseUrl`.
+    pub api: ForgeApi,
 }
 
 impl JwksService {
@@ -127,12 +195,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Mounts `GET /.well-known/jwks.json` relative to where it is configured.
+/// Mounts `GET /.well-known/jwks.json` and the product API ([`FORGE_API_PATH`]) relative to
+/// where it is configured.
 pub fn configure(service: web::Data<JwksService>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(service)
-            .route(JWKS_PATH, web::get().to(get_jwks));
+            .route(JWKS_PATH, web::get().to(get_jwks))
+            .route(
+                &format!("{FORGE_API_PATH}/ex/{{product}}/{{cloud_id}}/rest/api/3/myself"),
+                web::get().to(get_myself),
+            );
     }
+}
+
+async fn get_myself(
+    service: web::Data<JwksService>,
+    path: web::Path<(String, String)>,
+    req: actix_web::HttpRequest,
+) -> HttpResponse {
+    let authorization = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    service.api.myself(authorization, &path.1)
 }
 
 async fn get_jwks(service: web::Data<JwksService>) -> HttpResponse {
@@ -172,6 +257,14 @@ impl JwksServer {
 
     pub fn service(&self) -> &JwksService {
         &self.service
+    }
+
+    /// An `apiBaseUrl` served by this server's [`ForgeApi`].
+    pub fn api_base_url(&self, product: &str, cloud_id: &str) -> String {
+        format!(
+            "{}{FORGE_API_PATH}/ex/{product}/{cloud_id}",
+            self.server.url()
+        )
     }
 
     /// Stops the server and waits until it has stopped.
@@ -294,6 +387,12 @@ impl FitSigner {
     /// `app.installationId` as given (an ARI or a bare UUID).
     pub fn installation_id(mut self, id: &str) -> Self {
         self.app().installation_id = Some(id.into());
+        self
+    }
+
+    /// `app.apiBaseUrl`.
+    pub fn api_base_url(mut self, url: &str) -> Self {
+        self.app().api_base_url = Some(url.into());
         self
     }
 
