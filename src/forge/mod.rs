@@ -10,6 +10,7 @@
 //! `app.installationId` and `app.apiBaseUrl`. Each failure has its own `401` message; only a
 //! JWKS that cannot answer for an unknown kid is `503`.
 
+pub mod events;
 pub mod jwks;
 
 use std::future::Future;
@@ -42,6 +43,8 @@ pub enum ForgeAuthError {
 pub struct ForgeRemote {
     pub app: AppAri,
     pub keys: ForgeJwks,
+    /// Lifecycle events this instance applied recently (`POST /forge/events`).
+    pub seen_events: events::SeenEvents,
 }
 
 impl ForgeRemote {
@@ -49,6 +52,7 @@ impl ForgeRemote {
         Self {
             app: settings.app.clone(),
             keys: ForgeJwks::new(settings.jwks_url.clone(), fetch_timeout),
+            seen_events: events::SeenEvents::default(),
         }
     }
 
