@@ -12,6 +12,7 @@
 
 pub mod events;
 pub mod jwks;
+pub mod manifest;
 
 use std::future::Future;
 use std::pin::Pin;
