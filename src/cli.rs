@@ -45,6 +45,23 @@ pub enum Command {
     /// Install the app on a development site (or remove it) through the site's plugin manager.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Moving to Forge: what Forge's manifest needs to call this service.
+    #[command(subcommand)]
+    Forge(ForgeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ForgeCommand {
+    /// Print the Forge manifest fragment (YAML) that points Forge at this service, to merge
+    /// into manifest.yml.
+    ///
+    /// From the settings the descriptor is rendered from: a remote `warden` whose baseUrl is
+    /// WARDEN_BASE_URL, asking Forge for the app system token (x-forge-oauth-system);
+    /// app.connect.key = WARDEN_APP_KEY with that remote; app.id = WARDEN_FORGE_APP_ID (a
+    /// comment when unset); and a trigger sending avi:forge:installed:app and
+    /// avi:forge:upgraded:app to POST /forge/events through the endpoint
+    /// `warden-forge-events`. Reads no store and writes nothing.
+    Manifest,
 }
 
 const TENANTS_ABOUT: &str = "The installations in the store, for operators: list them, show one, count them. \
@@ -193,6 +210,10 @@ pub async fn main() -> anyhow::Result<()> {
             other => other,
         },
         Command::Dev(command) => dev(command).await,
+        Command::Forge(ForgeCommand::Manifest) => {
+            print!("{}", crate::forge::manifest::render(&Settings::load()?));
+            Ok(())
+        }
         Command::Jwt(JwtCommand::Canonical {
             method,
             url,

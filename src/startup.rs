@@ -452,6 +452,7 @@ pub fn configure(
             )
             .route("/enabled", web::post().to(routes::lifecycle::enabled))
             .route("/disabled", web::post().to(routes::lifecycle::disabled))
+            .route("/forge/events", web::post().to(routes::forge::events))
             .route("/api/tenant", web::get().to(routes::tenant::tenant))
             .route("/api/context", web::get().to(routes::tenant::context))
             .route("/healthz", web::get().to(routes::health::healthz))

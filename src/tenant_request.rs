@@ -157,7 +157,7 @@ fn from_forge(fit: VerifiedFit, installation: Option<Arc<Installation>>) -> Tena
 /// The active Connect installation of the tenant a FIT names: the one holding its
 /// `installationId` (several: see below), else the only one with its
 /// `cloudId` and product.
-async fn linked_installation(
+pub(crate) async fn linked_installation(
     state: &AppState,
     fit: &VerifiedFit,
 ) -> Result<Option<Arc<Installation>>, StoreError> {

@@ -14,7 +14,9 @@
 //! system token kept per installation, the user's handed to the handler only.
 
 pub mod app_token;
+pub mod events;
 pub mod jwks;
+pub mod manifest;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,6 +51,8 @@ pub struct ForgeRemote {
     pub keys: ForgeJwks,
     /// The system tokens sent with verified FITs.
     pub tokens: app_token::TokenKeeper,
+    /// Lifecycle events this instance applied recently (`POST /forge/events`).
+    pub seen_events: events::SeenEvents,
 }
 
 impl ForgeRemote {
@@ -57,6 +61,7 @@ impl ForgeRemote {
             app: settings.app.clone(),
             keys: ForgeJwks::new(settings.jwks_url.clone(), fetch_timeout),
             tokens: app_token::TokenKeeper::default(),
+            seen_events: events::SeenEvents::default(),
         }
     }
 

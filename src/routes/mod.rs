@@ -2,6 +2,7 @@
 //! the rule (lifecycle policy, product-request guard, store).
 
 pub mod descriptor;
+pub mod forge;
 pub mod health;
 pub mod lifecycle;
 pub mod tenant;

@@ -167,6 +167,9 @@ pub struct Installation {
     /// record: only [`record`] writes them, sealed.
     #[serde(skip)]
     pub secrets: Vec<SecretVersion>,
+    /// What Forge's lifecycle events said of this installation (docs/PROTOCOL.md §12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<ForgeBinding>,
     /// Bumped by every write; the compare-and-set token.
     pub version: u64,
     /// How the secrets were found in the store (set by a load).
@@ -215,6 +218,7 @@ impl Installation {
                 since: now,
                 signed,
             }],
+            forge: None,
             version: 0,
             at_rest: AtRest::Unread,
         }
@@ -237,6 +241,25 @@ impl Installation {
     pub fn is_active(&self) -> bool {
         self.usability() == Usability::Active
     }
+}
+
+/// The Forge installation bound to a Connect installation by Forge's lifecycle events
+/// (`POST /forge/events`, docs/PROTOCOL.md §12).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgeBinding {
+    /// The bound installation (ARI form); the record's `installation_id` follows it.
+    pub installation_id: String,
+    /// The app version of the latest `installed`/`upgraded` event's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_version: Option<String>,
+    /// When Forge's `preUninstall` trigger arrived for the bound installation (Unix seconds);
+    /// recorded only: requests are still served (see docs/PROTOCOL.md §12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninstalling_since: Option<i64>,
+    /// installationIds this record was bound to before (newest last, at most 10): an event
+    /// naming one never binds it again, so a late retry cannot undo a reinstall.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<String>,
 }
 
 /// A Forge identity a Connect installation carries (from its `installed` body), under which

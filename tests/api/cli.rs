@@ -95,3 +95,95 @@ fn a_bad_setting_stops_start_up_naming_the_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WARDEN_INSTALL_AUTH"), "{stderr}");
 }
+
+/// `warden forge manifest` prints the manifest fragment from the service's settings: the
+/// remote at WARDEN_BASE_URL with the app system token, the Connect key, and the lifecycle
+/// trigger to `/forge/events`.
+#[test]
+fn forge_manifest_points_forge_at_this_service() {
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["forge", "manifest"])
+        .env_remove("WARDEN_CONFIG")
+        .env("WARDEN_BASE_URL", "https://warden.acme.example/app")
+        .env("WARDEN_APP_KEY", "com.acme.warden")
+        .env(
+            "WARDEN_FORGE_APP_ID",
+            "7d3c2b1a-0f9e-4d8c-9b7a-6f5e4d3c2b1a",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let after = |line: &str, next: &[&str]| {
+        let at = lines
+            .iter()
+            .position(|l| *l == line)
+            .unwrap_or_else(|| panic!("no line {line:?} in\n{text}"));
+        assert_eq!(
+            &lines[at + 1..at + 1 + next.len()],
+            next,
+            "after {line:?} in\n{text}"
+        );
+    };
+    after(
+        "app:",
+        &[
+            "  id: \"ari:cloud:ecosystem::app/7d3c2b1a-0f9e-4d8c-9b7a-6f5e4d3c2b1a\"",
+            "  connect:",
+            "    key: \"com.acme.warden\"",
+            "    remote: warden",
+        ],
+    );
+    after(
+        "remotes:",
+        &[
+            "  - key: warden",
+            "    baseUrl: \"https://warden.acme.example/app\"",
+            "    operations:",
+            "      - compute",
+            "    auth:",
+            "      appSystemToken:",
+            "        enabled: true",
+        ],
+    );
+    after(
+        "endpoint:",
+        &[
+            "  - key: warden-forge-events",
+            "    remote: warden",
+            "    route:",
+            "      path: /forge/events",
+        ],
+    );
+    after(
+        "modules:",
+        &[
+            "  trigger:",
+            "    - key: warden-forge-events",
+            "      endpoint: warden-forge-events",
+            "      events:",
+            "        - avi:forge:installed:app",
+            "        - avi:forge:upgraded:app",
+        ],
+    );
+    // Indentation is spaces only, in steps of two: YAML.
+    for line in &lines {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        assert!(!line.contains('\t') && indent % 2 == 0, "{line:?}");
+    }
+
+    let help = stdout(&warden(&["forge", "manifest", "--help"]));
+    for word in [
+        "WARDEN_BASE_URL",
+        "WARDEN_APP_KEY",
+        "/forge/events",
+        "app system token",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+}

@@ -10,6 +10,7 @@ mod descriptor;
 mod dev_register;
 mod devtenant;
 mod forge;
+mod forge_events;
 mod forge_token;
 mod host_client;
 mod install_keys;

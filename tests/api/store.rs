@@ -120,6 +120,12 @@ fn installation(client_key: &str) -> Installation {
                 ..secret("third-secret-ü", 1_700_000_002)
             },
         ],
+        forge: Some(connect_warden::store::ForgeBinding {
+            installation_id: "ari:cloud:ecosystem::installation/abc".into(),
+            app_version: Some("2.1.0".into()),
+            uninstalling_since: Some(1_700_000_005),
+            retired: vec!["ari:cloud:ecosystem::installation/old".into()],
+        }),
         version: 42,
         at_rest: Default::default(),
     }

@@ -22,7 +22,7 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rsa::pkcs8::DecodePublicKey as _;
 use rsa::traits::PublicKeyParts as _;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::keys::SigningKey;
 use super::local_server::{loopback_addrs, LocalServer};
@@ -487,6 +487,60 @@ impl std::fmt::Debug for FitSigner {
             .field("claims", &self.claims)
             .finish_non_exhaustive()
     }
+}
+
+/// A Forge lifecycle event as Forge sends it to a remote's `/forge/events` endpoint: the
+/// event's name (`avi:forge:installed:app`, `avi:forge:upgraded:app` or `preUninstall`), the
+/// installation (`id`) and the app; send it with a FIT of the same installation.
+pub fn lifecycle_event(event_type: &str, installation_id: &str, app_version: &str) -> Value {
+    json!({
+        "eventType": event_type,
+        "id": installation_id,
+        "app": { "version": app_version },
+        "environment": { "id": uuid::Uuid::new_v4().to_string() },
+    })
+}
+
+/// `event` as Atlassian re-sends it after a failed delivery: with `retryContext`.
+pub fn as_retry(mut event: Value, retry_count: u32, retry_reason: &str) -> Value {
+    event["retryContext"] = json!({ "retryCount": retry_count, "retryReason": retry_reason });
+    event
+}
+
+/// Sends `event` to `url` (a remote's `/forge/events`) with a fresh FIT from `fit`, the way
+/// Forge delivers events: `POST`, and on a non-2xx answer (3xx included) or a failure, again
+/// after `interval` with `retryContext`, at most 4 more times (Forge waits 60 s). The answers,
+/// in order.
+pub async fn deliver_event(
+    client: &reqwest::Client,
+    url: &str,
+    fit: &FitSigner,
+    event: &Value,
+    interval: std::time::Duration,
+) -> Vec<Result<reqwest::StatusCode, String>> {
+    let mut answers = Vec::new();
+    for attempt in 0..=4u32 {
+        let body = match attempt {
+            0 => event.clone(),
+            n => as_retry(event.clone(), n, "NON_SUCCESS_RESPONSE"),
+        };
+        let answer = client
+            .post(url)
+            .bearer_auth(fit.sign())
+            .json(&body)
+            .timeout(std::time::Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| r.status())
+            .map_err(|e| e.to_string());
+        let delivered = matches!(&answer, Ok(status) if status.is_success());
+        answers.push(answer);
+        if delivered {
+            break;
+        }
+        tokio::time::sleep(interval).await;
+    }
+    answers
 }
 
 #[cfg(test)]

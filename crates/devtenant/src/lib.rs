@@ -22,7 +22,7 @@ pub mod server;
 pub mod state;
 pub mod upm;
 
-pub use forge::{FitSigner, JwksServer, JwksService};
+pub use forge::{as_retry, deliver_event, lifecycle_event, FitSigner, JwksServer, JwksService};
 pub use host::{FakeHost, HostRoute, HostService, TenantRecord};
 pub use key_server::{KeyServer, KeyService};
 pub use keys::{sign_rs256, sign_rs256_with_kid, KeyError, KeyRing, SigningKey};
