@@ -215,6 +215,18 @@ impl std::fmt::Debug for InstallKeys {
     }
 }
 
+/// The HTTP client of key fetches (install keys, Forge's JWKS): bounded in time, and never
+/// following a redirect, which could lead a fetch off the configured server.
+pub(crate) fn key_fetch_client(fetch_timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(fetch_timeout)
+        .connect_timeout(fetch_timeout.min(MAX_CONNECT_TIMEOUT))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("connect-warden/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a reqwest client with rustls and no custom certificates always builds")
+}
+
 impl InstallKeys {
     /// `keys_urls` (`WARDEN_KEYS_URL`), tried in order, replace the key servers for every
     /// host; when empty, the production or staging servers are chosen per host.
@@ -230,13 +242,7 @@ impl InstallKeys {
         fetch_timeout: Duration,
         budget: FetchBudget,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(fetch_timeout)
-            .connect_timeout(fetch_timeout.min(MAX_CONNECT_TIMEOUT))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("connect-warden/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with rustls and no custom certificates always builds");
+        let client = key_fetch_client(fetch_timeout);
         Self {
             keys_urls,
             client,

@@ -44,8 +44,6 @@ pub const JWKS_FETCH_BUDGET: FetchBudget = FetchBudget {
 };
 /// Most unknown kids remembered.
 const MAX_UNKNOWN_KIDS: u64 = 10_000;
-/// Upper bound of the TCP/TLS connect phase.
-const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why no key could be found for a kid.
 #[derive(Debug, thiserror::Error)]
@@ -115,13 +113,7 @@ impl ForgeJwks {
 
     /// Like [`new`](Self::new), with another bound on fetches.
     pub fn with_fetch_budget(url: BaseUrl, fetch_timeout: Duration, budget: FetchBudget) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(fetch_timeout)
-            .connect_timeout(fetch_timeout.min(MAX_CONNECT_TIMEOUT))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("connect-warden/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with rustls and no custom certificates always builds");
+        let client = crate::install_keys::key_fetch_client(fetch_timeout);
         Self {
             url,
             client,
