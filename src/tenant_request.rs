@@ -163,6 +163,14 @@ pub(crate) async fn linked_installation(
 ) -> Result<Option<Arc<Installation>>, StoreError> {
     let by_installation = ForgeIdentity::Installation(fit.installation_id);
     let mut same_installation = candidates(state, &by_installation).await?;
+    // An installation on another site than the token's is not this tenant, whatever id it
+    // claims.
+    same_installation.retain(|installation| {
+        match (fit.cloud_id.as_deref(), installation.cloud_id.as_deref()) {
+            (Some(token), Some(stored)) => token.trim() == stored.trim(),
+            _ => true,
+        }
+    });
     // Normally one. Otherwise one Atlassian's signature proved beats one it never did (an
     // unsigned legacy install could name any installationId), then the newest binding wins.
     same_installation
@@ -195,9 +203,23 @@ async fn candidates(
         let Some(installation) = state.tenants.get(&client_key).await? else {
             continue;
         };
-        if installation.usability() == Usability::Active && identity.names(&installation) {
+        if installation.usability() == Usability::Active
+            && identity.names(&installation)
+            && vouched_for(&installation)
+        {
             found.push(installation);
         }
     }
     Ok(found)
+}
+
+/// Whether the ids an installation carries can be trusted to link it (docs/PROTOCOL.md §12):
+/// the body that set them is covered by no signature, so only an install Atlassian signed last
+/// (not an unsigned legacy install or an HS256 reinstall naming someone else's ids), and one
+/// its site did not leave unconfirmed.
+fn vouched_for(installation: &Installation) -> bool {
+    installation.signed_install
+        && !installation
+            .site_proof
+            .is_some_and(crate::store::SiteProof::is_unproven)
 }

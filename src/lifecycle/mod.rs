@@ -25,6 +25,8 @@ use crate::store::{InstallState, Installation, SeenToken, SiteProof, StoreError}
 
 /// How long after the end of its validity an accepted lifecycle token is still remembered.
 const REPLAY_MEMORY_MARGIN_SECONDS: i64 = 60;
+/// The latest time a token is remembered until (9999-12-31T23:59:59Z).
+const REPLAY_MEMORY_LATEST: i64 = 253_402_300_799;
 
 /// Why a lifecycle callback was refused. The service maps each kind to its HTTP status in
 /// `error.rs`; nothing was stored.
@@ -186,10 +188,12 @@ pub async fn authenticate(
             body_digest: payload.body_digest,
             // Remembered well past the last second `check_times` accepts the token, so the
             // memory can never lapse while the token still passes (clock skew included).
-            // `exp` is the sender's number, up to `i64::MAX`.
+            // `exp` is the sender's number, up to `i64::MAX`: capped where every store can
+            // still keep it (Redis refuses a later `EXAT`), which is forever in practice.
             expires_at: exp
                 .saturating_add(jwt::LEEWAY_SECONDS)
-                .saturating_add(REPLAY_MEMORY_MARGIN_SECONDS),
+                .saturating_add(REPLAY_MEMORY_MARGIN_SECONDS)
+                .min(REPLAY_MEMORY_LATEST),
         }),
     })
 }

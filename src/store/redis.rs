@@ -119,15 +119,16 @@ if ARGV[7] == '0' or ARGV[7] == '1' then
     return 2
   end
 end
+-- The only write Redis may refuse comes first: a script is not rolled back.
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
+end
 if current ~= '0' then
   redis.call('DEL', KEYS[1], KEYS[2])
 end
 redis.call('HSET', KEYS[1], 'version', ARGV[4], 'record', ARGV[9])
 for i = 5, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[3])
-end
-if ARGV[5] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[5], 'EXAT', ARGV[6])
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1

@@ -262,10 +262,18 @@ async fn a_fit_shows_the_client_key_of_the_same_connect_installation() {
     };
     let by_installation = fit()
         .installation_id(&installation.to_string())
-        .site(&uuid::Uuid::new_v4().to_string(), "jira");
+        .site(&cloud_id, "jira");
     assert_eq!(
         client_key_for(by_installation).await,
         site.client_key.as_str()
+    );
+    // The same installationId from another site is not this tenant.
+    let from_another_site = fit()
+        .installation_id(&installation.to_string())
+        .site(&uuid::Uuid::new_v4().to_string(), "jira");
+    assert_eq!(
+        client_key_for(from_another_site).await,
+        serde_json::Value::Null
     );
     let by_cloud = fit().site(&cloud_id, "jira");
     assert_eq!(client_key_for(by_cloud).await, site.client_key.as_str());
@@ -736,4 +744,68 @@ async fn an_unsigned_claim_of_an_installation_id_never_takes_the_link() {
             genuine.client_key.as_str()
         );
     }
+}
+
+/// Legacy mode: an attacker whose own site Atlassian installed sends an HS256 reinstall, with
+/// their own secret, whose body names the victim's installationId. The claim is covered by no
+/// signature of Atlassian's, so the victim's FITs stay linked to the victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hs256_reinstall_naming_another_installation_never_takes_its_link() {
+    let (_jwks, app) = forge_app_on(Backend::Embedded, &[("WARDEN_INSTALL_AUTH", "legacy")]).await;
+    let victim = Site::new();
+    let installation = new_id();
+    install_on_forge(&app, &victim, "jira", &installation, &new_id()).await;
+    // Newer than the victim's install, as the attacker's would be.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let attacker = Site::new();
+    install_on_forge(&app, &attacker, "jira", &new_id(), &new_id()).await;
+    let mut body = attacker.body("installed");
+    body["installationId"] = format!("ari:cloud:ecosystem::installation/{installation}").into();
+    let token = app.tenant_lifecycle_token(&attacker.client_key, &attacker.secret, "/installed");
+    let response = app.post_lifecycle("/installed", Some(&token), &body).await;
+    assert_eq!(
+        response.status(),
+        204,
+        "legacy mode takes the HS256 reinstall"
+    );
+    assert_eq!(
+        linked_client_key(&app, &fit_of_installation(&installation)).await,
+        victim.client_key.as_str()
+    );
+}
+
+/// Legacy mode: unsigned installs naming ids are never linked, neither alone nor beside the
+/// genuine installation they would make ambiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_claims_are_never_linked_nor_hide_a_signed_link() {
+    let (_jwks, app) = forge_app_on(Backend::Embedded, &[("WARDEN_INSTALL_AUTH", "legacy")]).await;
+    let installation = new_id();
+    let squatter = Site::new();
+    let mut body = squatter.body("installed");
+    body["installationId"] = installation.as_str().into();
+    assert_eq!(
+        app.post_lifecycle("/installed", None, &body).await.status(),
+        204
+    );
+    assert_eq!(
+        linked_client_key(&app, &fit_of_installation(&installation)).await,
+        serde_json::Value::Null,
+        "an unsigned claim alone is not linked"
+    );
+
+    let victim = Site::new();
+    let cloud = new_id();
+    install_on_forge(&app, &victim, "jira", &new_id(), &cloud).await;
+    let squatter = Site::new();
+    let mut body = squatter.body("installed");
+    body["cloudId"] = cloud.as_str().into();
+    assert_eq!(
+        app.post_lifecycle("/installed", None, &body).await.status(),
+        204
+    );
+    assert_eq!(
+        linked_client_key(&app, &fit_of_site(&cloud, "jira")).await,
+        victim.client_key.as_str(),
+        "an unsigned claim of the same cloudId does not hide the genuine link"
+    );
 }

@@ -225,3 +225,32 @@ both_stores!(
     unsigned_install_from_a_foreign_host_is_refused,
     a_squatted_secret_is_worthless_after_the_signed_install,
 );
+
+/// A tenant-signed event whose `exp` is as late as a number allows is applied whole on Redis:
+/// its replay memory is kept too (a script is not rolled back, so a refused write of it after
+/// the record's would store the change yet answer an error and announce nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_token_with_the_latest_exp_is_applied_whole_on_redis() {
+    use connect_protocol::{claims, domain::SharedSecret, jwt, qsh::CanonicalRequest};
+    let app = spawn_app_with(Options::new(Backend::Redis).legacy()).await;
+    let site = Site::new();
+    app.installed(&site).await;
+    let request = CanonicalRequest::new("POST", "/disabled", "", "");
+    let claims = claims::tenant_claims(&site.client_key, &request, jwt::now(), i64::MAX);
+    let token = jwt::sign_hs256(&claims, &SharedSecret::parse(&site.secret).unwrap());
+    let response = app
+        .post_lifecycle("/disabled", Some(&token), &site.body("disabled"))
+        .await;
+    assert_eq!(response.status(), 204);
+    let after = app.stored(&site.client_key).await.unwrap();
+    assert!(!after.enabled);
+    // Remembered: the same token again is a retry, which writes nothing.
+    let again = app
+        .post_lifecycle("/disabled", Some(&token), &site.body("disabled"))
+        .await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(
+        app.stored(&site.client_key).await.unwrap().version,
+        after.version
+    );
+}
