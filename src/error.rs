@@ -154,7 +154,9 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Webhook(WebhookError::QueueFull { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Webhook(
+                WebhookError::QueueFull { .. } | WebhookError::TenantShareFull { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -342,7 +344,9 @@ impl ApiError {
             ApiError::Forge(ForgeAuthError::Off) => Refusal::ForgeOff,
             ApiError::Forge(ForgeAuthError::Token(_)) => Refusal::ForgeToken,
             ApiError::Forge(ForgeAuthError::KeysUnavailable(_)) => Refusal::ForgeKeysUnavailable,
-            ApiError::Webhook(WebhookError::QueueFull { .. }) => Refusal::WebhookQueueFull,
+            ApiError::Webhook(
+                WebhookError::QueueFull { .. } | WebhookError::TenantShareFull { .. },
+            ) => Refusal::WebhookQueueFull,
         }
     }
 }
@@ -400,7 +404,12 @@ impl ResponseError for ApiError {
             body["requestId"] = request_id.into();
         }
         let mut response = HttpResponse::build(status);
-        if matches!(self, ApiError::Webhook(WebhookError::QueueFull { .. })) {
+        if matches!(
+            self,
+            ApiError::Webhook(
+                WebhookError::QueueFull { .. } | WebhookError::TenantShareFull { .. }
+            )
+        ) {
             response.insert_header((
                 actix_web::http::header::RETRY_AFTER,
                 RETRY_AFTER_SECONDS.to_string(),

@@ -136,11 +136,56 @@ pub enum Delivery {
 pub enum WebhookError {
     #[error("the webhook queue is full ({capacity} deliveries waiting); retry later")]
     QueueFull { capacity: usize },
+    /// This tenant's deliveries already fill its share of the queue: one busy site never
+    /// takes the queue from the others.
+    #[error(
+        "this site's webhook deliveries fill its share of the queue ({share} waiting); retry later"
+    )]
+    TenantShareFull { share: usize },
 }
 
 struct Job {
     handler: Handler,
     webhook: Webhook,
+    /// Released when a worker takes the job: the tenant's place in the queue.
+    _place: QueuePlace,
+}
+
+/// Deliveries waiting in the queue, per tenant.
+type Waiting = Arc<std::sync::Mutex<HashMap<ClientKey, usize>>>;
+
+/// One waiting delivery of a tenant, counted until dropped.
+struct QueuePlace {
+    waiting: Waiting,
+    client_key: ClientKey,
+}
+
+impl QueuePlace {
+    /// A place for `client_key`, unless it already has `share` deliveries waiting.
+    fn take(waiting: &Waiting, client_key: &ClientKey, share: usize) -> Option<Self> {
+        let mut counts = waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(client_key.clone()).or_insert(0);
+        if *count >= share {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            waiting: waiting.clone(),
+            client_key: client_key.clone(),
+        })
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut counts = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.client_key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.client_key);
+            }
+        }
+    }
 }
 
 /// The queue, its workers and the memory of identifiers seen.
@@ -148,6 +193,10 @@ pub struct WebhookQueue {
     handlers: HashMap<String, Handler>,
     sender: mpsc::Sender<Job>,
     capacity: usize,
+    /// The most deliveries of one tenant that may wait at once: an eighth of the queue (a
+    /// queue of fewer than 16 is shared first come, first served).
+    share: usize,
+    waiting: Waiting,
     /// (clientKey, identifier) of deliveries accepted within the window: one tenant's
     /// identifier never hides another tenant's delivery.
     seen: moka::sync::Cache<(ClientKey, String), ()>,
@@ -168,6 +217,11 @@ impl WebhookQueue {
             handlers: handlers.by_event,
             sender,
             capacity: settings.queue_size,
+            share: match settings.queue_size / 8 {
+                0 | 1 => usize::MAX,
+                eighth => eighth,
+            },
+            waiting: Waiting::default(),
             seen: moka::sync::Cache::builder()
                 .max_capacity(DEDUPE_CAPACITY)
                 .time_to_live(settings.dedupe_window)
@@ -197,16 +251,25 @@ impl WebhookQueue {
                 return Ok(Delivery::Duplicate);
             }
         }
-        match self.sender.try_send(Job { handler, webhook }) {
-            Ok(()) => Ok(Delivery::Accepted),
-            Err(_) => {
-                if let Some(key) = &key {
-                    self.seen.invalidate(key);
-                }
-                Err(WebhookError::QueueFull {
-                    capacity: self.capacity,
-                })
+        let refused = |error| {
+            if let Some(key) = &key {
+                self.seen.invalidate(key);
             }
+            Err(error)
+        };
+        let Some(place) = QueuePlace::take(&self.waiting, &webhook.tenant.client_key, self.share)
+        else {
+            return refused(WebhookError::TenantShareFull { share: self.share });
+        };
+        match self.sender.try_send(Job {
+            handler,
+            webhook,
+            _place: place,
+        }) {
+            Ok(()) => Ok(Delivery::Accepted),
+            Err(_) => refused(WebhookError::QueueFull {
+                capacity: self.capacity,
+            }),
         }
     }
 }
@@ -216,9 +279,16 @@ impl WebhookQueue {
 async fn work(receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let next = receiver.lock().await.recv().await;
-        let Some(Job { handler, webhook }) = next else {
+        let Some(Job {
+            handler,
+            webhook,
+            _place: place,
+        }) = next
+        else {
             return;
         };
+        // Taken out of the queue: no longer counted against its tenant's share.
+        drop(place);
         let event = webhook.event.clone();
         let client_key = webhook.tenant.client_key.clone();
         match tokio::spawn(handler(webhook)).await {

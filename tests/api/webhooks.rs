@@ -342,3 +342,44 @@ async fn webhooks_are_served_under_the_base_path() {
     let handled = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
     assert_eq!(handled.unwrap().unwrap(), site.client_key);
 }
+
+/// One site's burst fills its own share of the queue (an eighth), never the queue of the
+/// others: a quiet tenant's delivery is still accepted while the busy one is told to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_site_never_takes_the_queue_from_the_others() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (app, mut seen, _dir) = app_with_webhooks(16, gate.clone()).await;
+    let (busy, quiet) = (Site::new(), Site::new());
+    app.installed(&busy).await;
+    app.installed(&quiet).await;
+    let deliver = |site: &Site, id: String| {
+        let app = &app;
+        let site = site.clone();
+        async move {
+            app.webhook(&site, "/webhooks/updated", Some(&id), &json!({"n": id}))
+                .await
+        }
+    };
+    // The worker holds the first; its share of 16 / 8 = 2 then waits in the queue.
+    assert_eq!(deliver(&busy, "b0".into()).await.status(), 204);
+    assert_eq!(next(&mut seen).await.body["n"], "b0");
+    for n in 1..=2 {
+        assert_eq!(deliver(&busy, format!("b{n}")).await.status(), 204);
+    }
+    let refused = deliver(&busy, "b3".into()).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert!(error_of(refused).await.contains("share of the queue"));
+    // The queue has room for the others.
+    assert_eq!(deliver(&quiet, "q0".into()).await.status(), 204);
+    gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    let mut handled = Vec::new();
+    for _ in 0..3 {
+        handled.push(next(&mut seen).await.body["n"].as_str().unwrap().to_owned());
+    }
+    handled.sort();
+    assert_eq!(handled, ["b1", "b2", "q0"]);
+    // Room again once the busy site's deliveries were taken: its retry is processed.
+    assert_eq!(deliver(&busy, "b3".into()).await.status(), 204);
+    assert_eq!(next(&mut seen).await.body["n"], "b3");
+}
