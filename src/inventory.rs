@@ -146,7 +146,7 @@ pub async fn list(
                 "{}\t{}\t{state}\t{}\t{}\t{}",
                 installation.client_key,
                 installation.base_url,
-                installation.product_type,
+                printable(&installation.product_type),
                 rfc3339(installation.installed_at),
                 rfc3339(installation.updated_at),
             )?;
@@ -282,9 +282,31 @@ pub fn show_json(installation: &Installation) -> serde_json::Value {
     })
 }
 
+/// A value a site sent, for an operator's terminal: control characters (a tab or newline that
+/// would forge a row or a field, a terminal escape) are shown escaped, the rest as it is.
+fn printable(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.chars().any(char::is_control) {
+        return value.into();
+    }
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// One installation as `warden tenants show` prints it.
 pub fn show_text(installation: &Installation, out: &mut dyn Write) -> io::Result<()> {
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let opt = |v: &Option<String>| {
+        v.as_deref()
+            .map_or_else(|| "-".to_owned(), |v| printable(v).into_owned())
+    };
     let state = match installation.usability() {
         Usability::Superseded { successor } => format!("superseded (by {successor})"),
         other => state_name(&other).to_owned(),
@@ -305,7 +327,11 @@ pub fn show_text(installation: &Installation, out: &mut dyn Write) -> io::Result
     writeln!(out, "baseUrl:          {}", installation.base_url)?;
     writeln!(out, "displayUrl:       {}", opt(&installation.display_url))?;
     writeln!(out, "state:            {state}")?;
-    writeln!(out, "productType:      {}", installation.product_type)?;
+    writeln!(
+        out,
+        "productType:      {}",
+        printable(&installation.product_type)
+    )?;
     writeln!(out, "description:      {}", opt(&installation.description))?;
     writeln!(
         out,
@@ -447,7 +473,7 @@ pub fn stats_text(stats: &Stats, out: &mut dyn Write) -> io::Result<()> {
     ) -> io::Result<()> {
         writeln!(out, "{title}:")?;
         for (name, count) in counts {
-            writeln!(out, "  {name}: {count}")?;
+            writeln!(out, "  {}: {count}", printable(&name.to_string()))?;
         }
         Ok(())
     }
@@ -506,5 +532,14 @@ mod tests {
     #[test]
     fn times_print_as_rfc3339_utc() {
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn values_a_site_sent_cannot_forge_rows_or_drive_the_terminal() {
+        assert_eq!(printable("jira"), "jira");
+        assert_eq!(
+            printable("jira\tx\nfake-row\u{1b}[31m"),
+            "jira\\tx\\nfake-row\\u{1b}[31m"
+        );
     }
 }
