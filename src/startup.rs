@@ -428,7 +428,8 @@ type ExtraRoutes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
 /// Registers every route under the base URL's path (`""` or e.g. `/app`): `extra` first (the
 /// vendor's), then warden's. `GET /metrics` is among them only when `metrics` (no listener of
-/// its own).
+/// its own). Each of warden's paths is also listed in `routes::descriptor` (`LIFECYCLE_PATHS`,
+/// `SERVICE_PATHS`), so that no descriptor webhook can take it.
 pub fn configure(
     cfg: &mut web::ServiceConfig,
     base_path: &str,

@@ -25,12 +25,16 @@ pub const LIFECYCLE_PATHS: [(&str, &str); 4] = [
     ("enabled", "/enabled"),
     ("disabled", "/disabled"),
 ];
-const SERVICE_PATHS: [&str; 5] = [
+/// The rest of the routes `startup::configure` registers under the base URL (a new route goes
+/// here too: webhook routes are registered first and would take it).
+const SERVICE_PATHS: [&str; 7] = [
     "/atlassian-connect.json",
     "/api/tenant",
     "/api/context",
     "/healthz",
     "/readyz",
+    "/metrics",
+    "/forge/events",
 ];
 
 /// Connect scope names (the product's docs, "Scopes for Connect apps"), in upper case.
@@ -766,6 +770,14 @@ mod tests {
             ),
             (
                 json!({"event": "e", "url": "/api/tenant?x=1"}),
+                "modules.webhooks[1].url",
+            ),
+            (
+                json!({"event": "e", "url": "/forge/events"}),
+                "modules.webhooks[1].url",
+            ),
+            (
+                json!({"event": "e", "url": "/metrics"}),
                 "modules.webhooks[1].url",
             ),
             (
