@@ -43,16 +43,8 @@ pub fn tenant_lifecycle_token(
     secret: &str,
     path: &str,
 ) -> String {
-    static LIFETIME: AtomicI64 = AtomicI64::new(0);
-    let request = CanonicalRequest::new("POST", &format!("{base_path}{path}"), "", base_path);
-    let now = jwt::now();
-    let claims = claims::tenant_claims(
-        client_key,
-        &request,
-        now,
-        now + distinct_lifetime(&LIFETIME),
-    );
-    jwt::sign_hs256(&claims, &SharedSecret::parse(secret).unwrap())
+    // A lifecycle callback is signed as any other POST of the site's (no query).
+    webhook_token(base_path, client_key, secret, path)
 }
 
 /// A product-request token: HS256 with `secret`, `qsh` of `<method> <path_and_query>`, issued
