@@ -141,46 +141,49 @@ impl AppState {
         });
     }
 
-    /// At start-up, with Forge Remote on: installations stored before the Forge identity
-    /// index existed are indexed (docs/PROTOCOL.md §12). One listing, in the background.
-    pub fn backfill_forge_index(state: &web::Data<AppState>) {
-        if state.settings.forge.is_none() {
+    /// At start-up, one listing of the store in the background, for two jobs: the site proofs
+    /// a stopped process left pending run again, and, with Forge Remote on, installations
+    /// stored before the Forge identity index existed are indexed (docs/PROTOCOL.md §12;
+    /// idempotent). A store error ends the pass; what it did not reach waits for the next start.
+    pub fn resume_at_start_up(state: &web::Data<AppState>) {
+        let resume_proofs = state.settings.site_proof.enabled;
+        let index_forge = state.settings.forge.is_some();
+        if !resume_proofs && !index_forge {
             return;
         }
         let state = state.clone();
         tokio::spawn(async move {
-            match crate::store::backfill_forge_index(state.store.as_ref()).await {
-                Ok(count) => tracing::info!(count, "Forge identity index backfilled"),
-                Err(error) => {
-                    tracing::warn!(error = %crate::error::error_chain(&error), "cannot backfill the Forge identity index; it is retried at the next start")
+            let mut indexed = 0u64;
+            let mut cursor = crate::store::ScanCursor::default();
+            loop {
+                let page = match state.store.scan_installations(cursor).await {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::warn!(error = %crate::error::error_chain(&error), "cannot list installations to resume pending site proofs and index Forge identities; retried at the next start");
+                        return;
+                    }
+                };
+                // Records that cannot be read are skipped.
+                for record in page.installations.into_iter().filter_map(|l| l.record.ok()) {
+                    if index_forge && !crate::store::ForgeIdentity::of(&record).is_empty() {
+                        if let Err(error) = state.store.index_forge(&record).await {
+                            tracing::warn!(error = %crate::error::error_chain(&error), "cannot backfill the Forge identity index; it is retried at the next start");
+                            return;
+                        }
+                        indexed += 1;
+                    }
+                    if resume_proofs && record.site_proof == Some(crate::store::SiteProof::Pending)
+                    {
+                        Self::start_site_proof(&state, record.client_key);
+                    }
+                }
+                match page.next {
+                    Some(next) => cursor = next,
+                    None => break,
                 }
             }
-        });
-    }
-
-    /// At start-up: the site proofs a stopped process left pending run again. One listing of
-    /// the store, in the background.
-    pub fn resume_site_proofs(state: &web::Data<AppState>) {
-        if !state.settings.site_proof.enabled {
-            return;
-        }
-        let state = state.clone();
-        tokio::spawn(async move {
-            let keys = match state.store.list_client_keys().await {
-                Ok(keys) => keys,
-                Err(error) => {
-                    tracing::warn!(error = %crate::error::error_chain(&error), "cannot list installations to resume pending site proofs");
-                    return;
-                }
-            };
-            for client_key in keys {
-                let pending = matches!(
-                    state.store.load(&client_key).await,
-                    Ok(Some(i)) if i.site_proof == Some(crate::store::SiteProof::Pending)
-                );
-                if pending {
-                    Self::start_site_proof(&state, client_key);
-                }
+            if index_forge {
+                tracing::info!(count = indexed, "Forge identity index backfilled");
             }
         });
     }
@@ -390,8 +393,7 @@ impl ApplicationBuilder {
             Some(listener) if metrics.is_some() => Some(run_metrics(listener, state.clone())?),
             _ => None,
         };
-        AppState::resume_site_proofs(&state);
-        AppState::backfill_forge_index(&state);
+        AppState::resume_at_start_up(&state);
         Ok(Application {
             port,
             server,

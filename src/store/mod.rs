@@ -531,29 +531,6 @@ pub trait InstallationStore: Send + Sync + 'static {
 
 pub type SharedStore = Arc<dyn InstallationStore>;
 
-/// Indexes every stored installation under its Forge identities
-/// ([`InstallationStore::index_forge`]), one page in memory at a time: the backfill of records
-/// committed before the identity index existed (docs/PROTOCOL.md §12). Idempotent; records
-/// that cannot be read are skipped. Returns how many records carry an identity.
-pub async fn backfill_forge_index(store: &dyn InstallationStore) -> Result<u64, StoreError> {
-    let mut indexed = 0;
-    let mut cursor = ScanCursor::default();
-    loop {
-        let page = store.scan_installations(cursor).await?;
-        for listed in page.installations {
-            let Ok(record) = listed.record else { continue };
-            if !ForgeIdentity::of(&record).is_empty() {
-                store.index_forge(&record).await?;
-                indexed += 1;
-            }
-        }
-        match page.next {
-            Some(next) => cursor = next,
-            None => return Ok(indexed),
-        }
-    }
-}
-
 /// [`InstallationStore::commit_on_site`] as separate operations (index, read the site, commit):
 /// for a store that cannot do them in one step (a Redis Cluster, where the site index lives in
 /// another slot than the tenant's keys).
