@@ -109,6 +109,19 @@ pub struct Settings {
     pub metrics_bind: Option<std::net::SocketAddr>,
     /// Forge Remote (docs/PROTOCOL.md §12); `None`: off, every Forge Invocation Token refused.
     pub forge: Option<ForgeSettings>,
+    /// The app warden fronts as its gateway (`WARDEN_UPSTREAM_*`); `None`: no upstream, only
+    /// warden's own routes and the crate's handlers answer.
+    pub upstream: Option<UpstreamSettings>,
+}
+
+/// `WARDEN_UPSTREAM_URL` / `WARDEN_UPSTREAM_SECRET`: the vendor's app behind warden, and the key
+/// that proves to it what warden verified (README "Put warden in front of your app").
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `http(s)://host[:port]`, no query or fragment; a path is a prefix of every forwarded path.
+    pub url: url::Url,
+    /// HS256 key of the proof header and of event signatures; at least 32 bytes.
+    pub secret: SecretString,
 }
 
 /// `WARDEN_FORGE_*`: the app whose Forge Invocation Tokens are accepted, and their keys.
@@ -240,6 +253,8 @@ struct Raw {
     host_concurrency_per_site: Option<String>,
     forge_app_id: Option<String>,
     forge_jwks_url: Option<String>,
+    upstream_url: Option<String>,
+    upstream_secret: Option<String>,
     webhook_queue_size: Option<String>,
     webhook_workers: Option<String>,
     webhook_dedupe_seconds: Option<String>,
@@ -481,6 +496,7 @@ impl Settings {
             raw.host_concurrency_per_site,
         )?;
         let forge = parse_forge(raw.forge_app_id, raw.forge_jwks_url)?;
+        let upstream = parse_upstream(raw.upstream_url, raw.upstream_secret)?;
         let webhooks = WebhookSettings {
             queue_size: whole_number(
                 "WARDEN_WEBHOOK_QUEUE_SIZE",
@@ -519,6 +535,7 @@ impl Settings {
         Ok(Self {
             host_calls,
             forge,
+            upstream,
             webhooks,
             metrics_bind,
             site_proof,
@@ -600,6 +617,60 @@ fn whole_number(
         ));
     }
     Ok(n)
+}
+
+/// The gateway is on when `WARDEN_UPSTREAM_URL` is set, and then needs its secret: headers an
+/// upstream cannot check are headers anyone who reaches it could write.
+fn parse_upstream(
+    url: Option<String>,
+    secret: Option<String>,
+) -> Result<Option<UpstreamSettings>, SettingsError> {
+    let secret = secret.filter(|s| !s.is_empty());
+    let Some(raw_url) = url.filter(|u| !u.trim().is_empty()) else {
+        return match secret {
+            Some(_) => Err(bad(
+                "WARDEN_UPSTREAM_SECRET",
+                "set, but there is no upstream: set WARDEN_UPSTREAM_URL too",
+            )),
+            None => Ok(None),
+        };
+    };
+    let url = url::Url::parse(raw_url.trim()).map_err(|e| {
+        bad(
+            "WARDEN_UPSTREAM_URL",
+            format!("{raw_url:?} is not a URL: {e}"),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad(
+            "WARDEN_UPSTREAM_URL",
+            format!(
+                "{raw_url:?} must be http:// or https:// with a host, e.g. http://127.0.0.1:3000"
+            ),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(bad(
+            "WARDEN_UPSTREAM_URL",
+            format!("{raw_url:?} may not carry a query, a fragment or credentials"),
+        ));
+    }
+    let Some(secret) = secret else {
+        return Err(bad(
+            "WARDEN_UPSTREAM_SECRET",
+            "missing: the upstream needs it to check the tenant headers warden adds (32 bytes or more, e.g. `openssl rand -hex 32`)",
+        ));
+    };
+    if secret.len() < 32 {
+        return Err(bad(
+            "WARDEN_UPSTREAM_SECRET",
+            format!("{} bytes is too short: use 32 or more", secret.len()),
+        ));
+    }
+    Ok(Some(UpstreamSettings {
+        url,
+        secret: SecretString::from(secret),
+    }))
 }
 
 /// Forge Remote is on when `WARDEN_FORGE_APP_ID` is set; a JWKS URL without it is a mistake.
@@ -805,6 +876,59 @@ mod tests {
         assert_eq!(s.host_calls.max_retry_wait, Duration::from_secs(5));
         assert_eq!(s.host_calls.concurrency_per_site, 2);
         assert!(s.forge.is_none());
+    }
+
+    #[test]
+    fn an_upstream_needs_a_long_secret_and_a_plain_http_url() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("WARDEN_UPSTREAM_URL", "http://127.0.0.1:3000"),
+                ("WARDEN_UPSTREAM_SECRET", secret),
+            ]),
+        )
+        .unwrap();
+        let upstream = s.upstream.unwrap();
+        assert_eq!(upstream.url.as_str(), "http://127.0.0.1:3000/");
+        assert!(
+            !format!("{upstream:?}").contains(secret),
+            "Debug leaks the secret"
+        );
+        for (name, pairs) in [
+            (
+                "WARDEN_UPSTREAM_SECRET",
+                vec![("WARDEN_UPSTREAM_URL", "http://127.0.0.1:3000")],
+            ),
+            (
+                "WARDEN_UPSTREAM_SECRET",
+                vec![
+                    ("WARDEN_UPSTREAM_URL", "http://app:3000"),
+                    ("WARDEN_UPSTREAM_SECRET", "short"),
+                ],
+            ),
+            (
+                "WARDEN_UPSTREAM_SECRET",
+                vec![("WARDEN_UPSTREAM_SECRET", secret)],
+            ),
+            (
+                "WARDEN_UPSTREAM_URL",
+                vec![
+                    ("WARDEN_UPSTREAM_URL", "ftp://app"),
+                    ("WARDEN_UPSTREAM_SECRET", secret),
+                ],
+            ),
+            (
+                "WARDEN_UPSTREAM_URL",
+                vec![
+                    ("WARDEN_UPSTREAM_URL", "http://app/?a=b"),
+                    ("WARDEN_UPSTREAM_SECRET", secret),
+                ],
+            ),
+        ] {
+            let err = Settings::from_sources(None, env(&pairs)).unwrap_err();
+            assert_eq!(err.name, name, "{pairs:?}: {err}");
+        }
     }
 
     #[test]
